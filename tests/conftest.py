@@ -1,0 +1,53 @@
+"""Shared test helpers: launching torchrun on CPU (gloo) and locating shared/ data."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("PYTHONWARNINGS", "ignore")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cmd(args, timeout=600, env=None, check=True, cwd=REPO_ROOT) -> subprocess.CompletedProcess:
+    """Run a command (list), capture output, and fail the test with its output if it fails."""
+    full_env = dict(os.environ)
+    full_env.setdefault("OMP_NUM_THREADS", "1")
+    full_env["PYTHONPATH"] = REPO_ROOT + os.pathsep + full_env.get("PYTHONPATH", "")
+    full_env.update(env or {})
+    proc = subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        pytest.fail(f"command failed ({proc.returncode}): {' '.join(map(str, args))}\n"
+                    f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def run_python(script, *args, **kw) -> subprocess.CompletedProcess:
+    return run_cmd([sys.executable, str(script), *map(str, args)], **kw)
+
+
+def torchrun(nproc: int, script, *args, **kw) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node nproc script args`` on a free port (CPU, gloo)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           f"--master_port={free_port()}", str(script), *map(str, args)]
+    return run_cmd(cmd, **kw)
+
+
+@pytest.fixture(scope="session")
+def shared_dir():
+    from megatron_jai.paths import shared_dir as _shared
+
+    d = _shared()
+    if not os.path.isdir(d):
+        pytest.skip(f"shared data directory {d} not found (set JAI_SHARED_DIR)")
+    return d
