@@ -55,6 +55,9 @@ class ModelConfig:
     moe_aux_loss_coeff: float = 1e-2
     moe_z_loss_coeff: float = 1e-3
     moe_capacity_factor: Optional[float] = None  # None = dropless
+    moe_token_drop_policy: str = "probs"  # with a capacity: drop lowest-probability ("probs") or latest ("position")
+    moe_expert_bias: bool = False  # aux-loss-free balancing: a per-expert bias on the selection scores
+    moe_expert_bias_update_rate: float = 1e-3
     # DUS.v2 skip connections (global layer indices, 0-based).
     skip_connections: tuple = ()
 
@@ -200,6 +203,8 @@ class ModelConfig:
                 moe_z_loss_coeff=self.moe_z_loss_coeff,
                 moe_expert_capacity_factor=self.moe_capacity_factor,
                 moe_router_dtype="fp32",
+                # Megatron's name for "softmax over all experts, top-k weights not renormalised".
+                moe_router_pre_softmax=not self.moe_normalize_topk,
             )
         kwargs.update(overrides)
         return TransformerConfig(**kwargs)
@@ -221,9 +226,12 @@ PHI3_MEDIUM = ModelConfig(
 
 
 def _jai_75b_skips() -> tuple:
-    # Solar-Pro layout on Phi-3-medium (see megatron_jai.upscale for the plan itself).
-    pairs = [(12, 16), (20, 24), (32, 36), (44, 48), (20, 28), (32, 40)]
-    return tuple(SkipConnection(s, t) for s, t in pairs)
+    # Solar-Pro layout on Phi-3-medium: the DUS plan is the one source of truth for the skips
+    # (12->16, 20->24, 20->28, 32->36, 32->40, 44->48). Imported here, not at the top, because
+    # the plan module uses SkipConnection from this one.
+    from megatron_jai.upscale.plan import get_plan
+
+    return get_plan("phi3-medium-jai").skip_connections
 
 
 JAI_75B = PHI3_MEDIUM.replace(

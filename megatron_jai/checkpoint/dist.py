@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -54,11 +54,14 @@ def _model_sharded_state_dict(model_chunks: Sequence[torch.nn.Module]) -> dict:
 
 def save_checkpoint(root: str, model_chunks: Sequence[torch.nn.Module], cfg: ModelConfig,
                     iteration: int = 0, extra_sharded: Optional[dict] = None,
-                    common: Optional[dict] = None) -> str:
+                    common: Optional[dict] = None,
+                    before_commit: Optional[Callable[[str], None]] = None) -> str:
     """Save the model (and optional extra sharded/common state) as iteration ``iteration``.
 
     ``extra_sharded`` is merged into the sharded state dict (e.g. ``{"optimizer": ...}``);
     ``common`` holds small replicated objects (saved once by dist_checkpointing).
+    ``before_commit(tmp_dir)`` runs on every rank after the data is written, before the rename
+    (fault-injection tests kill the process there).
     Collective: every rank calls it. Returns the iteration directory.
     """
     from megatron.core import dist_checkpointing
@@ -76,6 +79,8 @@ def save_checkpoint(root: str, model_chunks: Sequence[torch.nn.Module], cfg: Mod
     state.update(extra_sharded or {})
     state.update(common or {})
     dist_checkpointing.save(state, tmp)
+    if before_commit is not None:
+        before_commit(tmp)
     _barrier()
     if _rank() == 0:
         if os.path.exists(final):

@@ -34,6 +34,11 @@ class JaiGPTModel(GPTModel):
             vp_stage=vp_stage,
         )
         self.jai_config = cfg
+        if cfg.skip_connections:
+            # GPTModel hard-codes TransformerBlock; convert it in place rather than build it twice.
+            from megatron_jai.model.dus_block import DusTransformerBlock
+
+            DusTransformerBlock.convert(self.decoder, cfg.skip_connections)
 
 
 def build_model(cfg: ModelConfig, transformer_config=None, *, tp: int = 1, pp: int = 1, ep: int = 1,

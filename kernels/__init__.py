@@ -1,0 +1,9 @@
+"""megatron-jai kernels (installed as ``megatron_jai.kernels``; sources live in the repo's ``kernels/``).
+
+* ``routing`` -- routing metadata op: C++ (CPU, always built) and CUDA (built when torch has CUDA),
+  bound with pybind11 in ``routing.cpp``; the plain CUDA kernels are in ``routing_cuda.cu``.
+* ``moe_grouped_gemm`` -- Triton grouped-GEMM expert FFN (forward and backward) and its autograd
+  Function; ``moe_combine`` -- the deterministic per-token sum of the k expert outputs.
+
+Modules are imported on demand: nothing here imports Triton or the compiled extension eagerly.
+"""

@@ -1,0 +1,361 @@
+"""Hugging Face Phi-3 <-> Megatron-Core distributed checkpoint conversion, streaming.
+
+``hf_to_mcore`` reads the safetensors files tensor by tensor (``safe_open`` maps the file and reads
+only the tensor asked for) and writes each tensor, or each layer of a stacked tensor, as soon as it
+is converted (:class:`~megatron_jai.checkpoint.stream.CheckpointWriter`). ``mcore_to_hf`` reads one
+layer of one tensor at a time and holds at most one output safetensors shard. The tensor layouts are
+the table of :mod:`megatron_jai.checkpoint.hf_phi3`.
+
+The Megatron checkpoint is layout-free (global shapes): TP/PP given at conversion are only checked
+against the architecture; any valid TP/PP loads it. The original HF ``config.json``,
+``generation_config.json`` and tokenizer files are kept in ``M/hf/`` so that the way back
+reproduces them.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+
+from megatron_jai.checkpoint.hf_phi3 import (
+    ConversionError,
+    hf_config_from_model_config,
+    hf_name_index,
+    model_config_from_hf,
+    tensor_map,
+)
+from megatron_jai.checkpoint.stream import CheckpointReader, CheckpointWriter
+from megatron_jai.config import ModelConfig
+
+HF_SUBDIR = "hf"  # inside a Megatron checkpoint root: the HF files the way back needs
+HF_CONFIG = "config.json"
+TOKENIZER_SUBDIR = "tokenizer"  # inside a checkpoint root: the tokenizer vocabulary surgery wrote
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+# Copied along in both directions when present.
+HF_SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                 "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
+# Buffers some HF checkpoints carry that are recomputed, never converted.
+IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class ConversionSummary:
+    direction: str
+    output: str
+    tensors: int
+    bytes: int
+    seconds: float
+    peak_rss_bytes: int
+    notes: tuple = ()  # things the user should know that are not errors
+
+    def line(self) -> str:
+        return (f"{self.direction}: {self.tensors} tensors, {self.bytes / 2**20:.1f} MiB, "
+                f"{self.seconds:.1f} s, peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB -> {self.output}")
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def parse_size(text: str) -> int:
+    """``"5GB"``, ``"500MB"``, ``"2GiB"``, ``"1000"`` -> bytes."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    s = text.strip().upper()
+    num = s.rstrip("KMGTIB")
+    try:
+        value = int(float(num) * units[s[len(num):]])
+    except (KeyError, ValueError):
+        raise ConversionError(f"cannot parse size {text!r} (e.g. 5GB, 500MB, 2GiB)") from None
+    if value <= 0:
+        raise ConversionError(f"size must be positive, got {text!r}")
+    return value
+
+
+def validate_layout(cfg: ModelConfig, tp: int, pp: int, ep: int = 1) -> None:
+    """TP must divide the heads and KV heads (and the padded vocabulary), PP the layers, EP the
+    experts (MoE models only)."""
+    if tp < 1 or pp < 1 or ep < 1:
+        raise ConversionError(f"TP, PP and EP must be >= 1 (got TP={tp}, PP={pp}, EP={ep})")
+    if ep > 1 and not cfg.is_moe:
+        raise ConversionError(f"expert parallelism (EP={ep}) needs an MoE model; this one is dense")
+    try:
+        cfg.transformer_config(tp=tp, pp=pp, ep=ep)
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
+
+
+def _check_output(out: str, force: bool) -> None:
+    if os.path.exists(out) and not force:
+        raise ConversionError(f"output {out} already exists (use --force to replace it)")
+
+
+@contextlib.contextmanager
+def atomic_directory(out: str, force: bool) -> Iterator[str]:
+    """A temporary sibling of ``out`` that replaces ``out`` when the block succeeds; removed when
+    it fails, leaving ``out`` as it was."""
+    out = os.path.abspath(out)
+    _check_output(out, force)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.tmp-{uuid.uuid4().hex[:8]}")
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        old = None
+        if os.path.exists(out):
+            old = tmp + ".old"
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _progress(total: int, desc: str, enabled: bool, unit: str = "tensor"):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True)
+
+
+# ---- HF -> Megatron ----------------------------------------------------------------------------
+def read_hf_config(hf_dir: str) -> dict:
+    path = os.path.join(hf_dir, HF_CONFIG)
+    if not os.path.isdir(hf_dir):
+        raise ConversionError(f"Hugging Face directory {hf_dir} does not exist")
+    if not os.path.isfile(path):
+        raise ConversionError(f"{hf_dir} has no {HF_CONFIG}")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{path} is not valid JSON: {e}") from None
+
+
+def safetensors_tensor_files(hf_dir: str) -> dict[str, str]:
+    """HF tensor name -> safetensors file path, from the index or the single ``model.safetensors``;
+    every file is opened to check it is complete."""
+    from safetensors import SafetensorError, safe_open
+
+    index_path = os.path.join(hf_dir, SAFETENSORS_INDEX)
+    if os.path.isfile(index_path):
+        with open(index_path) as f:
+            weight_map = json.load(f).get("weight_map") or {}
+        files = sorted(set(weight_map.values()))
+    elif os.path.isfile(os.path.join(hf_dir, SAFETENSORS_SINGLE)):
+        weight_map, files = None, [SAFETENSORS_SINGLE]
+    else:
+        raise ConversionError(f"{hf_dir} has neither {SAFETENSORS_INDEX} nor {SAFETENSORS_SINGLE}")
+    located = {}
+    for name in files:
+        path = os.path.join(hf_dir, name)
+        if not os.path.isfile(path):
+            raise ConversionError(f"safetensors file {path} is missing")
+        try:
+            with safe_open(path, framework="pt") as f:
+                keys = list(f.keys())
+        except (SafetensorError, OSError) as e:
+            raise ConversionError(f"safetensors file {path} is truncated or corrupt ({e})") from None
+        for key in keys:
+            located[key] = path
+    if weight_map is not None:
+        lost = sorted(k for k, v in weight_map.items() if located.get(k) != os.path.join(hf_dir, v))
+        if lost:
+            raise ConversionError(f"{len(lost)} tensors of {SAFETENSORS_INDEX} are not in the file it "
+                                  f"names, e.g. {lost[0]}")
+    return located
+
+
+def hf_to_mcore(hf_dir: str, out: str, tp: int = 1, pp: int = 1, force: bool = False,
+                name: Optional[str] = None, dtype: Optional[torch.dtype] = None,
+                progress: bool = True, ep: int = 1) -> ConversionSummary:
+    """Convert an HF Phi-3 directory to a Megatron-Core checkpoint root ``out`` (iteration 0)."""
+    from safetensors import safe_open
+
+    start = time.time()
+    out = os.path.abspath(out)
+    _check_output(out, force)
+    hf_config = read_hf_config(hf_dir)
+    cfg = model_config_from_hf(hf_config, name=name or os.path.basename(os.path.abspath(hf_dir)))
+    validate_layout(cfg, tp, pp, ep)
+    notes = []
+    window = hf_config.get("sliding_window")
+    if window and window < cfg.max_position_embeddings - 1:
+        notes.append(f"config.json has sliding_window={window}; the Megatron model attends over the "
+                     f"whole context, so outputs agree for sequences up to {window} tokens")
+    located = safetensors_tensor_files(hf_dir)
+    rows = tensor_map(cfg)
+    expected = hf_name_index(cfg, rows)
+    present = {k for k in located if not k.endswith(IGNORED_HF_SUFFIXES)}
+    missing, unexpected = sorted(set(expected) - present), sorted(present - set(expected))
+    if missing:
+        raise ConversionError(f"{len(missing)} tensors missing from the safetensors files, "
+                              f"e.g. {missing[0]}")
+    if unexpected:
+        raise ConversionError(f"{len(unexpected)} tensors a Phi-3 model does not have, "
+                              f"e.g. {unexpected[0]}")
+
+    by_file: dict[str, list[str]] = {}
+    for hf_name in expected:
+        by_file.setdefault(located[hf_name], []).append(hf_name)
+    pending: dict[tuple, dict] = {}  # (mcore key, layer) -> {position: tensor} until complete
+    n_out = 0
+    with CheckpointWriter(out, cfg, iteration=0, force=force) as writer:
+        for fname in [HF_CONFIG, *HF_SIDE_FILES]:
+            src = os.path.join(hf_dir, fname)
+            if os.path.isfile(src):
+                shutil.copyfile(src, writer.path(os.path.join(HF_SUBDIR, fname)))
+        with _progress(len(expected), "hf-to-mcore", progress) as bar:
+            for path in sorted(by_file):
+                with safe_open(path, framework="pt") as f:
+                    for hf_name in by_file[path]:
+                        row, layer, pos = expected[hf_name]
+                        parts = pending.setdefault((row.mcore, layer), {})
+                        parts[pos] = f.get_tensor(hf_name)
+                        bar.update(1)
+                        if len(parts) < len(row.hf):
+                            continue
+                        del pending[(row.mcore, layer)]
+                        tensor = row.to_mcore(cfg, *[parts[i] for i in range(len(row.hf))])
+                        del parts
+                        if dtype is not None:
+                            tensor = tensor.to(dtype)
+                        if row.per_layer:
+                            writer.write_layer(row.mcore, layer, cfg.num_layers, tensor)
+                        else:
+                            writer.write(row.mcore, tensor)
+                        n_out += 1
+                        del tensor
+        assert not pending, f"incomplete tensors: {sorted(pending)[:3]}"
+        nbytes = writer.bytes_written
+    return ConversionSummary("hf-to-mcore", out, n_out, nbytes, time.time() - start, peak_rss_bytes(),
+                             tuple(notes))
+
+
+# ---- Megatron -> HF ----------------------------------------------------------------------------
+class _ShardedSafetensorsWriter:
+    """Accumulates tensors up to ``max_shard_bytes`` per file; names them HF-style at the end."""
+
+    def __init__(self, directory: str, max_shard_bytes: int):
+        self.directory, self.max_shard_bytes = directory, max_shard_bytes
+        self.buffer: dict[str, torch.Tensor] = {}
+        self.buffer_bytes = 0
+        self.shards: list[list[str]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.buffer and self.buffer_bytes + size > self.max_shard_bytes:
+            self._flush()
+        self.buffer[name] = tensor.contiguous()
+        self.buffer_bytes += size
+        self.total_bytes += size
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        save_file(self.buffer, os.path.join(self.directory, f"shard-{len(self.shards)}.tmp"),
+                  metadata={"format": "pt"})
+        self.shards.append(list(self.buffer))
+        self.buffer, self.buffer_bytes = {}, 0
+
+    def close(self) -> None:
+        if self.buffer or not self.shards:
+            self._flush()
+        n = len(self.shards)
+        if n == 1:
+            os.replace(os.path.join(self.directory, "shard-0.tmp"),
+                       os.path.join(self.directory, SAFETENSORS_SINGLE))
+            return
+        weight_map = {}
+        for i, names in enumerate(self.shards):
+            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(os.path.join(self.directory, f"shard-{i}.tmp"), os.path.join(self.directory, final))
+            weight_map.update({name: final for name in names})
+        with open(os.path.join(self.directory, SAFETENSORS_INDEX), "w") as f:
+            json.dump({"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, f,
+                      indent=2, sort_keys=True)
+            f.write("\n")
+
+
+def _hf_order(cfg: ModelConfig, rows) -> Iterator[tuple]:
+    """``(row, layer)`` in Hugging Face order: embeddings, layer by layer, final norm, head."""
+    first_layer_row = next(i for i, r in enumerate(rows) if r.per_layer)
+    for row in rows[:first_layer_row]:
+        yield row, None
+    for layer in range(cfg.num_layers):
+        for row in rows:
+            if row.per_layer:
+                yield row, layer
+    for row in rows[first_layer_row:]:
+        if not row.per_layer:
+            yield row, None
+
+
+def mcore_to_hf(mcore_dir: str, out: str, force: bool = False, max_shard_size: str = "5GB",
+                dtype: Optional[torch.dtype] = None, progress: bool = True) -> ConversionSummary:
+    """Convert a Megatron-Core checkpoint (root or iteration directory) to an HF Phi-3 directory."""
+    start = time.time()
+    out = os.path.abspath(out)
+    _check_output(out, force)
+    max_shard_bytes = parse_size(max_shard_size)
+    reader = CheckpointReader(mcore_dir)
+    cfg = reader.config
+    hf_side = os.path.join(reader.root, HF_SUBDIR)
+    base = None
+    if os.path.isfile(os.path.join(hf_side, HF_CONFIG)):
+        with open(os.path.join(hf_side, HF_CONFIG)) as f:
+            base = json.load(f)
+    hf_config = hf_config_from_model_config(cfg, base)
+    rows = tensor_map(cfg)
+    for row in rows:
+        if row.mcore not in reader:
+            raise ConversionError(f"checkpoint {reader.iter_dir} has no tensor {row.mcore}")
+        if row.per_layer and reader.shape(row.mcore)[0] != cfg.num_layers:
+            raise ConversionError(f"{row.mcore} has {reader.shape(row.mcore)[0]} layers, the config "
+                                  f"{cfg.num_layers}")
+    if dtype is not None:
+        key = "torch_dtype" if "torch_dtype" in hf_config and "dtype" not in hf_config else "dtype"
+        hf_config[key] = str(dtype).replace("torch.", "")
+    order = list(_hf_order(cfg, rows))
+    n_tensors = sum(len(row.hf) for row, _ in order)
+    with atomic_directory(out, force) as tmp:
+        shards = _ShardedSafetensorsWriter(tmp, max_shard_bytes)
+        with _progress(n_tensors, "mcore-to-hf", progress) as bar:
+            for row, layer in order:
+                tensor = reader.read_layer(row.mcore, layer) if row.per_layer else reader.read(row.mcore)
+                if dtype is not None:
+                    tensor = tensor.to(dtype)
+                converted = row.to_hf(cfg, tensor)
+                if not isinstance(converted, tuple):
+                    converted = (converted,)
+                for hf_name, t in zip(row.hf_names(layer), converted):
+                    shards.add(hf_name, t)
+                    bar.update(1)
+                del tensor, converted
+        shards.close()
+        if base is not None and hf_config == base:
+            shutil.copyfile(os.path.join(hf_side, HF_CONFIG), os.path.join(tmp, HF_CONFIG))
+        else:
+            with open(os.path.join(tmp, HF_CONFIG), "w") as f:
+                f.write(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")  # as transformers does
+        # The original HF files, then a tokenizer that vocabulary surgery stored with the checkpoint
+        # (megatron_jai.upscale.vocab), which replaces the original one.
+        for side in (hf_side, os.path.join(reader.root, TOKENIZER_SUBDIR)):
+            for fname in HF_SIDE_FILES:
+                if os.path.isfile(os.path.join(side, fname)):
+                    shutil.copyfile(os.path.join(side, fname), os.path.join(tmp, fname))
+        nbytes = shards.total_bytes
+    return ConversionSummary("mcore-to-hf", out, n_tensors, nbytes, time.time() - start,
+                             peak_rss_bytes())

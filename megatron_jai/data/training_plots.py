@@ -1,0 +1,186 @@
+"""Loss and throughput curves from ``pretrain_jai.py --metrics-file`` JSON lines (one object per
+step with at least ``step``, ``loss``, ``lr``, ``grad_norm``, ``tokens_per_s``; optional
+``phase``, ``loss/<dataset>``, ``valid_loss``, ``tflops_per_gpu``, ``skipped``).
+
+Panels: training loss (per-dataset losses and validation loss when present, phase boundaries
+marked, skipped steps crossed), throughput (tokens/s; TFLOP/s per GPU on a second axis when
+present), and learning rate with gradient norm.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+REQUIRED_KEYS = ("step", "loss", "lr", "grad_norm", "tokens_per_s")
+
+
+class MetricsError(ValueError):
+    """An unreadable or empty metrics file (one-line message, meant for the user)."""
+
+
+@dataclass
+class Run:
+    path: str
+    records: List[dict]
+    skipped_lines: int = 0
+    label: str = ""
+
+    def series(self, key: str):
+        """(steps, values) where the record has a finite number under ``key``."""
+        xs, ys = [], []
+        for r in self.records:
+            v = r.get(key)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                xs.append(r["step"])
+                ys.append(v)
+        return xs, ys
+
+    def keys_with_prefix(self, prefix: str) -> List[str]:
+        keys = []
+        for r in self.records:
+            keys.extend(k for k in r if k.startswith(prefix) and k not in keys)
+        return keys
+
+    def phase_starts(self) -> List[tuple]:
+        """(step, phase name) where the ``phase`` field changes."""
+        starts, current = [], object()
+        for r in self.records:
+            if "phase" in r and r["phase"] != current:
+                current = r["phase"]
+                starts.append((r["step"], str(current)))
+        return starts
+
+
+def read_metrics(path: str) -> Run:
+    """Parse a metrics file. Lines that are not JSON objects (e.g. cut short by a kill) are
+    skipped and counted; when a step appears twice (a resumed run) the later record wins.
+    Records without a ``step`` or ``loss`` are ignored (e.g. evaluation-only lines)."""
+    if not os.path.isfile(path):
+        raise MetricsError(f"metrics file {path!r} does not exist")
+    by_step: Dict[int, dict] = {}
+    skipped = 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                skipped += 1
+                continue
+            if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+                skipped += 1
+                continue
+            merged = by_step.setdefault(rec["step"], {})
+            merged.update(rec)
+    records = [by_step[s] for s in sorted(by_step) if "loss" in by_step[s]]
+    if not records:
+        raise MetricsError(f"{path}: no step records with a loss ({skipped} unreadable lines)")
+    missing = [k for k in REQUIRED_KEYS if not any(k in r for r in records)]
+    if missing:
+        raise MetricsError(f"{path}: no {', '.join(missing)} in any record (is this a "
+                           f"pretrain_jai.py --metrics-file?)")
+    return Run(path=path, records=records, skipped_lines=skipped,
+               label=os.path.splitext(os.path.basename(path))[0])
+
+
+def plot_runs(runs: Sequence[Run], out_path: str, title: Optional[str] = None,
+              smooth: int = 1) -> None:
+    """Draw the panels for one or more runs into ``out_path`` (PNG; written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def smoothed(ys):
+        if smooth <= 1:
+            return ys
+        out, acc = [], []
+        for y in ys:
+            acc.append(y)
+            if len(acc) > smooth:
+                acc.pop(0)
+            out.append(sum(acc) / len(acc))
+        return out
+
+    fig, (ax_loss, ax_tput, ax_lr) = plt.subplots(3, 1, figsize=(10, 11), sharex=True)
+    multi = len(runs) > 1
+    for i, run in enumerate(runs):
+        color = f"C{i}"
+        prefix = f"{run.label}: " if multi else ""
+        xs, ys = run.series("loss")
+        ax_loss.plot(xs, smoothed(ys), color=color, lw=1.6, label=f"{prefix}loss")
+        for j, key in enumerate(k for k in run.keys_with_prefix("loss/")):
+            kx, ky = run.series(key)
+            ax_loss.plot(kx, smoothed(ky), lw=0.9, ls=["--", ":", "-."][j % 3], color=color,
+                         alpha=0.8, label=f"{prefix}{key}")
+        vx, vy = run.series("valid_loss")
+        if vx:
+            ax_loss.plot(vx, vy, "o-", color=color, ms=4, lw=1, alpha=0.7,
+                         label=f"{prefix}valid_loss")
+        skipped = [r["step"] for r in run.records if r.get("skipped") is True]
+        if skipped:
+            ax_loss.plot(skipped, [ax_loss.get_ylim()[0]] * len(skipped), "x", color="red",
+                         label=f"{prefix}skipped steps ({len(skipped)})")
+        starts = run.phase_starts() if not multi else []
+        for k, (step, name) in enumerate(starts if len(starts) > 1 else []):
+            if k:
+                for ax in (ax_loss, ax_tput, ax_lr):
+                    ax.axvline(step, color="grey", ls=":", lw=1)
+            ax_loss.annotate(f"phase {name}", (step, 0.98), xycoords=("data", "axes fraction"),
+                             xytext=(3, 0), textcoords="offset points", va="top", ha="left",
+                             fontsize=8, color="grey")
+        tx, ty = run.series("tokens_per_s")
+        ax_tput.plot(tx, smoothed(ty), color=color, label=f"{prefix}tokens/s")
+        fx, fy = run.series("tflops_per_gpu")
+        if fx and not multi:
+            twin = ax_tput.twinx()
+            twin.plot(fx, smoothed(fy), color="C3", lw=0.8, alpha=0.7, label="TFLOP/s per GPU")
+            twin.set_ylabel("TFLOP/s per GPU")
+            twin.legend(loc="lower right", fontsize=8)
+        lx, ly = run.series("lr")
+        ax_lr.plot(lx, ly, color=color, label=f"{prefix}lr")
+        gx, gy = run.series("grad_norm")
+        if gx:
+            twin_g = ax_lr.twinx()
+            twin_g.plot(gx, gy, color=color, lw=0.7, alpha=0.5, ls="--",
+                        label=f"{prefix}grad norm")
+            if min(gy) > 0 and max(gy) / min(gy) > 50:  # one spike would flatten the rest
+                twin_g.set_yscale("log")
+            twin_g.set_ylabel("grad norm")
+            twin_g.legend(loc="upper center", fontsize=8)
+    ax_loss.set_ylabel("loss")
+    ax_loss.legend(fontsize=8)
+    ax_loss.grid(alpha=0.3)
+    ax_tput.set_ylabel("tokens/s")
+    ax_tput.legend(loc="lower left", fontsize=8)
+    ax_tput.grid(alpha=0.3)
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("step")
+    ax_lr.legend(loc="upper right", fontsize=8)
+    ax_lr.grid(alpha=0.3)
+    fig.suptitle(title or ", ".join(r.label for r in runs))
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    tmp = f"{out_path}.tmp{os.getpid()}.png"
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, out_path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def summarize(run: Run) -> str:
+    """One line: steps, first/last/min loss, mean tokens/s."""
+    _, losses = run.series("loss")
+    _, tput = run.series("tokens_per_s")
+    steps = [r["step"] for r in run.records]
+    mean_tput = sum(tput) / len(tput) if tput else float("nan")
+    return (f"{run.label}: steps {steps[0]}-{steps[-1]} ({len(steps)} records), loss "
+            f"{losses[0]:.3f} -> {losses[-1]:.3f} (min {min(losses):.3f}), "
+            f"mean {mean_tput:,.0f} tokens/s")

@@ -1,0 +1,187 @@
+"""The MoE layer for the MLP slot of Megatron-Core's ``TransformerLayer``.
+
+``moe_layer_spec(cfg, use_te)`` is what :func:`megatron_jai.model.spec.layer_spec` puts in the MLP
+slot when ``cfg.num_experts > 0``. The layer = :class:`~megatron_jai.moe.router.TopKRouter`
+(fp32) -> :class:`~megatron_jai.moe.dispatcher.AllToAllDispatcher` (expert parallelism over
+``parallel_state.get_expert_model_parallel_group()``) ->
+:class:`~megatron_jai.moe.experts.GroupedExperts` (Triton grouped GEMMs) -> combine.
+
+The router's load-balancing and z losses ride on the autograd graph (Megatron-Core's
+``MoEAuxLossAutoScaler``; its pipeline schedules set the scale to 1/num_microbatches), so a training
+loop needs nothing MoE-specific for them. Two helpers for training loops:
+
+* :func:`collect_router_stats` -- per-layer and summary routing statistics (read and reset);
+* :func:`update_expert_biases` -- the aux-loss-free balancing step, once per optimizer step, only
+  when the config has ``moe_expert_bias``.
+
+Checkpoint keys (global shapes; the experts axis is split over EP ranks)::
+
+    decoder.layers.mlp.router.weight           [L, E, H]
+    decoder.layers.mlp.router.expert_bias      [L, E]        (only with moe_expert_bias)
+    decoder.layers.mlp.experts.weight_gate_up  [L, E, 2F, H]  rows [gate; up]
+    decoder.layers.mlp.experts.weight_down     [L, E, H, F]
+"""
+from __future__ import annotations
+
+import logging
+from typing import Iterable, Optional, Union
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from megatron_jai.moe.dispatcher import AllToAllDispatcher
+from megatron_jai.moe.experts import GroupedExperts
+from megatron_jai.moe.router import RouterOptions, TopKRouter
+
+
+class JaiMoELayer(MegatronModule):
+    """Router + expert-parallel dispatcher + grouped experts. ``forward(hidden [s, b, H],
+    padding_mask [b, s] (True = padding) = None) -> (output [s, b, H], None)``."""
+
+    def __init__(self, config, options: RouterOptions, ffn_hidden_size: int,
+                 recompute_activation: bool = False):
+        super().__init__(config)
+        if config.sequence_parallel:
+            raise ValueError("sequence parallelism is not supported with MoE layers yet "
+                             "(run MoE models without --sequence-parallel)")
+        self.options = options
+        self.layer_number = None
+        ep_size = parallel_state.get_expert_model_parallel_world_size()
+        ep_rank = parallel_state.get_expert_model_parallel_rank()
+        ep_group = parallel_state.get_expert_model_parallel_group() if ep_size > 1 else None
+        self.router = TopKRouter(config, options)
+        self.dispatcher = AllToAllDispatcher(options.num_experts, ep_group)
+        self.experts = GroupedExperts(config, options.num_experts, ffn_hidden_size, ep_size,
+                                      ep_rank, recompute_activation)
+
+    def set_layer_number(self, layer_number: int) -> None:
+        self.layer_number = layer_number
+        self.router.set_layer_number(layer_number)
+
+    def forward(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
+                **unused):
+        seq, batch, hidden = hidden_states.shape
+        tokens = hidden_states.reshape(-1, hidden)
+        token_mask = None
+        if padding_mask is not None:  # [b, s] True = padding -> [s * b] True = real token
+            token_mask = ~padding_mask.transpose(0, 1).reshape(-1).bool()
+        routing = self.router(tokens, token_mask)
+        dispatched = self.dispatcher.dispatch(tokens, routing.expert_ids, routing.weights)
+        expert_out = self.experts(dispatched.hidden, dispatched.expert_ids, dispatched.weights)
+        out = self.dispatcher.combine(expert_out, dispatched)
+        return out.view(seq, batch, hidden), None
+
+
+def router_options(cfg) -> RouterOptions:
+    """The router options of a :class:`~megatron_jai.config.ModelConfig`."""
+    return RouterOptions(
+        num_experts=cfg.num_experts,
+        top_k=cfg.moe_top_k,
+        normalize_topk=cfg.moe_normalize_topk,
+        aux_loss_coeff=cfg.moe_aux_loss_coeff,
+        z_loss_coeff=cfg.moe_z_loss_coeff,
+        capacity_factor=cfg.moe_capacity_factor,
+        drop_policy=cfg.moe_token_drop_policy,
+        expert_bias=cfg.moe_expert_bias,
+        expert_bias_update_rate=cfg.moe_expert_bias_update_rate,
+    )
+
+
+class _UnknownMlpSpecFilter(logging.Filter):
+    """TransformerLayer warns "Unknown MLP type ... Using default kwargs" for every MLP spec that is
+    not one of Megatron's own classes; for this layer the default kwargs are the right ones."""
+
+    def filter(self, record):
+        return "Unknown MLP type" not in record.getMessage()
+
+
+def _silence_unknown_mlp_warning() -> None:
+    log = logging.getLogger("megatron.core.transformer.transformer_layer")
+    if not any(isinstance(f, _UnknownMlpSpecFilter) for f in log.filters):
+        log.addFilter(_UnknownMlpSpecFilter())
+
+
+def moe_layer_spec(cfg, use_te: bool = False) -> ModuleSpec:
+    """The MLP-slot spec for an MoE config. The layer holds no Transformer Engine modules (the
+    experts are Triton kernels), so the spec is the same with or without TE; ``use_te`` is accepted
+    for symmetry with the dense spec."""
+    if not cfg.is_moe:
+        raise ValueError(f"config {cfg.name!r} has no experts (num_experts = 0)")
+    _silence_unknown_mlp_warning()
+    return ModuleSpec(module=JaiMoELayer, params={
+        "options": router_options(cfg),
+        "ffn_hidden_size": cfg.expert_ffn_hidden_size,
+    })
+
+
+# ---- helpers for training loops --------------------------------------------------------------
+
+def _routers(model: Union[torch.nn.Module, Iterable[torch.nn.Module]]) -> list:
+    chunks = [model] if isinstance(model, torch.nn.Module) else list(model)
+    routers = [m for chunk in chunks for m in chunk.modules() if isinstance(m, TopKRouter)]
+    return sorted(routers, key=lambda r: r.layer_number or 0)
+
+
+def collect_router_stats(model, reset: bool = True) -> dict:
+    """Routing statistics of this rank's MoE layers since the last call, as a flat dict of floats
+    (empty when the model has no MoE layer or nothing was routed):
+
+    * ``moe/aux_loss``, ``moe/z_loss`` -- mean over layers and forward passes (coefficient included;
+      only training forwards compute them);
+    * ``moe/entropy`` -- mean routing entropy (nats; ln E = uniform);
+    * ``moe/dropped_fraction`` -- dropped slots / routed slots (0 when dropless);
+    * ``moe/max_load`` -- max over layers and experts of load / mean load (1 = perfectly balanced);
+    * per layer ``moe/layer{NN}/load_e{e}`` (fraction of the layer's slots that expert e took),
+      ``moe/layer{NN}/entropy``, ``moe/layer{NN}/dropped_fraction``.
+
+    Local to this rank (no communication). ``model``: a module or a list of model chunks.
+    """
+    out, layers = {}, []
+    for router in _routers(model):
+        s = router.stats.read()
+        if reset:
+            router.stats.reset()
+        if s is None:
+            continue
+        counts = torch.tensor(s["tokens_per_expert"], dtype=torch.float64)
+        slots = s["tokens"] * router.options.top_k
+        kept = float(counts.sum())
+        name = f"moe/layer{router.layer_number or 0:02d}"
+        for e, c in enumerate(counts.tolist()):
+            out[f"{name}/load_e{e}"] = c / kept if kept else 0.0
+        out[f"{name}/entropy"] = s["entropy_sum"] / s["calls"]
+        out[f"{name}/dropped_fraction"] = s["dropped_slots"] / slots if slots else 0.0
+        layers.append((s, counts, slots))
+    if layers:
+        n_calls = sum(s["calls"] for s, _, _ in layers)
+        all_slots = sum(slots for _, _, slots in layers)
+        out["moe/aux_loss"] = sum(s["aux_loss_sum"] for s, _, _ in layers) / n_calls
+        out["moe/z_loss"] = sum(s["z_loss_sum"] for s, _, _ in layers) / n_calls
+        out["moe/entropy"] = sum(s["entropy_sum"] for s, _, _ in layers) / n_calls
+        out["moe/dropped_fraction"] = (sum(s["dropped_slots"] for s, _, _ in layers) / all_slots
+                                       if all_slots else 0.0)
+        out["moe/max_load"] = max(float(c.max() / c.mean()) if c.sum() > 0 else 0.0
+                                  for _, c, _ in layers)
+    return out
+
+
+@torch.no_grad()
+def update_expert_biases(model, group: Optional[dist.ProcessGroup] = None) -> int:
+    """Aux-loss-free load balancing: after each optimizer step, sum every router's token counts
+    over ``group`` (default: Megatron's tensor+data-parallel group, i.e. all replicas of this
+    pipeline stage) and move its expert bias toward balance. Collective over ``group``; a no-op
+    (returning 0) for models without expert bias. Returns the number of routers updated."""
+    routers = [r for r in _routers(model) if r.options.expert_bias]
+    if not routers:
+        return 0
+    counts = torch.stack([r.local_tokens_per_expert for r in routers])
+    if dist.is_initialized():
+        if group is None:
+            group = parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
+        dist.all_reduce(counts, group=group)
+    for router, c in zip(routers, counts):
+        router.update_expert_bias(c)
+    return len(routers)

@@ -1,0 +1,231 @@
+"""Command line and YAML run config of ``pretrain_jai.py``.
+
+Every flag can also be given in the YAML file passed with ``--config`` (same name, ``-`` or ``_``);
+flags on the command line override the file. Besides flags, the YAML may hold ``data:`` (named
+dataset prefixes), and either ``phases:`` (a list of phases) or ``plan:`` (a built-in plan such as
+``jai``); see :mod:`megatron_jai.training.phases` and docs/training.md.
+
+With no arguments at all the run is the embedded tiny default: the ``tiny`` model on the
+project's demo corpus, 2 CPU processes under torchrun, loss falling from ~7 to well under 5.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Optional
+
+import yaml
+
+from megatron_jai.training.faults import TrainingError
+from megatron_jai.training.phases import Phase, build_phases, normalise_blend, validate_phase
+
+# Keys of the YAML file that are not flags.
+CONFIG_ONLY_KEYS = ("data", "phases", "plan")
+# Settings holding paths: in a config file they are relative to the file (``model`` only when it is
+# not a preset name).
+PATH_SETTINGS = ("model", "tokenizer", "data_cache_dir", "load", "init_from", "save",
+                 "metrics_file", "tensorboard_dir")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pretrain_jai.py",
+        description="Pretrain a JAI/Phi-3 model on Megatron-Core (TP/PP/EP/DP). Run under torchrun; "
+                    "with no arguments it trains the tiny model on the demo corpus.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--config", help="YAML run config; flags on the command line override it")
+
+    g = p.add_argument_group("model and layout")
+    g.add_argument("--model", default=None,
+                   help="preset name, model_config.json or checkpoint dir (default: the --load "
+                        "checkpoint's config when resuming, else 'tiny')")
+    g.add_argument("--tp", type=int, default=1, help="tensor parallel size")
+    g.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
+    g.add_argument("--ep", type=int, default=1, help="expert parallel size (MoE models)")
+    g.add_argument("--dp", type=int, default=None,
+                   help="data parallel size; derived as world/(tp*pp), checked if given")
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="Megatron sequence parallelism (TP > 1)")
+    prec = g.add_mutually_exclusive_group()
+    prec.add_argument("--bf16", dest="bf16", action="store_true", default=None,
+                      help="bf16 weights/compute with fp32 master weights (default on GPU)")
+    prec.add_argument("--fp32", dest="bf16", action="store_false",
+                      help="fp32 everything (default on CPU)")
+    g.add_argument("--use-distributed-optimizer", dest="use_distributed_optimizer",
+                   action="store_true", default=None,
+                   help="shard optimizer state over DP (default on GPU; not available on CPU)")
+    g.add_argument("--no-distributed-optimizer", dest="use_distributed_optimizer",
+                   action="store_false")
+    g.add_argument("--recompute-activations", action="store_true",
+                   help="full activation recomputation (saves memory at long sequence lengths)")
+
+    g = p.add_argument_group("batch and schedule")
+    g.add_argument("--micro-batch-size", type=int, default=4)
+    g.add_argument("--global-batch-size", type=int, default=16)
+    g.add_argument("--seq-length", type=int, default=128)
+    g.add_argument("--train-iters", type=int, default=None)
+    g.add_argument("--train-tokens", type=int, default=None,
+                   help="token budget instead of --train-iters")
+    g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    g.add_argument("--min-lr", type=float, default=3e-4)
+    g.add_argument("--warmup-iters", type=int, default=10)
+    g.add_argument("--lr-decay-iters", type=int, default=None,
+                   help="decay length (default: the phase length)")
+    g.add_argument("--lr-decay-style", default="cosine",
+                   choices=["cosine", "linear", "constant", "inverse-square-root", "WSD"])
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=1234)
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", nargs="+", default=None,
+                   help="one indexed-dataset prefix, or a blend 'W1 PREFIX1 W2 PREFIX2 ...' "
+                        "(default: the project's demo corpus)")
+    g.add_argument("--tokenizer", default=None,
+                   help="tokenizer the data was made with (checked against the model vocabulary)")
+    g.add_argument("--data-cache-dir", default=None,
+                   help="where index caches / the demo corpus go (default <repo>/.cache)")
+    g.add_argument("--num-workers", type=int, default=None,
+                   help="data loader worker processes (default 2 on GPU, 0 on CPU)")
+    g.add_argument("--eval-interval", type=int, default=0,
+                   help="validation loss every N steps (0 = off)")
+    g.add_argument("--eval-iters", type=int, default=2, help="validation batches per evaluation")
+
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--load", default=None, help="resume from the latest complete checkpoint here")
+    g.add_argument("--load-iteration", type=int, default=None,
+                   help="resume from this saved iteration instead of the latest")
+    g.add_argument("--init-from", default=None,
+                   help="start from the model weights of this checkpoint (converted / upscaled "
+                        "model; optimizer and schedule start fresh); ignored when --load resumes")
+    g.add_argument("--save", default=None, help="checkpoint root to save to")
+    g.add_argument("--save-interval", type=int, default=0, help="save every N steps (0 = only at "
+                   "phase ends, the end and on SIGTERM)")
+    g.add_argument("--keep-last", type=int, default=3, help="keep the newest K checkpoints")
+    g.add_argument("--overwrite-save", action="store_true",
+                   help="delete checkpoints already in --save when not resuming from it")
+
+    g = p.add_argument_group("logging")
+    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--metrics-file", default=None, help="JSON-lines file, one object per step")
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--peak-tflops", type=float, default=None,
+                   help="per-GPU peak for MFU (default 989 = H100 dense bf16 on GPU, none on CPU)")
+
+    g = p.add_argument_group("faults")
+    g.add_argument("--max-skipped-steps", type=int, default=10,
+                   help="abort after this many NaN/Inf steps in a row")
+    g.add_argument("--inject-nan-at-step", type=int, nargs="+", default=None,
+                   help="TESTING: make the loss NaN at these steps (they must be skipped)")
+    g.add_argument("--exit-after-step", type=int, default=None,
+                   help="TESTING: save and stop after this step, as if pre-empted")
+    g.add_argument("--kill-during-save-at-step", type=int, default=None,
+                   help="TESTING: die (SIGKILL) in the middle of writing this step's checkpoint")
+    return p
+
+
+def _load_yaml(path: str) -> dict:
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except OSError as err:
+        raise TrainingError(f"cannot read config {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise TrainingError(f"config {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise TrainingError(f"config {path} must be a mapping of settings")
+    return data
+
+
+def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
+    """Flags + YAML -> one namespace; ``args.phases`` is the resolved list of :class:`Phase`."""
+    parser = build_parser()
+    config_path = _find_config(argv)
+    config = _load_yaml(config_path) if config_path else {}
+    flags = {a.dest for a in parser._actions}
+    defaults = {}
+    for key, value in config.items():
+        if key in CONFIG_ONLY_KEYS:
+            continue
+        dest = key.replace("-", "_")
+        if dest not in flags or dest in ("config", "help"):
+            raise TrainingError(f"config {config_path}: unknown setting {key!r}")
+        if dest in PATH_SETTINGS and isinstance(value, str):
+            from megatron_jai.config import PRESETS
+
+            if not (dest == "model" and value in PRESETS):
+                value = _expand(value, os.path.dirname(os.path.abspath(config_path)))
+        defaults[dest] = value
+    parser.set_defaults(**defaults)
+    args = parser.parse_args(argv)
+    args.config_path = config_path
+    args.no_arguments = not argv
+    datasets = config.get("data") or {}
+    if not isinstance(datasets, dict):
+        raise TrainingError("config data: must map dataset names to indexed-dataset prefixes")
+    if config_path:
+        base = os.path.dirname(os.path.abspath(config_path))
+        datasets = {k: _expand(v, base) for k, v in datasets.items()}
+    args.datasets = datasets
+    args.phases = build_phases(config.get("phases"), config.get("plan"), datasets)
+    _validate(args)
+    return args
+
+
+def _find_config(argv) -> Optional[str]:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--config")
+    known, _ = p.parse_known_args(argv)
+    return known.config
+
+
+def _expand(path: str, base: str) -> str:
+    """``~`` and ``$VARS`` expanded; relative paths are relative to the config file."""
+    path = os.path.expandvars(os.path.expanduser(str(path)))
+    return path if os.path.isabs(path) else os.path.normpath(os.path.join(base, path))
+
+
+def _validate(args) -> None:
+    for name in ("tp", "pp", "ep", "micro_batch_size", "global_batch_size", "seq_length",
+                 "log_interval", "keep_last"):
+        if getattr(args, name) is None or getattr(args, name) < 1:
+            raise TrainingError(f"--{name.replace('_', '-')} must be a positive integer")
+    if args.dp is not None and args.dp < 1:
+        raise TrainingError("--dp must be a positive integer")
+    if args.phases is not None:
+        if args.data_path or args.train_iters or args.train_tokens:
+            raise TrainingError("--data-path / --train-iters / --train-tokens conflict with the "
+                                "config's phases/plan (put them in the phases)")
+        return
+    if args.train_iters is not None and args.train_tokens is not None:
+        raise TrainingError("give --train-iters or --train-tokens, not both")
+    if args.train_iters is None and args.train_tokens is None:
+        args.train_iters = 200 if args.data_path is None else None
+        if args.train_iters is None:
+            raise TrainingError("give --train-iters or --train-tokens")
+
+
+def flag_phase(args, demo_prefix: Optional[str] = None) -> Phase:
+    """The single phase described by plain flags (no phases/plan in the config)."""
+    spec = args.data_path
+    if not spec:
+        if demo_prefix is None:
+            raise TrainingError("no --data-path given")
+        blend = demo_prefix
+    elif len(spec) == 1:
+        blend = spec[0]
+    else:
+        if len(spec) % 2:
+            raise TrainingError("--data-path blend must be pairs: W1 PREFIX1 W2 PREFIX2 ...")
+        blend = [[spec[i], spec[i + 1]] for i in range(0, len(spec), 2)]
+    entries, labels = normalise_blend(blend, args.datasets, "--data-path")
+    phase = Phase(name="pretrain", blend=entries, dataset_names=labels, seq_length=args.seq_length,
+                  train_iters=args.train_iters, train_tokens=args.train_tokens)
+    validate_phase(phase, "--data-path")
+    return phase

@@ -1,0 +1,130 @@
+"""MoE upcycling: turn every dense SwiGLU FFN of a checkpoint into ``E`` experts of
+:mod:`megatron_jai.moe` (sparse upcycling, Komatsuzaki et al. 2023; JAI-1 section 3).
+
+Expert ``i`` is the FFN of input checkpoint ``i mod n`` (``n`` inputs): JAI-1 seeds its 4 experts
+from 4 snapshots of continued training (steps 0, 2K, 4K, 6K); with one input every expert is a copy,
+optionally perturbed by Gaussian noise (experts 1..E-1; expert 0 stays exact). The router starts
+near uniform: ``router.weight ~ N(0, router_std^2)`` (0 = exactly uniform probabilities).
+Attention, norms and embeddings come from the first input, or their mean over the inputs.
+
+With identical experts and normalised top-k weights the upcycled model computes exactly the dense
+model's function, whatever the router does; the tests check that.
+
+Key mapping (stacked ``[L, ...]`` tensors; see ``megatron_jai/moe/experts.py`` and ``docs/moe.md``)::
+
+    mlp.linear_fc1.weight [L,2F,H]  ->  mlp.experts.weight_gate_up [L,E,2F,H]
+    mlp.linear_fc2.weight [L,H,F]   ->  mlp.experts.weight_down    [L,E,H,F]
+    mlp.linear_fc1.layer_norm_weight -> pre_mlp_layernorm.weight    (the MoE layer owns no fused norm)
+    (new)                            ->  mlp.router.weight          [L,E,H]
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+from tqdm import tqdm
+
+from megatron_jai.checkpoint.stream import CheckpointReader, CheckpointWriter
+from megatron_jai.config import ModelConfig
+from megatron_jai.upscale.dus import copy_side_files, model_keys
+
+LAYERS = "decoder.layers."
+DENSE_FC1 = LAYERS + "mlp.linear_fc1.weight"
+DENSE_FC2 = LAYERS + "mlp.linear_fc2.weight"
+DENSE_PRE_MLP_NORM = LAYERS + "mlp.linear_fc1.layer_norm_weight"
+MOE_GATE_UP = LAYERS + "mlp.experts.weight_gate_up"
+MOE_DOWN = LAYERS + "mlp.experts.weight_down"
+MOE_ROUTER = LAYERS + "mlp.router.weight"
+MOE_EXPERT_BIAS = LAYERS + "mlp.router.expert_bias"  # only with cfg.moe_expert_bias
+MOE_PRE_MLP_NORM = LAYERS + "pre_mlp_layernorm.weight"
+FFN_MAP = {DENSE_FC1: MOE_GATE_UP, DENSE_FC2: MOE_DOWN}
+RENAMED = {DENSE_PRE_MLP_NORM: MOE_PRE_MLP_NORM}
+
+
+class UpcycleError(ValueError):
+    """Inputs that cannot be upcycled together (a user error)."""
+
+
+def _architecture(cfg: ModelConfig) -> dict:
+    d = cfg.to_dict()
+    d.pop("name")
+    return d
+
+
+def moe_config(dense: ModelConfig, num_experts: int, top_k: int, name: str | None = None) -> ModelConfig:
+    if dense.is_moe:
+        raise UpcycleError(f"model {dense.name!r} already has {dense.num_experts} experts")
+    if num_experts < 2:
+        raise UpcycleError(f"--experts must be at least 2, got {num_experts}")
+    if not 1 <= top_k <= num_experts:
+        raise UpcycleError(f"--top-k must be in [1, {num_experts}], got {top_k}")
+    return dense.replace(name=name or f"{dense.name}-moe{num_experts}", num_experts=num_experts,
+                         moe_top_k=top_k, moe_ffn_hidden_size=None, moe_normalize_topk=True)
+
+
+def upcycle(sources: Sequence[str], out: str, num_experts: int = 4, top_k: int = 2, *,
+            noise_std: float = 0.0, router_std: float = 0.0, average_shared: bool = False,
+            seed: int = 0, name: str | None = None, force: bool = False,
+            progress: bool = True) -> dict:
+    """Write the upcycled MoE checkpoint ``out``. Returns a summary dict."""
+    if not sources:
+        raise UpcycleError("at least one input checkpoint is needed")
+    if len(sources) > num_experts:
+        raise UpcycleError(f"{len(sources)} input checkpoints for {num_experts} experts: give at "
+                           f"most one per expert")
+    if noise_std < 0 or router_std < 0:
+        raise UpcycleError("--noise-std and --router-std must be >= 0")
+    readers = [CheckpointReader(s) for s in sources]
+    dense = readers[0].config
+    for src, r in zip(sources[1:], readers[1:]):
+        if _architecture(r.config) != _architecture(dense):
+            raise UpcycleError(f"{src} has a different architecture than {sources[0]}")
+    cfg = moe_config(dense, num_experts, top_k, name)
+    stacked, others = model_keys(readers[0])
+    for key in (DENSE_FC1, DENSE_FC2):
+        if key not in stacked:
+            raise UpcycleError(f"{sources[0]} has no dense FFN tensor {key}")
+    for src, r in zip(sources[1:], readers[1:]):
+        if model_keys(r) != (stacked, others):
+            raise UpcycleError(f"{src} holds different tensors than {sources[0]}")
+    gen = torch.Generator().manual_seed(seed)
+    L = dense.num_layers
+
+    def shared(key, layer=None):
+        read = (lambda r: r.read(key)) if layer is None else (lambda r: r.read_layer(key, layer))
+        if not average_shared or len(readers) == 1:
+            return read(readers[0])
+        first = read(readers[0])
+        acc = first.double()
+        for r in readers[1:]:
+            acc += read(r).double()
+        return (acc / len(readers)).to(first.dtype)
+
+    with CheckpointWriter(out, cfg, force=force) as writer:
+        for key in others:
+            writer.write(key, shared(key))
+        for layer in tqdm(range(L), desc="moe layers", unit="layer", disable=not progress):
+            for key in stacked:
+                if key in FFN_MAP:
+                    per_input = [r.read_layer(key, layer) for r in readers]
+                    experts = torch.stack([per_input[i % len(readers)]
+                                           for i in range(num_experts)]).clone()
+                    if noise_std > 0 and len(readers) == 1:
+                        noise = torch.randn(experts[1:].shape, generator=gen, dtype=torch.float32)
+                        experts[1:] += (noise * noise_std).to(experts.dtype)
+                    writer.write_layer(FFN_MAP[key], layer, L, experts)
+                    del per_input, experts
+                else:
+                    writer.write_layer(RENAMED.get(key, key), layer, L, shared(key, layer))
+            dtype = readers[0].dtype(DENSE_FC1)
+            router = torch.randn(num_experts, dense.hidden_size, generator=gen) * router_std
+            writer.write_layer(MOE_ROUTER, layer, L, router.to(dtype))
+            if cfg.moe_expert_bias:
+                writer.write_layer(MOE_EXPERT_BIAS, layer, L, torch.zeros(num_experts))
+        copy_side_files(readers[0].root, writer)
+        bytes_written = writer.bytes_written
+    counts = cfg.parameter_counts()
+    return {"out": os.path.abspath(out), "experts": num_experts, "top_k": top_k,
+            "inputs": len(sources), "layers": L, "config": cfg, "params_total": counts["total"],
+            "params_active": counts["active"], "bytes": bytes_written}

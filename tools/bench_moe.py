@@ -1,0 +1,359 @@
+#!/usr/bin/env python
+"""Benchmark the MoE FFN: our Triton layer against torch._grouped_mm, a per-expert matmul loop and a
+dense GEMM chain of the same FLOPs. Prints one table (forward and forward+backward TFLOP/s, peak memory).
+
+    python tools/bench_moe.py                          # all shapes, bf16, on a CUDA GPU
+    python tools/bench_moe.py --shapes jai75b --check  # compare outputs/grads across implementations first
+    TRITON_INTERPRET=1 python tools/bench_moe.py --smoke   # tiny fp32 run on CPU (exercises the script)
+
+FLOPs = 2*T*k*3*H*F forward, 3x that forward+backward. Peak memory is the largest allocation above the
+inputs and weights during one forward+backward. Targets (issue 3): ours >= 1.10x torch._grouped_mm on
+every shape, >= 600 TFLOP/s forward+backward on the JAI-75B shape (H100).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    tokens: int
+    hidden: int
+    ffn: int
+    experts: int
+    top_k: int
+
+    @property
+    def forward_flops(self) -> float:
+        return 2.0 * self.tokens * self.top_k * 3 * self.hidden * self.ffn
+
+
+SHAPES = {
+    "jai75b": Shape("jai75b", 8192, 5120, 17920, 4, 2),
+    "mixtral": Shape("mixtral", 8192, 4096, 14336, 8, 2),
+    "finegrained": Shape("finegrained", 8192, 2048, 1408, 64, 6),
+}
+SMOKE_SHAPE = Shape("smoke", 48, 32, 16, 4, 2)
+GROUP_ALIGN = 16  # torch._grouped_mm wants each token group padded to a multiple of 16 rows
+
+
+# ---- implementations: (hidden, router_logits, w_gate_up, w_down) -> [T, H] ------------------------
+
+def ours(hidden, logits, w_gate_up, w_down, top_k, recompute=False):
+    from megatron_jai.moe.functional import moe_ffn
+
+    return moe_ffn(hidden, logits, w_gate_up, w_down, top_k, normalize_topk=True, backend="auto",
+                   recompute_activation=recompute)
+
+
+def _sorted_routing(logits, num_experts, top_k):
+    from megatron_jai.moe.reference import topk_routing
+
+    weights, ids = topk_routing(logits, top_k, normalize_topk=True)
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts)
+    return weights, order, counts
+
+
+def grouped_mm(hidden, logits, w_gate_up, w_down, top_k):
+    """The same MoE FFN on torch._grouped_mm: groups padded to 16 rows, weights as w.transpose(-2, -1)."""
+    num_experts = w_gate_up.shape[0]
+    weights, order, counts = _sorted_routing(logits, num_experts, top_k)
+    num_slots = order.numel()
+    padded = (counts + GROUP_ALIGN - 1) // GROUP_ALIGN * GROUP_ALIGN
+    padded_ends = torch.cumsum(padded, 0)
+    starts = torch.cumsum(counts, 0) - counts
+    expert_of_sorted = torch.repeat_interleave(torch.arange(num_experts, device=hidden.device), counts,
+                                               output_size=num_slots)
+    rank = torch.arange(num_slots, device=hidden.device) - starts[expert_of_sorted]
+    dest = (padded_ends - padded)[expert_of_sorted] + rank  # padded row of each sorted slot
+    capacity = num_slots + GROUP_ALIGN * num_experts  # static upper bound: no host synchronisation
+    x = hidden.new_zeros((capacity, hidden.shape[1])).index_copy(0, dest, hidden[order // top_k])
+    offs = padded_ends.to(torch.int32)
+    gate_up = torch._grouped_mm(x, w_gate_up.transpose(-2, -1), offs=offs)
+    gate, up = gate_up.chunk(2, dim=-1)
+    y = torch._grouped_mm(torch.nn.functional.silu(gate) * up, w_down.transpose(-2, -1), offs=offs)
+    y_slots = torch.empty((num_slots, y.shape[1]), dtype=y.dtype, device=y.device)
+    y_slots = y_slots.index_copy(0, order, y[dest])
+    out = (y_slots.view(-1, top_k, y.shape[1]).float() * weights[..., None]).sum(1)
+    return out.to(hidden.dtype)
+
+
+def expert_loop(hidden, logits, w_gate_up, w_down, top_k):
+    """Per-expert loop of torch.matmul over each expert's gathered tokens."""
+    num_experts = w_gate_up.shape[0]
+    weights, order, counts = _sorted_routing(logits, num_experts, top_k)
+    out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    flat_w = weights.reshape(-1)
+    start = 0
+    for e, count in enumerate(counts.tolist()):
+        slots = order[start:start + count]
+        start += count
+        if count == 0:
+            continue
+        tokens = slots // top_k
+        gate, up = torch.matmul(hidden[tokens], w_gate_up[e].t()).chunk(2, dim=-1)
+        y = torch.matmul(torch.nn.functional.silu(gate) * up, w_down[e].t())
+        out = out.index_add(0, tokens, y.float() * flat_w[slots, None])
+    return out.to(hidden.dtype)
+
+
+def dense_chain(x, w1, w2):
+    """One dense GEMM chain with the same FLOPs: [T*k, H] @ [H, 2F] -> SwiGLU -> @ [F, H]."""
+    gate, up = torch.matmul(x, w1).chunk(2, dim=-1)
+    return torch.matmul(torch.nn.functional.silu(gate) * up, w2)
+
+
+IMPLS = ("ours", "grouped_mm", "loop", "dense")
+
+
+# ---- measurement ---------------------------------------------------------------------------------
+
+class Timer:
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def measure(self, fn, iters, warmup):
+        """Mean seconds per call (CUDA events on GPU, perf_counter on CPU)."""
+        for _ in range(warmup):
+            fn()
+        self.sync()
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(iters):
+                fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3 / iters
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return (time.perf_counter() - t0) / iters
+
+
+def make_inputs(shape, device, dtype, seed):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def randn(*size, scale=1.0):
+        return (torch.randn(*size, generator=g) * scale).to(device=device, dtype=dtype)
+
+    hidden = randn(shape.tokens, shape.hidden)
+    logits = torch.randn(shape.tokens, shape.experts, generator=g).to(device)  # fp32 router logits
+    w_gate_up = randn(shape.experts, 2 * shape.ffn, shape.hidden, scale=shape.hidden ** -0.5)
+    w_down = randn(shape.experts, shape.hidden, shape.ffn, scale=shape.ffn ** -0.5)
+    return [t.requires_grad_() for t in (hidden, logits, w_gate_up, w_down)]
+
+
+def make_call(impl, shape, inputs, recompute):
+    """(forward thunk, tensors to differentiate, output rows) for one implementation."""
+    if impl == "dense":
+        hidden, _, w_gate_up, w_down = inputs
+        x = hidden.detach().repeat(shape.top_k, 1).requires_grad_()
+        w1 = w_gate_up[0].detach().t().contiguous().requires_grad_()  # [H, 2F]
+        w2 = w_down[0].detach().t().contiguous().requires_grad_()  # [F, H]
+        return (lambda: dense_chain(x, w1, w2)), [x, w1, w2], x.shape[0]
+    fn = {"ours": lambda *a: ours(*a, recompute=recompute), "grouped_mm": grouped_mm, "loop": expert_loop}[impl]
+    return (lambda: fn(*inputs, shape.top_k)), list(inputs), shape.tokens
+
+
+def peak_extra_bytes(device, fwd_bwd):
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fwd_bwd()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def check(shape, inputs, impls, recompute):
+    """Compare each implementation's output and input gradients with the per-expert loop (plain torch);
+    returns the worst relative error."""
+    grad = torch.randn(shape.tokens, shape.hidden, generator=torch.Generator().manual_seed(1)).to(inputs[0])
+    results = {}
+    for impl in impls:
+        if impl == "dense":
+            continue
+        call, params, _ = make_call(impl, shape, inputs, recompute)
+        out = call()
+        results[impl] = [out.detach().float()] + [g.float() for g in torch.autograd.grad(out, params, grad)]
+    names = ("output", "d hidden", "d router logits", "d w_gate_up", "d w_down")
+    worst = 0.0
+    base_impl = "loop" if "loop" in results else next(iter(results))  # plain torch as the yardstick
+    for impl, tensors in results.items():
+        if impl == base_impl:
+            continue
+        for name, a, b in zip(names, results[base_impl], tensors):
+            diff = (a - b).abs().max().item()
+            rel = ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+            worst = max(worst, rel)
+            print(f"  check {shape.name}: {base_impl} vs {impl} {name}: max |diff| {diff:.3e}, rel {rel:.3e}")
+    return worst
+
+
+def check_routing(device):
+    """The compiled routing op (CUDA on GPU, C++ on CPU) against the torch reference, bit for bit."""
+    from megatron_jai.kernels.routing import load_extension, routing_metadata
+    from megatron_jai.moe.reference import routing_metadata_reference
+
+    if load_extension() is None:
+        raise SystemExit("error: megatron_jai.kernels._routing is not built (pip install --no-build-isolation -e .)")
+    g = torch.Generator().manual_seed(0)
+    for slots, experts in ((1, 1), (777, 4), (16384, 4), (49152, 64), (100003, 8)):
+        ids = torch.randint(-1, experts, (slots,), generator=g).reshape(-1, 1)
+        got = routing_metadata(ids.to(device), experts)
+        want = routing_metadata_reference(ids, experts)
+        for name, a, b in zip(want._fields, got, want):
+            if not torch.equal(a.cpu(), b):
+                raise SystemExit(f"error: routing op ({device.type}) disagrees with the reference on {name} "
+                                 f"({slots} slots, {experts} experts)")
+    print(f"  check routing op ({device.type}): matches the reference on 5 sizes")
+
+
+def bench_shape(shape, impls, args, device, dtype, timer):
+    inputs = make_inputs(shape, device, dtype, args.seed)
+    if args.check:
+        worst = check(shape, inputs, impls, args.recompute)
+        if worst > args.check_tol:
+            raise SystemExit(f"error: implementations disagree on {shape.name} (relative error {worst:.3e} > "
+                             f"{args.check_tol})")
+    rows = []
+    for impl in impls:
+        call, params, out_rows = make_call(impl, shape, inputs, args.recompute)
+        grad = torch.randn(out_rows, shape.hidden, device=device, dtype=dtype)
+
+        def forward(call=call):
+            with torch.no_grad():
+                call()
+
+        def forward_backward(call=call, params=params, grad=grad):
+            torch.autograd.grad(call(), params, grad)
+
+        t_fwd = timer.measure(forward, args.iters, args.warmup)
+        t_all = timer.measure(forward_backward, args.iters, args.warmup)
+        rows.append({"shape": shape, "impl": impl, "fwd_s": t_fwd, "all_s": t_all,
+                     "fwd_tflops": shape.forward_flops / t_fwd / 1e12,
+                     "all_tflops": 3 * shape.forward_flops / t_all / 1e12,
+                     "peak": peak_extra_bytes(device, forward_backward)})
+    del inputs
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def print_table(rows):
+    header = (f"{'shape (T,H,F,E,k)':<34} {'impl':<11} {'fwd ms':>9} {'fwd TF/s':>9} {'f+b ms':>9} "
+              f"{'f+b TF/s':>9} {'peak GiB':>9} {'vs gmm':>7}")
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        s = row["shape"]
+        ref = next((r for r in rows if r["shape"] == s and r["impl"] == "grouped_mm"), None)
+        speedup = f"{ref['all_s'] / row['all_s']:.2f}x" if ref else "-"
+        peak = f"{row['peak'] / 2**30:.2f}" if row["peak"] is not None else "-"
+        label = f"{s.name} ({s.tokens},{s.hidden},{s.ffn},{s.experts},{s.top_k})"
+        print(f"{label:<34} {row['impl']:<11} {row['fwd_s'] * 1e3:>9.3f} {row['fwd_tflops']:>9.1f} "
+              f"{row['all_s'] * 1e3:>9.3f} {row['all_tflops']:>9.1f} {peak:>9} {speedup:>7}")
+
+
+def targets_line(rows):
+    verdicts = []
+    for name in dict.fromkeys(r["shape"].name for r in rows):
+        got = {r["impl"]: r for r in rows if r["shape"].name == name}
+        if "ours" in got and "grouped_mm" in got:
+            ratio = got["grouped_mm"]["all_s"] / got["ours"]["all_s"]
+            verdicts.append(f"{name} {ratio:.2f}x gmm {'MET' if ratio >= 1.10 else 'NOT MET'}")
+        if name == "jai75b" and "ours" in got:
+            tf = got["ours"]["all_tflops"]
+            verdicts.append(f"jai75b {tf:.0f} TFLOP/s {'MET' if tf >= 600 else 'NOT MET'}")
+    return "targets (>=1.10x grouped_mm, >=600 TFLOP/s f+b on jai75b): " + ("; ".join(verdicts) or "n/a")
+
+
+def parse_shapes(text):
+    shapes = []
+    for item in text.split(","):
+        item = item.strip()
+        if item in SHAPES:
+            shapes.append(SHAPES[item])
+        elif item.count("x") == 4:
+            t, h, f, e, k = (int(v) for v in item.split("x"))
+            shapes.append(Shape(item, t, h, f, e, k))
+        else:
+            raise ValueError(f"unknown shape {item!r}: use {', '.join(SHAPES)} or TxHxFxExk")
+    return shapes
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default=",".join(SHAPES),
+                   help=f"comma list of {', '.join(SHAPES)} or TxHxFxExk (default: all)")
+    p.add_argument("--impls", default=",".join(IMPLS), help=f"comma list of {', '.join(IMPLS)}")
+    p.add_argument("--iters", type=int, default=20, help="timed iterations per measurement")
+    p.add_argument("--warmup", type=int, default=5, help="untimed iterations first (autotuning happens here)")
+    p.add_argument("--check", action="store_true", help="compare outputs and gradients across implementations first")
+    p.add_argument("--check-tol", type=float, default=5e-2,
+                   help="max relative (Frobenius) error for --check (bf16 on GPU; a wrong kernel gives O(1))")
+    p.add_argument("--recompute", action="store_true", help="our layer recomputes SwiGLU in backward")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny fp32 shape on CPU (Triton interpreter if TRITON_INTERPRET=1, else reference)")
+    args = p.parse_args(argv)
+    try:
+        impls = [i.strip() for i in args.impls.split(",") if i.strip()]
+        bad = [i for i in impls if i not in IMPLS]
+        if bad:
+            raise ValueError(f"unknown implementation(s) {bad}: choose from {', '.join(IMPLS)}")
+        shapes = [SMOKE_SHAPE] if args.smoke else parse_shapes(args.shapes)
+        if args.iters < 1 or args.warmup < 0:
+            raise ValueError("--iters must be >= 1 and --warmup >= 0")
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.smoke:
+        device, dtype = torch.device("cpu"), torch.float32
+        args.iters, args.warmup, args.check = 1, 0, True
+        impls = [i for i in impls if i != "grouped_mm" or hasattr(torch, "_grouped_mm")]
+    else:
+        if not torch.cuda.is_available():
+            print("error: bench_moe.py measures on a CUDA GPU and none is available (torch.cuda.is_available() "
+                  "is False); use --smoke for a tiny CPU run of the script", file=sys.stderr)
+            return 2
+        device, dtype = torch.device("cuda"), torch.bfloat16
+    timer = Timer(device)
+    from megatron_jai.moe.functional import resolve_backend
+
+    backend = resolve_backend(None, device)
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"bench_moe: {gpu}, torch {torch.__version__}, {dtype}, our backend {backend}, iters {args.iters}, "
+          f"warmup {args.warmup}, recompute {args.recompute}" + (" (smoke)" if args.smoke else ""))
+    if args.check:
+        check_routing(device)
+    rows = []
+    for shape in shapes:
+        rows += bench_shape(shape, impls, args, device, dtype, timer)
+    print_table(rows)
+    if args.smoke:
+        print("smoke run: CPU timings of a tiny shape exercise the script; they are not measurements")
+    else:
+        print(targets_line(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
