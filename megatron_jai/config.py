@@ -157,6 +157,9 @@ class ModelConfig:
             raise ValueError(f"pipeline parallel size {pp} must divide num_layers {self.num_layers}")
         if self.is_moe and self.num_experts % ep:
             raise ValueError(f"expert parallel size {ep} must divide num_experts {self.num_experts}")
+        if self.is_moe and sequence_parallel and tp > 1:
+            raise ValueError("sequence parallelism is not supported with MoE layers yet "
+                             "(run MoE models without --sequence-parallel)")
         if self.padded_vocab_size % tp:
             raise ValueError(f"tensor parallel size {tp} must divide the padded vocabulary "
                              f"{self.padded_vocab_size}")

@@ -10,7 +10,7 @@ import sys
 import psutil
 import pytest
 
-from conftest import REPO_ROOT, free_port, run_cmd, run_python, torchrun
+from conftest import REPO_ROOT, free_port, run_python, torchrun
 from train_helpers import small_corpus
 
 PRETRAIN = os.path.join(REPO_ROOT, "pretrain_jai.py")

@@ -220,3 +220,15 @@ def test_options_are_validated():
         RouterOptions(num_experts=4, capacity_factor=0.0)
     with pytest.raises(ValueError, match="drop_policy"):
         RouterOptions(num_experts=4, drop_policy="random")
+
+
+def test_moe_config_refuses_sequence_parallelism_and_bad_ep():
+    from megatron_jai.config import TINY_MOE
+
+    with pytest.raises(ValueError, match="sequence parallelism is not supported with MoE"):
+        TINY_MOE.transformer_config(tp=2, sequence_parallel=True)
+    with pytest.raises(ValueError, match="must divide num_experts"):
+        TINY_MOE.transformer_config(ep=3)
+    # top-k weights renormalised = Megatron's "not pre-softmax"
+    assert TINY_MOE.transformer_config().moe_router_pre_softmax is False
+    assert TINY_MOE.replace(moe_normalize_topk=False).transformer_config().moe_router_pre_softmax

@@ -2,6 +2,7 @@
 import gzip
 import json
 import os
+import runpy
 import sys
 
 import numpy
@@ -111,19 +112,18 @@ def _no_outputs(directory, prefix):
     return [f for f in os.listdir(directory) if f.startswith(prefix)] == []
 
 
-def test_truncated_gzip_leaves_nothing(tmp_path, demo):
+def test_truncated_gzip_leaves_nothing(tmp_path, demo, capsys):
     # > 1 chunk of good lines first, so data has been written when the stream breaks
     docs = _good_docs(700, seed=3)
     full = gzip.compress("".join(json.dumps({"text": d}) + "\n" for d in docs).encode())
     src = tmp_path / "cut.jsonl.gz"
     src.write_bytes(full[: int(len(full) * 0.8)])
-    proc = run_cmd([sys.executable, TOOL, "--input", str(src), "--output-prefix",
-                    str(tmp_path / "cut"), "--tokenizer", demo.tokenizer_path, "--workers", "1",
-                    "--no-progress"], check=False)
-    assert proc.returncode == 1
-    err = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]
-    assert len(err) == 1 and "truncated or corrupt" in err[0], proc.stderr
-    assert "Traceback" not in proc.stderr
+    cli = runpy.run_path(TOOL, run_name="preprocess_data")  # in-process: no second interpreter
+    assert cli["main"](["--input", str(src), "--output-prefix", str(tmp_path / "cut"),
+                        "--tokenizer", demo.tokenizer_path, "--workers", "1",
+                        "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "truncated or corrupt" in err[0], err
     assert sorted(os.listdir(tmp_path)) == ["cut.jsonl.gz"]
 
 

@@ -48,7 +48,7 @@ def main(argv=None) -> int:
         terminated.append(True)
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, on_sigterm)
+    previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
     from megatron_jai.data.preprocess import preprocess
 
     try:
@@ -62,6 +62,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; no output written", file=sys.stderr)
         return 143 if terminated else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
     print(stats.summary())
     return 0
 

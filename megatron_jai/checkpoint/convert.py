@@ -32,12 +32,12 @@ from megatron_jai.checkpoint.hf_phi3 import (
     model_config_from_hf,
     tensor_map,
 )
+from megatron_jai.checkpoint.dist import TOKENIZER_SUBDIR
 from megatron_jai.checkpoint.stream import CheckpointReader, CheckpointWriter
 from megatron_jai.config import ModelConfig
 
 HF_SUBDIR = "hf"  # inside a Megatron checkpoint root: the HF files the way back needs
 HF_CONFIG = "config.json"
-TOKENIZER_SUBDIR = "tokenizer"  # inside a checkpoint root: the tokenizer vocabulary surgery wrote
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
 # Copied along in both directions when present.

@@ -23,6 +23,7 @@ from megatron_jai.config import ModelConfig
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 CONFIG_FILE = "model_config.json"
+TOKENIZER_SUBDIR = "tokenizer"  # the tokenizer a vocabulary surgery gave the model, if any
 
 
 def iteration_dir(root: str, iteration: int) -> str:

@@ -13,8 +13,10 @@ between stage boundaries, the model's config gets ``variable_seq_lengths = True`
 Megatron's P2P communicator exchanges shapes before each transfer. Layouts that keep every skip
 inside one stage avoid that traffic: ``megatron_jai.upscale.plan.stage_local_layouts`` lists them.
 
-Full activation recompute is refused: a saved state would cross recompute chunks, whose forward runs
-without autograd. Use selective recompute with skips.
+Refused with a clear error: full activation recompute (a saved state would cross recompute chunks,
+whose forward runs without autograd; use selective recompute), and interleaved (virtual) pipeline
+layouts where a skip crosses a chunk boundary (Megatron's interleaved schedule cannot exchange the
+varying shapes; virtual chunks that keep every skip inside one chunk are fine).
 """
 from __future__ import annotations
 
@@ -86,6 +88,13 @@ class DusTransformerBlock(TransformerBlock):
             crossing = bool(skips) and get_pg_size(self.pg_collection.pp) > 1
         else:
             crossing = any(s.source < b <= s.target for s in skips for b in self._stage_boundaries())
+        if crossing and self.config.virtual_pipeline_model_parallel_size:
+            # Megatron's interleaved schedule deadlocks (or, at PP=2, mismatches shapes) when
+            # stages exchange shapes; carrying saved states needs the plain 1F1B schedule.
+            raise ValueError(
+                "DUS skip connections cross a virtual-pipeline chunk boundary, which the "
+                "interleaved schedule cannot carry: run without virtual pipeline parallelism "
+                "(any PP split works), or choose chunks that keep every skip inside one chunk")
         if crossing:
             self.config.variable_seq_lengths = True
         self._received = {}

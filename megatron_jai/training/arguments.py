@@ -64,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--micro-batch-size", type=int, default=4)
     g.add_argument("--global-batch-size", type=int, default=16)
     g.add_argument("--seq-length", type=int, default=128)
-    g.add_argument("--train-iters", type=int, default=None)
+    g.add_argument("--train-iters", type=int, default=None,
+                   help="steps to train; with phases/plan: stop (and save) after this many steps "
+                        "in total")
     g.add_argument("--train-tokens", type=int, default=None,
                    help="token budget instead of --train-iters")
     g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
@@ -199,9 +201,10 @@ def _validate(args) -> None:
     if args.dp is not None and args.dp < 1:
         raise TrainingError("--dp must be a positive integer")
     if args.phases is not None:
-        if args.data_path or args.train_iters or args.train_tokens:
-            raise TrainingError("--data-path / --train-iters / --train-tokens conflict with the "
-                                "config's phases/plan (put them in the phases)")
+        # With phases, --train-iters only caps the run's total steps (e.g. a smoke test).
+        if args.data_path or args.train_tokens:
+            raise TrainingError("--data-path / --train-tokens conflict with the config's "
+                                "phases/plan (put them in the phases)")
         return
     if args.train_iters is not None and args.train_tokens is not None:
         raise TrainingError("give --train-iters or --train-tokens, not both")

@@ -99,7 +99,9 @@ def save(root: str, model, optimizer, state: TrainState, keep_last: int,
     extra = _optimizer_sharded(model, optimizer, is_loading=False)
     extra.update(_rng_sharded(_rng_state()))
     state.layout = layout()
-    common = {"train_state": asdict(state), "args": args_snapshot or {}}
+    # The root's model_config.json is the newest; each iteration keeps its own (RoPE changes).
+    common = {"train_state": asdict(state), "args": args_snapshot or {},
+              "model_config": model.jai_config.to_dict()}
     path = dist_ckpt.save_checkpoint(root, [model], model.jai_config, state.iteration,
                                      extra_sharded=extra, common=common,
                                      before_commit=before_commit)
@@ -126,6 +128,21 @@ def prune(root: str, keep_last: int) -> None:
     for name in os.listdir(root):
         if name.startswith("iter_") and name.endswith(".tmp"):
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def saved_model_config(root: str, iteration: Optional[int] = None):
+    """The ModelConfig of a saved iteration (default the latest)."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_jai.config import ModelConfig, load_model_config
+
+    iteration = dist_ckpt.latest_iteration(root) if iteration is None else iteration
+    path = dist_ckpt.iteration_dir(root, iteration)
+    if not os.path.isdir(path):
+        raise TrainingError(f"no checkpoint of iteration {iteration} in {root} (have "
+                            f"{complete_iterations(root) or 'none'})")
+    saved = dist_checkpointing.load_common_state_dict(path).get("model_config")
+    return ModelConfig.from_dict(saved) if saved else load_model_config(root)
 
 
 def has_checkpoint(root: Optional[str]) -> bool:

@@ -65,11 +65,21 @@ def _collate(items: list) -> dict:
     return out
 
 
+def _ignore_sigterm(worker_id: int) -> None:
+    # Slurm signals every process of the job step: loader workers must outlive the main process's
+    # pre-emption checkpoint instead of dying and failing the next fetch.
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def data_iterator(dataset, consumed: int, total: int, mbs: int, dp_rank: int, dp_size: int,
                   num_workers: int):
     sampler = MicroBatchSampler(total, consumed, mbs, dp_rank, dp_size)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=_collate,
-                                         num_workers=num_workers, pin_memory=False)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=_collate, num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        worker_init_fn=_ignore_sigterm if num_workers else None)
     return iter(loader)
 
 
@@ -169,9 +179,11 @@ class Trainer:
 
         self.resuming = checkpointing.has_checkpoint(args.load)
         # Resuming: the checkpoint's architecture is the truth (incl. RoPE changes of phases).
-        model_spec = args.load if self.resuming else (args.model or args.init_from or "tiny")
         try:
-            self.cfg = load_model_config(model_spec)
+            if self.resuming:
+                self.cfg = checkpointing.saved_model_config(args.load, args.load_iteration)
+            else:
+                self.cfg = load_model_config(args.model or args.init_from or "tiny")
         except (ValueError, OSError) as err:
             raise TrainingError(str(err)) from None
         self._prepare_save_dir()
@@ -222,19 +234,23 @@ class Trainer:
         if not args.save or (self.resuming and os.path.abspath(args.save) ==
                              os.path.abspath(args.load)):
             return
-        if checkpointing.complete_iterations(args.save) or checkpointing.has_checkpoint(args.save):
-            if not args.overwrite_save:
-                raise TrainingError(f"--save {args.save} already holds checkpoints of another run; "
-                                    f"resume with --load {args.save}, or pass --overwrite-save")
-            if self.rank == 0:
-                import shutil
+        occupied = bool(checkpointing.complete_iterations(args.save)
+                        or checkpointing.has_checkpoint(args.save))
+        dist.barrier()  # every rank has looked before rank 0 may delete
+        if not occupied:
+            return
+        if not args.overwrite_save:
+            raise TrainingError(f"--save {args.save} already holds checkpoints of another run; "
+                                f"resume with --load {args.save}, or pass --overwrite-save")
+        if self.rank == 0:
+            import shutil
 
-                for name in os.listdir(args.save):
-                    if name.startswith("iter_") or name.startswith(
-                            checkpointing.dist_ckpt.TRACKER_FILE):
-                        path = os.path.join(args.save, name)
-                        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-            dist.barrier()
+            for name in os.listdir(args.save):
+                if name.startswith("iter_") or name.startswith(
+                        checkpointing.dist_ckpt.TRACKER_FILE):
+                    path = os.path.join(args.save, name)
+                    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        dist.barrier()
 
     def _demo_data(self) -> Optional[str]:
         """The demo corpus when no data was given (built once; safe from every rank at once)."""
@@ -451,6 +467,13 @@ class Trainer:
             while state.phase_index < len(self.phases) and not stop:
                 phase, gbs, mbs, iters, train_ds, valid_ds, scheduler = \
                     self._enter_phase(state.phase_index)
+                if state.phase_step >= iters:  # the config now gives this phase fewer steps
+                    self._print(f"phase {phase.name}: already {state.phase_step} of {iters} steps "
+                                f"done; next phase")
+                    state.phase_index += 1
+                    state.phase_step = state.phase_consumed_samples = 0
+                    state.scheduler = None
+                    continue
                 n_ds = len(phase.blend)
                 labels = phase.dataset_names or tuple(f"ds{i}" for i in range(n_ds))
                 num_micro = gbs // (mbs * self.dp)
@@ -526,11 +549,19 @@ class Trainer:
                         state.scheduler = None
                     preempted = bool(stats[-1] > 0)
                     testing_exit = args.exit_after_step is not None and step >= args.exit_after_step
+                    capped = bool(args.phases) and args.train_iters is not None \
+                        and step >= args.train_iters
                     periodic = args.save_interval and step % args.save_interval == 0
                     phase_end = state.phase_step == 0
                     last = state.phase_index >= len(self.phases)
-                    if args.save and (preempted or testing_exit or periodic or phase_end or last):
+                    if args.save and (preempted or testing_exit or capped or periodic or phase_end
+                                      or last):
                         summary.checkpoint = self._save()
+                    if capped:
+                        self._print(f"--train-iters {args.train_iters} reached: stopped after step "
+                                    f"{step} (phase {phase.name})")
+                        stop = True
+                        break
                     if phase_end and not (preempted or testing_exit):
                         break
                     if preempted or testing_exit:

@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                          "(tools/extend_tokenizer.py output): skips training")
     tok.add_argument("--base-tokenizer", default=shared_path("tokenizers", "phi3"),
                      help="the base model's tokenizer (default: %(default)s)")
-    tok.add_argument("--thai-vocab", type=int, default=32000,
+    tok.add_argument("--thai-vocab", type=int, default=40000,
                      help="pieces of the Thai BPE (default: %(default)s)")
     tok.add_argument("--target-vocab", type=int, default=64000,
                      help="ids of the merged tokenizer (default: %(default)s)")
@@ -165,7 +165,7 @@ def run(args, log=print) -> dict:
 
         def make_tokenizer(out):
             r = train_bpe(args.thai_corpus, args.thai_vocab, thai_dir, threads=args.threads,
-                          max_sentences=args.max_sentences, verbose=False)
+                          max_sentences=args.max_sentences, verbose=False, force=True)
             log(f"    Thai BPE: {r.vocab_size} pieces from {r.sentences} sentences "
                 f"({r.characters} chars) in {r.seconds:.1f}s")
             e = extend_tokenizer(args.base_tokenizer, thai_dir, args.target_vocab, out,

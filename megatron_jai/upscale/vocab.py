@@ -25,12 +25,12 @@ from typing import List, Optional
 
 import torch
 
+from megatron_jai.checkpoint.dist import TOKENIZER_SUBDIR
 from megatron_jai.paths import shared_path
 from megatron_jai.upscale.tokenizer import SP_MODEL_FILE, load_base_tokenizer, load_vocab_map
 
 EMBEDDING_KEY = "embedding.word_embeddings.weight"
 OUTPUT_KEY = "output_layer.weight"
-TOKENIZER_SUBDIR = "tokenizer"  # copy of the new tokenizer inside the output checkpoint root
 
 
 def base_splits(base_tokenizer: str, new_tokenizer: str, new_ids: List[int]) -> List[List[int]]:

@@ -164,7 +164,21 @@ def check_model():
         assert "sequence parallel" in str(err), err
     else:
         raise AssertionError("sequence parallelism with MoE should be refused")
-    print("OK model: MoE layers in every MLP slot, checkpoint keys and shapes", flush=True)
+    # bf16 (Megatron's Float16Module): routing stays fp32, the expert bias is not rounded.
+    from megatron.core.transformer.module import Float16Module
+
+    bf16_cfg = TINY_MOE.replace(num_layers=1, moe_expert_bias=True)
+    tcfg = bf16_cfg.transformer_config(params_dtype=torch.bfloat16, bf16=True)
+    bf16 = Float16Module(tcfg, build_model(bf16_cfg, tcfg))
+    moe = bf16.module.decoder.layers[0].mlp
+    assert moe.experts.weight_gate_up.dtype == torch.bfloat16 and moe.router.expert_bias.dtype == torch.float32
+    tokens = torch.randint(0, TINY_MOE.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    loss = bf16(tokens, torch.arange(8).expand(2, 8), None, labels=tokens).float().mean()
+    loss.backward()
+    assert torch.isfinite(loss) and abs(loss.item() - 6.93) < 0.5, loss
+    assert all(torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+               for p in (moe.router.weight, moe.experts.weight_gate_up, moe.experts.weight_down))
+    print("OK model: MoE layers in every MLP slot, checkpoint keys and shapes, bf16", flush=True)
 
 
 if __name__ == "__main__":

@@ -96,6 +96,19 @@ def main(src, ckpt):
     layers = [l.layer_number - 1 for l in model.decoder.layers]
     print(f"OK rank={rank} crossing={len(crossing)} stage_layers={layers} "
           f"train={train} eval={evaluation} grads={len(grads)} worst_rel_err={worst:.1e}", flush=True)
+    if crossing:  # interleaved (virtual) pipeline chunks cannot carry them: refused at build time
+        from megatron_jai.model.build import JaiGPTModel
+
+        parallel_state.destroy_model_parallel()
+        parallel_state.initialize_model_parallel(pipeline_model_parallel_size=2,
+                                                 virtual_pipeline_model_parallel_size=2)
+        tc = cfg.transformer_config(pp=2, virtual_pipeline_model_parallel_size=2)
+        try:
+            JaiGPTModel(cfg, tc, pre_process=rank == 0, post_process=False, vp_stage=0)
+        except ValueError as e:
+            assert "virtual-pipeline chunk" in str(e), e
+        else:
+            raise AssertionError("a virtual-pipeline layout with crossing skips was accepted")
     parallel.destroy()
 
 
