@@ -139,13 +139,53 @@ def test_skip_semantics_train_and_inference(single_rank):
         assert not torch.allclose(model(tokens, positions, None), plain(tokens, positions, None))
 
 
-def test_full_recompute_is_refused(single_rank):
+def _loss_and_grads(model, tokens):
+    model.zero_grad(set_to_none=True)
+    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+    loss = model(tokens, positions, None, labels=tokens).float().mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("method,num_layers,chunks", [
+    ("uniform", 1, 6), ("uniform", 3, 4), ("block", 2, 2), ("block", 6, 6)])
+def test_full_recompute_keeps_skip_gradients(single_rank, monkeypatch, method, num_layers, chunks):
+    """Full recompute (Megatron's per-phase switch on the shared config) gives the loss and every
+    gradient of the run without it: skip states are saved and blended outside the checkpoints."""
+    from megatron.core import tensor_parallel
+
     from megatron_jai.model import build_model
 
-    cfg = TINY.replace(skip_connections=(SkipConnection(0, 2),))
-    with pytest.raises(ValueError, match="full activation recompute"):
-        build_model(cfg, recompute_granularity="full", recompute_method="uniform",
-                    recompute_num_layers=1)
+    # skip layers 1, 3 (target and source) and 5; layers 0, 2, 4 are not
+    skips = (SkipConnection(1, 3, 0.9, 0.8), SkipConnection(3, 5, 0.5, 0.3))
+    cfg = TINY.replace(num_layers=6, skip_connections=skips)
+    torch.manual_seed(4)
+    model = build_model(cfg)
+    model.train()
+    tokens = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(5))
+    ref_loss, ref_grads = _loss_and_grads(model, tokens)
+
+    calls = []
+    checkpoint = tensor_parallel.checkpoint
+    monkeypatch.setattr(tensor_parallel, "checkpoint",
+                        lambda *a: calls.append(1) or checkpoint(*a))
+    c = model.config
+    c.recompute_granularity, c.recompute_method, c.recompute_num_layers = "full", method, num_layers
+    try:
+        loss, grads = _loss_and_grads(model, tokens)
+        # uniform 3: chunks [0], [1, 2], [3, 4], [5] (cut at skip layers); block 2: layers 0, 1
+        assert len(calls) == chunks, calls
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
+        assert grads.keys() == ref_grads.keys() and len(grads) > 6
+        for name, g in grads.items():
+            assert g.abs().max() > 0, name
+            torch.testing.assert_close(g, ref_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+        c.distribute_saved_activations = True
+        with pytest.raises(ValueError, match="distribute_saved_activations"):
+            _loss_and_grads(model, tokens)
+    finally:
+        c.recompute_granularity = c.recompute_method = c.recompute_num_layers = None
+        c.distribute_saved_activations = False
 
 
 # ---- tools/upscale.py dus ---------------------------------------------------------------------
@@ -213,9 +253,10 @@ def test_dus_duplication_layer_order_and_pp2(base_checkpoint, tmp_path, capsys):
                 "decoder.final_layernorm.weight"):
         assert torch.equal(deep.read(key), base.read(key))
     # the up-scaled checkpoint runs under PP=2 (saved states carried across the stage boundary)
-    # with the loss, inference loss and gradients of PP=1
+    # with the loss, inference loss and gradients of PP=1, also with full activation recompute
     out2 = torchrun(2, PP_SCRIPT, out, tmp_path / "pp").stdout
     assert out2.count("OK rank=") == 2 and "crossing=3" in out2, out2
+    assert out2.count("recompute=full") == 2, out2
 
 
 def test_dus_cli_errors(base_checkpoint, tmp_path, capsys):

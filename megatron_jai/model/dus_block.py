@@ -13,10 +13,20 @@ between stage boundaries, the model's config gets ``variable_seq_lengths = True`
 Megatron's P2P communicator exchanges shapes before each transfer. Layouts that keep every skip
 inside one stage avoid that traffic: ``megatron_jai.upscale.plan.stage_local_layouts`` lists them.
 
-Refused with a clear error: full activation recompute (a saved state would cross recompute chunks,
-whose forward runs without autograd; use selective recompute), and interleaved (virtual) pipeline
-layouts where a skip crosses a chunk boundary (Megatron's interleaved schedule cannot exchange the
-varying shapes; virtual chunks that keep every skip inside one chunk are fine).
+Full activation recompute (``recompute_granularity="full"``): Megatron's ``_checkpointed_forward``
+runs chunks of layers inside ``tensor_parallel.checkpoint``, whose forward runs without autograd, so
+a skip state saved or blended inside a chunk would lose its gradient. :meth:`_checkpointed_forward`
+therefore cuts the chunks so that every layer a skip reads or writes starts a chunk, and blends and
+saves OUTSIDE the checkpointed region, on the chunk's input. ``recompute_method="block"`` keeps
+Megatron's meaning exactly (the first ``recompute_num_layers`` layers of the stage checkpointed one
+by one); ``"uniform"`` with ``recompute_num_layers=1`` too; with ``recompute_num_layers=k > 1`` a
+chunk also ends before every skip layer, so a stage may hold a few more chunk inputs than
+``layers / k``. Refused with a clear error: fp8/fp4 and ``distribute_saved_activations`` together
+with full recompute (not implemented for skips).
+
+Also refused: interleaved (virtual) pipeline layouts where a skip crosses a chunk boundary
+(Megatron's interleaved schedule cannot exchange the varying shapes; virtual chunks that keep every
+skip inside one chunk are fine).
 """
 from __future__ import annotations
 
@@ -24,6 +34,7 @@ import functools
 from typing import Sequence
 
 import torch
+from megatron.core import tensor_parallel
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 from megatron.core.utils import get_pg_rank, get_pg_size
@@ -69,9 +80,6 @@ class DusTransformerBlock(TransformerBlock):
                 raise ValueError(f"skip connection {s.source}->{s.target} is outside the "
                                  f"{num_layers} layers of the model")
         skips = tuple(s for s in skips if s.alpha_train or s.alpha_infer)  # alpha 0 = off
-        if skips and self.config.recompute_granularity == "full":
-            raise ValueError("DUS skip connections do not support full activation recompute "
-                             "(recompute_granularity='full'); use selective recompute")
         self.skip_connections = skips
         if len(self.layers):
             start = self.layers[0].layer_number - 1  # layer_number is global and 1-based
@@ -99,20 +107,24 @@ class DusTransformerBlock(TransformerBlock):
             self.config.variable_seq_lengths = True
         self._received = {}
         self._saved = {}
-        for layer in self.layers:
+        self._skips_applied_outside = False  # set while a recompute chunk runs its layers
+        # Local layer index -> (global index, incoming skips, saves its input) for skip layers.
+        self._skip_points = {}
+        for i, layer in enumerate(self.layers):
             g = layer.layer_number - 1
             incoming = [s for s in skips if s.target == g]
             saves = any(s.source == g for s in skips)
             if incoming or saves:
+                self._skip_points[i] = (g, incoming, saves)
                 layer.register_forward_pre_hook(
                     functools.partial(self._skip_hook, g, incoming, saves), with_kwargs=True)
+        if self.config.recompute_granularity == "full":
+            self._check_full_recompute()
 
     # ---- forward -------------------------------------------------------------------------------
-    def _skip_hook(self, layer_index: int, incoming: list, saves: bool, module, args, kwargs):
-        if "hidden_states" in kwargs:
-            h = kwargs["hidden_states"]
-        else:
-            h, args = args[0], args[1:]
+    def _apply_skips(self, layer_index: int, incoming: list, saves: bool, h):
+        """Blend the incoming skips into ``h`` (the input of global layer ``layer_index``) and
+        save the result when the layer is a source; returns the layer's new input."""
         for s in incoming:
             alpha = s.alpha_train if self.training else s.alpha_infer
             if alpha:
@@ -122,8 +134,88 @@ class DusTransformerBlock(TransformerBlock):
                 h = alpha * self._saved[s.source] + (1.0 - alpha) * h
         if saves:
             self._saved[layer_index] = h
-        kwargs["hidden_states"] = h
+        return h
+
+    def _skip_hook(self, layer_index: int, incoming: list, saves: bool, module, args, kwargs):
+        if self._skips_applied_outside:  # _checkpointed_forward did it before the chunk
+            return None
+        if "hidden_states" in kwargs:
+            h = kwargs["hidden_states"]
+        else:
+            h, args = args[0], args[1:]
+        kwargs["hidden_states"] = self._apply_skips(layer_index, incoming, saves, h)
         return args, kwargs
+
+    # ---- full activation recompute ---------------------------------------------------------------
+    def _check_full_recompute(self) -> None:
+        if not self._skip_points:
+            return  # no skip touches this chunk: Megatron's own checkpointed forward runs
+        c = self.config
+        if c.recompute_method not in ("uniform", "block"):
+            raise ValueError(f"full activation recompute needs recompute_method 'uniform' or "
+                             f"'block', got {c.recompute_method!r}")
+        if not c.recompute_num_layers or c.recompute_num_layers < 1:
+            raise ValueError("full activation recompute needs recompute_num_layers >= 1")
+        if c.fp8 or c.fp4 or c.distribute_saved_activations:
+            raise ValueError("full activation recompute with DUS skip connections does not support "
+                             "fp8/fp4 or distribute_saved_activations; turn those off or use "
+                             "selective recompute")
+
+    def _recompute_chunks(self) -> list:
+        """``(start, end, checkpointed)`` local layer ranges: Megatron's chunks for the recompute
+        method, also cut so that every skip layer starts a chunk."""
+        n, k = len(self.layers), self.config.recompute_num_layers
+        if self.config.recompute_method == "uniform":
+            starts = set(range(0, n, k)) | set(self._skip_points)
+            checkpointed = lambda start: True  # noqa: E731
+        else:  # block: the first k layers of the stage are checkpointed one by one
+            starts = set(range(n))
+            checkpointed = lambda start: start < k  # noqa: E731
+        starts = sorted(starts | {0})
+        return [(a, b, checkpointed(a)) for a, b in zip(starts, starts[1:] + [n]) if a < b]
+
+    def _chunk_forward(self, start: int, end: int, attention_bias, packed_seq_params):
+        """Layers ``start..end-1`` as a function of the tensors ``tensor_parallel.checkpoint`` saves
+        (it is called again in backward to recompute them)."""
+
+        def run(hidden_states, attention_mask, context, context_mask, rotary_pos_emb,
+                padding_mask=None):
+            self._skips_applied_outside = True
+            try:
+                for layer in self.layers[start:end]:
+                    hidden_states, context = layer(
+                        hidden_states=hidden_states, attention_mask=attention_mask,
+                        context=context, context_mask=context_mask, rotary_pos_emb=rotary_pos_emb,
+                        attention_bias=attention_bias, inference_context=None,
+                        packed_seq_params=packed_seq_params, padding_mask=padding_mask)
+            finally:
+                self._skips_applied_outside = False
+            return hidden_states, context
+
+        return run
+
+    def _checkpointed_forward(self, hidden_states, attention_mask, context, context_mask,
+                              rotary_pos_emb, attention_bias, packed_seq_params,
+                              use_inner_quantization_context, padding_mask=None):
+        """Full recompute with the skips applied between checkpointed chunks (module docstring)."""
+        if not self._skip_points:
+            return super()._checkpointed_forward(
+                hidden_states, attention_mask, context, context_mask, rotary_pos_emb,
+                attention_bias, packed_seq_params, use_inner_quantization_context,
+                padding_mask=padding_mask)
+        self._check_full_recompute()  # the config may have changed since the build (phases)
+        for start, end, checkpointed in self._recompute_chunks():
+            if start in self._skip_points:
+                hidden_states = self._apply_skips(*self._skip_points[start], hidden_states)
+            run = self._chunk_forward(start, end, attention_bias, packed_seq_params)
+            inputs = (hidden_states, attention_mask, context, context_mask, rotary_pos_emb,
+                      padding_mask)
+            if checkpointed:
+                hidden_states, context = tensor_parallel.checkpoint(
+                    run, self.config.distribute_saved_activations, *inputs)
+            else:
+                hidden_states, context = run(*inputs)
+        return hidden_states
 
     def set_input_tensor(self, input_tensor):
         """Split the states carried from the previous stage off the received activations."""

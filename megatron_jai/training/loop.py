@@ -189,15 +189,6 @@ class Trainer:
         self._prepare_save_dir()
 
         self.phases = args.phases or [flag_phase(args, self._demo_data())]
-        wants_recompute = [p.name for p in self.phases if (
-            p.recompute_activations if p.recompute_activations is not None
-            else args.recompute_activations)]
-        if wants_recompute and any(s.alpha_train or s.alpha_infer
-                                   for s in self.cfg.skip_connections):
-            raise TrainingError(
-                f"full activation recompute (phases {', '.join(wants_recompute)}) is not supported "
-                f"with DUS skip connections (megatron_jai/model/dus_block.py); turn it off "
-                f"(recompute_activations: false / plan option long_recompute_activations: false)")
         if self.rank == 0:
             check_vocabulary(self.cfg, self.phases, args.tokenizer)
         self._sync_errors()
@@ -330,6 +321,8 @@ class Trainer:
         recompute = phase.recompute_activations if phase.recompute_activations is not None \
             else args.recompute_activations
         # Read by Megatron's TransformerBlock at every forward: switching per phase is safe.
+        # With DUS skips, DusTransformerBlock checkpoints layer by layer and applies the skips
+        # between the checkpoints (megatron_jai/model/dus_block.py).
         self.tcfg.recompute_granularity = "full" if recompute else None
         self.tcfg.recompute_method = "uniform" if recompute else None
         self.tcfg.recompute_num_layers = 1 if recompute else None

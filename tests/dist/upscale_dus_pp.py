@@ -1,5 +1,6 @@
 """torchrun (2 ranks) helper: a DUS checkpoint gives the same loss (training and inference alphas),
-and the same gradients, under PP=2 as under PP=1, including skips that cross the stage boundary.
+and the same gradients, under PP=2 as under PP=1, including skips that cross the stage boundary,
+with and without full activation recompute.
 
 Usage: upscale_dus_pp.py SRC_CKPT WORK_DIR
 """
@@ -28,6 +29,18 @@ def global_named_grads(model):
             name = f"decoder.layers.{model.decoder.layers[local].layer_number - 1}.{rest}"
         out[name] = p.grad.detach().clone()
     return out
+
+
+def compare_grads(grads, ref_grads):
+    """Worst relative difference; fails on any gradient that differs, or none on this stage."""
+    assert grads, "no gradients on this stage"
+    worst = 0.0
+    for name, g in grads.items():
+        r = ref_grads[name]
+        err = (g - r).abs().max().item() / (r.abs().max().item() + 1e-12)
+        worst = max(worst, err)
+        assert err < 1e-4, f"gradient of {name} differs (rel {err:.2e})"
+    return worst
 
 
 def run(model, forward_only, vocab_size):
@@ -86,16 +99,30 @@ def main(src, ckpt):
         assert len(train) == MICRO and len(evaluation) == MICRO
         for a, b in zip(train + evaluation, ref_train + ref_eval):
             assert abs(a - b) < 1e-5, (train, evaluation, ref_train, ref_eval)
-    assert grads, "no gradients on this stage"
-    worst = 0.0
-    for name, g in grads.items():
-        r = ref_grads[name]
-        err = (g - r).abs().max().item() / (r.abs().max().item() + 1e-12)
-        worst = max(worst, err)
-        assert err < 1e-4, f"gradient of {name} differs (rel {err:.2e})"
+    worst = compare_grads(grads, ref_grads)
+
+    # Full activation recompute (switched on the shared config, as pretrain_jai.py does per phase):
+    # same losses and gradients, with skip states carried across the stage boundary.
+    for p in model.parameters():
+        p.grad = None
+    c = model.config
+    c.recompute_granularity, c.recompute_method, c.recompute_num_layers = "full", "uniform", 1
+    from megatron.core import tensor_parallel
+
+    checkpoint, chunks = tensor_parallel.checkpoint, []
+    tensor_parallel.checkpoint = lambda *a: chunks.append(1) or checkpoint(*a)
+    recompute_train = run(model, forward_only=False, vocab_size=cfg.vocab_size)
+    tensor_parallel.checkpoint = checkpoint
+    c.recompute_granularity = c.recompute_method = c.recompute_num_layers = None
+    assert len(chunks) == MICRO * len(model.decoder.layers), chunks  # one checkpoint per layer
+    if parallel_state.is_pipeline_last_stage():
+        for a, b in zip(recompute_train, ref_train):
+            assert abs(a - b) < 1e-5, (recompute_train, ref_train)
+    recompute_worst = compare_grads(global_named_grads(model), ref_grads)
     layers = [l.layer_number - 1 for l in model.decoder.layers]
     print(f"OK rank={rank} crossing={len(crossing)} stage_layers={layers} "
-          f"train={train} eval={evaluation} grads={len(grads)} worst_rel_err={worst:.1e}", flush=True)
+          f"train={train} eval={evaluation} grads={len(grads)} worst_rel_err={worst:.1e} "
+          f"recompute=full worst_rel_err={recompute_worst:.1e}", flush=True)
     if crossing:  # interleaved (virtual) pipeline chunks cannot carry them: refused at build time
         from megatron_jai.model.build import JaiGPTModel
 
