@@ -30,6 +30,13 @@ def extensions(root):
 
     cxx_flags = ["-O3"]  # the C++ standard is the one torch's BuildExtension picks for its headers
     if cuda_build_enabled():
+        import torch
+
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and torch.cuda.device_count() == 0:
+            # torch derives the archs from the visible GPUs and fails (IndexError) when there is
+            # none (a login node, `docker build`): target A100/H100 then. routing_cuda.cu needs
+            # sm_70+ (__match_any_sync); set TORCH_CUDA_ARCH_LIST for other cards.
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
         ext = CUDAExtension(
             "megatron_jai.kernels._routing",
             [rel("routing.cpp"), rel("routing_cuda.cu")],

@@ -143,9 +143,14 @@ class ModelConfig:
         ep: int = 1,
         params_dtype: torch.dtype = torch.float32,
         sequence_parallel: bool = False,
+        first_stage_layers: Optional[int] = None,
+        last_stage_layers: Optional[int] = None,
         **overrides,
     ):
-        """The Megatron-Core ``TransformerConfig`` for this architecture on a TP/PP/EP layout."""
+        """The Megatron-Core ``TransformerConfig`` for this architecture on a TP/PP/EP layout.
+
+        ``first_stage_layers`` / ``last_stage_layers`` give an uneven pipeline split (Megatron's
+        ``num_layers_in_first/last_pipeline_stage``); the other stages share the rest evenly."""
         from megatron.core.transformer.transformer_config import TransformerConfig
 
         if self.num_attention_heads % tp or self.num_query_groups % tp:
@@ -153,8 +158,7 @@ class ModelConfig:
                 f"tensor parallel size {tp} must divide the attention heads "
                 f"({self.num_attention_heads}) and the key/value heads ({self.num_query_groups})"
             )
-        if self.num_layers % pp:
-            raise ValueError(f"pipeline parallel size {pp} must divide num_layers {self.num_layers}")
+        pipeline_stage_layers(self.num_layers, pp, first_stage_layers, last_stage_layers)
         if self.is_moe and self.num_experts % ep:
             raise ValueError(f"expert parallel size {ep} must divide num_experts {self.num_experts}")
         if self.is_moe and sequence_parallel and tp > 1:
@@ -182,6 +186,8 @@ class ModelConfig:
             init_method_std=self.init_method_std,
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pp,
+            num_layers_in_first_pipeline_stage=first_stage_layers,
+            num_layers_in_last_pipeline_stage=last_stage_layers,
             expert_model_parallel_size=ep,
             sequence_parallel=sequence_parallel and tp > 1,
             params_dtype=params_dtype,
@@ -211,6 +217,40 @@ class ModelConfig:
             )
         kwargs.update(overrides)
         return TransformerConfig(**kwargs)
+
+
+def pipeline_stage_layers(num_layers: int, pp: int, first: Optional[int] = None,
+                          last: Optional[int] = None) -> list:
+    """Decoder layers of each of the ``pp`` pipeline stages, Megatron's split: ``first`` / ``last``
+    layers on the first / last stage when given, the rest shared evenly by the other stages.
+    Raises ``ValueError`` (one clear line) for a split Megatron cannot build."""
+    if pp < 1:
+        raise ValueError(f"pipeline parallel size must be >= 1, got {pp}")
+    for what, n in (("first", first), ("last", last)):
+        if n is not None and not 0 < n < num_layers:
+            raise ValueError(f"layers in the {what} pipeline stage must be between 1 and "
+                             f"{num_layers - 1} (the model has {num_layers}), got {n}")
+    uneven = first is not None or last is not None
+    if uneven and pp == 1:
+        raise ValueError("first/last pipeline stage layer counts need pipeline parallel size >= 2")
+    if not uneven:
+        if num_layers % pp:
+            raise ValueError(f"pipeline parallel size {pp} must divide num_layers {num_layers} "
+                             f"(or give the first/last stage layer counts for an uneven split)")
+        return [num_layers // pp] * pp
+    middle_stages = pp - (first is not None) - (last is not None)
+    middle_layers = num_layers - (first or 0) - (last or 0)
+    split = f"{num_layers} layers over PP={pp} with {first or '-'}/{last or '-'} layers on the " \
+            f"first/last stage"
+    if middle_stages == 0:
+        if middle_layers:
+            raise ValueError(f"pipeline split of {split}: first + last must equal {num_layers} "
+                             f"when PP={pp}")
+    elif middle_layers < middle_stages or middle_layers % middle_stages:
+        raise ValueError(f"pipeline split of {split}: the {max(middle_layers, 0)} remaining layers "
+                         f"must divide evenly over the {middle_stages} other stage(s)")
+    sizes = [middle_layers // middle_stages] * middle_stages if middle_stages else []
+    return ([first] if first is not None else []) + sizes + ([last] if last is not None else [])
 
 
 # Phi-3-medium-4k (microsoft/Phi-3-medium-4k-instruct config.json).

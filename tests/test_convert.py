@@ -123,7 +123,8 @@ def test_convert_and_compare_logits(tiny, capsys):
     assert out[-1].startswith("hf-to-mcore: 27 tensors,") and "peak RSS" in out[-1], out
     assert json.load(open(mc / "model_config.json"))["vocab_size"] == 200
     for nproc, tp, pp in ((1, 1, 1), (2, 2, 1), (2, 1, 2)):
-        res = torchrun(nproc, COMPARE, "--hf-dir", hf, "--mcore-dir", mc, "--tp", tp, "--pp", pp,
+        where = mc / "iter_0000000" if nproc == 1 else mc  # a root or one iteration directory
+        res = torchrun(nproc, COMPARE, "--hf-dir", hf, "--mcore-dir", where, "--tp", tp, "--pp", pp,
                        "--seq-len", 24)
         last = res.stdout.strip().splitlines()[-1]
         assert last.startswith("max_abs_logit_diff "), res.stdout
@@ -241,3 +242,32 @@ def test_cli_error_has_no_traceback(tiny, tmp_path):
         "convert_checkpoint: error: config.json has model_type 'llama'; only 'phi3' (Phi-3) "
         "and 'mixtral' (MoE) checkpoints are supported"], res.stderr
     assert not os.path.exists(tmp_path / "m")
+
+
+def test_compare_logits_refuses_different_models(tiny, tmp_path):
+    """An HF directory that is not the checkpoint's model: one line before any rank starts work."""
+    from megatron_jai.checkpoint.convert import hf_to_mcore
+
+    hf_to_mcore(str(tiny / "hf"), str(tmp_path / "mc"), progress=False)
+    other = tmp_path / "other"
+    shutil.copytree(tiny / "hf", other)
+    json.dump({**json.load(open(other / "config.json")), "num_hidden_layers": 2},
+              open(other / "config.json", "w"))
+    res = run_cmd([sys.executable, COMPARE, "--hf-dir", str(other), "--mcore-dir",
+                   str(tmp_path / "mc")], check=False)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines() == [
+        f"compare_logits: error: {other} and {tmp_path / 'mc'} are different models (HF vs "
+        f"Megatron: num_layers 2 vs 4)"], res.stderr
+
+
+def test_exported_config_names_the_stored_dtype(tiny, tmp_path):
+    """hf-to-mcore --dtype bf16 of an fp32 model, exported back without a cast: the HF config must
+    say bfloat16 (transformers would otherwise load the bf16 tensors as the original float32)."""
+    from megatron_jai.checkpoint.convert import hf_to_mcore, mcore_to_hf
+
+    hf_to_mcore(str(tiny / "hf"), str(tmp_path / "mc"), dtype=torch.bfloat16, progress=False)
+    mcore_to_hf(str(tmp_path / "mc"), str(tmp_path / "back"), progress=False)
+    assert json.load(open(tiny / "hf" / "config.json"))["dtype"] == "float32"
+    assert json.load(open(tmp_path / "back" / "config.json"))["dtype"] == "bfloat16"
+    assert {t.dtype for t in _safetensors(tmp_path / "back").values()} == {torch.bfloat16}

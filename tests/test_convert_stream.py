@@ -105,3 +105,17 @@ def test_reader_writer_with_megatron_models(tmp_path):
                        qkv_mcore_to_hf(cfg, reader.read_layer("decoder.layers.self_attention.linear_qkv.weight", 2)))
     assert torch.equal(sd["model.layers.1.post_attention_layernorm.weight"],
                        reader.read_layer("decoder.layers.mlp.linear_fc1.layer_norm_weight", 1))
+
+
+def test_reader_config_is_the_iterations_own(tmp_path):
+    """A training checkpoint records each iteration's config (RoPE changes between phases) in its
+    common state; the root's model_config.json is the newest run's. The reader uses the former."""
+    root = tmp_path / "ckpt"
+    phase3 = TINY.replace(rotary_base=40000.0, rotary_interpolation_factor=2.0)
+    with CheckpointWriter(str(root), TINY) as w:
+        w.write("output_layer.weight", torch.zeros(4, 4))
+        w.finalize(common={"model_config": phase3.to_dict()})
+    assert CheckpointReader(str(root)).config == phase3
+    with CheckpointWriter(str(tmp_path / "plain"), TINY) as w:
+        w.write("output_layer.weight", torch.zeros(4, 4))
+    assert CheckpointReader(str(tmp_path / "plain")).config == TINY

@@ -47,7 +47,10 @@ def test_plot_training_png(tmp_path):
 def test_plot_training_bad_input(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"step": 1, "accuracy": 0.5}\n')
-    for args in ([str(tmp_path / "missing.jsonl")], [str(bad)]):
+    all_nan = tmp_path / "nan.jsonl"  # every step skipped: nothing to plot or summarise
+    all_nan.write_text('{"step": 1, "loss": NaN, "lr": 0.1, "grad_norm": NaN, '
+                       '"tokens_per_s": 10.0, "skipped": true}\n')
+    for args in ([str(tmp_path / "missing.jsonl")], [str(bad)], [str(all_nan)]):
         proc = run_cmd([sys.executable, PLOT, *args, "--out", str(tmp_path / "x.png")],
                        check=False)
         assert proc.returncode == 1 and proc.stderr.startswith("error: ")
@@ -171,6 +174,41 @@ def test_sbatch_rejects_impossible_layouts(tmp_path):
         else:
             assert proc.returncode == 1 and re.search(msg, proc.stderr), proc.stderr
             assert argv is None  # nothing was launched
+
+
+
+def test_sbatch_time_limit_checkpoints_and_requeues(tmp_path):
+    """Slurm's USR1 before the time limit: the script sends SIGTERM to srun (the run checkpoints
+    and exits 0) and then requeues the job; a run that ends on its own is not requeued."""
+    import signal
+    import subprocess
+    import time
+
+    bin_dir = _fake_slurm(tmp_path)
+    log = tmp_path / "log"
+    (bin_dir / "srun").write_text(
+        '#!/bin/bash\ntrap \'echo srun-got-TERM >> "$LOG"; exit 0\' TERM\n'
+        'echo started > "$FAKE_SRUN_OUT"\nfor i in $(seq 300); do sleep 0.1; done\n'
+        'echo srun-finished >> "$LOG"\n')
+    (bin_dir / "scontrol").write_text(
+        '#!/bin/bash\nif [ "$1 $2" = "show hostnames" ]; then printf "node-17\\n"; '
+        'else echo "scontrol $*" >> "$LOG"; fi\n')
+    config = tmp_path / "jai.yaml"
+    config.write_text("seq_length: 4096\n")
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+           "SLURM_NNODES": "8", "SLURM_JOB_NODELIST": "node-17", "SLURM_JOB_ID": "4242",
+           "FAKE_SRUN_OUT": str(tmp_path / "started"), "LOG": str(log), "CONFIG": str(config),
+           "RUN_DIR": str(tmp_path / "run"), "JAI_REPO": REPO_ROOT}
+    proc = subprocess.Popen(["bash", SBATCH], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 20
+    while not (tmp_path / "started").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert (tmp_path / "started").exists(), "srun was not launched"
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, (out, err)
+    assert log.read_text().splitlines() == ["srun-got-TERM", "scontrol requeue 4242"], err
 
 
 # ---- Dockerfile ----------------------------------------------------------------------------------

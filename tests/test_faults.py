@@ -117,6 +117,19 @@ def test_kill_during_save_leaves_previous_checkpoint(common):
         assert int(f.read()) == 6
 
 
+def test_load_without_a_checkpoint_is_refused(common, tmp_path):
+    """--load naming an empty place (not the --save directory of a requeued job) is a mistake:
+    one line, exit code 2, instead of silently training from scratch."""
+    _, _, args = common
+    proc = run_python(PRETRAIN, *args, "--train-iters", 1, "--load", tmp_path / "typo",
+                      "--save", tmp_path / "ckpt", check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"pretrain_jai.py: error: --load {tmp_path / 'typo'}: no complete checkpoint there "
+        f"(no latest_checkpointed_iteration.txt)")
+    assert "Traceback" not in proc.stderr and not (tmp_path / "ckpt").exists()
+
+
 def test_vocabulary_mismatch_is_refused(common, shared_dir, tmp_path):
     from megatron_jai.config import TINY
     from megatron_jai.training.faults import TrainingError

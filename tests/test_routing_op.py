@@ -101,3 +101,34 @@ def test_cuda_source_compiles(tmp_path):
         symbols = subprocess.run([nm, str(obj)], capture_output=True, text=True).stdout
         for name in ("jai_routing_metadata_cuda", "jai_routing_workspace_ints", "jai_routing_last_error"):
             assert f" T {name}" in symbols, name
+
+
+def test_cuda_binding_compiles(tmp_path):
+    """routing.cpp with JAI_WITH_CUDA (the torch binding of the CUDA launcher, built only on CUDA
+    machines) type-checks against torch's headers and the CUDA runtime headers."""
+    import sysconfig
+
+    from torch.utils.cpp_extension import include_paths
+
+    nvcc = _nvcc()
+    compiler = shutil.which("c++") or shutil.which("g++")
+    if nvcc is None or compiler is None:
+        pytest.skip("nvcc or a C++ compiler not found: the CUDA binding cannot be compiled here")
+    cuda_include = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "include")
+    if not os.path.exists(os.path.join(cuda_include, "cuda_runtime_api.h")):
+        cuda_include = "/usr/local/cuda/include"
+    headers = include_paths()
+    if not any(os.path.exists(os.path.join(d, "c10", "cuda", "CUDAGuard.h")) for d in headers):
+        pytest.skip("this torch ships no c10/cuda headers")
+    # CPU torch wheels lack this one generated header of the CUDA build: provide it.
+    macros = tmp_path / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
+    if not any(os.path.exists(os.path.join(d, "c10", "cuda", "impl", "cuda_cmake_macros.h")) for d in headers):
+        macros.parent.mkdir(parents=True)
+        macros.write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    cmd = [compiler, "-std=c++20", "-fsyntax-only", "-Wall", "-Wextra", "-Werror", "-DJAI_WITH_CUDA",
+           "-DTORCH_EXTENSION_NAME=_routing", "-DTORCH_API_INCLUDE_EXTENSION_H", f"-I{tmp_path}",
+           f"-I{sysconfig.get_paths()['include']}", f"-I{cuda_include}"]
+    cmd += [f"-isystem{d}" for d in headers]
+    proc = subprocess.run(cmd + [os.path.join(REPO, "kernels", "routing.cpp")], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]

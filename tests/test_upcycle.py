@@ -88,7 +88,7 @@ def test_experts_from_snapshots_and_shared_weights(dense_checkpoints, tmp_path, 
     # snapshots of a training run are iteration directories of one root: accepted as inputs too
     snapshot = os.path.join(dense_checkpoints[1], "iter_0000100")
     _upcycle(capsys, "--in", dense_checkpoints[0], snapshot, "--experts", 4, "--top-k", 2,
-             "--out", out)
+             "--router-std", 0, "--out", out)
     r = CheckpointReader(str(out))
     srcs = [CheckpointReader(c) for c in dense_checkpoints]
     for layer in range(2):
@@ -103,6 +103,31 @@ def test_experts_from_snapshots_and_shared_weights(dense_checkpoints, tmp_path, 
     _upcycle(capsys, "--in", *dense_checkpoints, "--experts", 2, "--average-shared", "--out", avg)
     mean = (srcs[0].read_layer(qkv, 1) + srcs[1].read_layer(qkv, 1)) / 2
     torch.testing.assert_close(CheckpointReader(str(avg)).read_layer(qkv, 1), mean)
+
+
+
+def test_default_router_is_near_uniform_and_spreads_tokens(dense_checkpoints, tmp_path, capsys):
+    """The default router init: probabilities near uniform, yet the tokens' top-2 spread over all
+    experts (a zero router would send every token to experts 0 and 1)."""
+    from megatron_jai.checkpoint.stream import CheckpointReader
+    from megatron_jai.upscale.upcycle import ROUTER_LOGIT_STD
+
+    out = tmp_path / "moe_default"
+    _upcycle(capsys, "--in", dense_checkpoints[0], "--experts", 4, "--top-k", 2, "--out", out)
+    r = CheckpointReader(str(out))
+    gen = torch.Generator().manual_seed(0)
+    for layer in range(2):
+        router = r.read_layer("decoder.layers.mlp.router.weight", layer).float()
+        norm = r.read_layer("decoder.layers.pre_mlp_layernorm.weight", layer).float()
+        # router inputs as the layer sees them: RMS-normalised states times the norm weight
+        x = torch.randn(4096, norm.numel(), generator=gen)
+        x = x / x.pow(2).mean(-1, keepdim=True).sqrt() * norm
+        logits = x @ router.t()
+        assert 0.5 * ROUTER_LOGIT_STD < logits.std().item() < 2 * ROUTER_LOGIT_STD
+        probs = logits.softmax(-1)
+        assert (probs - 0.25).abs().max().item() < 0.02, "probabilities must start near uniform"
+        load = torch.bincount(logits.topk(2, dim=-1).indices.flatten(), minlength=4) / (2 * 4096)
+        assert load.min().item() > 0.1, f"layer {layer}: tokens not spread over the experts: {load}"
 
 
 def test_upcycle_under_expert_parallelism(dense_checkpoints, tmp_path, capsys):

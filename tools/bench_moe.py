@@ -61,7 +61,9 @@ def _sorted_routing(logits, num_experts, top_k):
     weights, ids = topk_routing(logits, top_k, normalize_topk=True)
     flat = ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
+    # scatter_add, not bincount: bincount on CUDA synchronises with the host (it sizes its output).
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(
+        0, flat, torch.ones_like(flat))
     return weights, order, counts
 
 
@@ -293,6 +295,8 @@ def parse_shapes(text):
             shapes.append(SHAPES[item])
         elif item.count("x") == 4:
             t, h, f, e, k = (int(v) for v in item.split("x"))
+            if min(t, h, f, e, k) < 1 or k > e:
+                raise ValueError(f"shape {item!r}: all sizes must be >= 1 and k <= E")
             shapes.append(Shape(item, t, h, f, e, k))
         else:
             raise ValueError(f"unknown shape {item!r}: use {', '.join(SHAPES)} or TxHxFxExk")
@@ -335,6 +339,10 @@ def main(argv=None):
                   "is False); use --smoke for a tiny CPU run of the script", file=sys.stderr)
             return 2
         device, dtype = torch.device("cuda"), torch.bfloat16
+        if "grouped_mm" in impls and not hasattr(torch, "_grouped_mm"):
+            print(f"error: torch {torch.__version__} has no torch._grouped_mm (the baseline needs torch >= 2.8); "
+                  f"upgrade torch or leave it out with --impls ours,loop,dense", file=sys.stderr)
+            return 2
     timer = Timer(device)
     from megatron_jai.moe.functional import resolve_backend
 

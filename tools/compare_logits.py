@@ -16,6 +16,10 @@ import warnings
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+_ARCH_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+                "expert_ffn_hidden_size", "vocab_size", "num_experts")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hf-dir", required=True, help="Hugging Face Phi-3 directory")
@@ -43,12 +47,18 @@ def main(argv=None) -> int:
     from megatron_jai import parallel
     from megatron_jai.checkpoint.compare import compare_logits
     from megatron_jai.checkpoint.convert import read_hf_config, validate_layout
-    from megatron_jai.checkpoint.hf_phi3 import ConversionError
+    from megatron_jai.checkpoint.hf_phi3 import ConversionError, model_config_from_hf
     from megatron_jai.checkpoint.stream import CheckpointFormatError, CheckpointReader
 
     try:
-        read_hf_config(args.hf_dir)
+        hf_cfg = model_config_from_hf(read_hf_config(args.hf_dir))
         cfg = CheckpointReader(args.mcore_dir).config
+        # Different architectures would only fail later, in one rank, while the others wait.
+        differ = [f"{f} {getattr(hf_cfg, f)} vs {getattr(cfg, f)}" for f in _ARCH_FIELDS
+                  if getattr(hf_cfg, f) != getattr(cfg, f)]
+        if differ:
+            raise ConversionError(f"{args.hf_dir} and {args.mcore_dir} are different models (HF vs "
+                                  f"Megatron: {', '.join(differ)})")
         validate_layout(cfg, args.tp, args.pp, args.ep)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world % (args.tp * args.pp):

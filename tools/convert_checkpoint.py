@@ -59,7 +59,7 @@ def main(argv=None) -> int:
             summary = mcore_to_hf(args.mcore_dir, args.out, force=args.force,
                                   max_shard_size=args.max_shard_size, dtype=dtype,
                                   progress=not args.no_progress)
-    except (ConversionError, CheckpointFormatError, FileExistsError) as e:
+    except (ConversionError, CheckpointFormatError, OSError) as e:  # OSError: e.g. disk full
         print(f"convert_checkpoint: error: {e}", file=sys.stderr)
         return 2
     for note in summary.notes:

@@ -24,26 +24,29 @@ from megatron_jai.upscale.recipe import human_count  # noqa: E402
 
 
 def _pp_hint(cfg) -> str:
-    """Which even pipeline splits keep the skips stage-local (crossing ones are carried between
-    stages with the activations, which costs extra P2P traffic)."""
-    from megatron_jai.upscale.plan import crossing_skips, stage_boundaries, stage_local_layouts
+    """Which pipeline splits keep the skips stage-local (crossing ones are carried between stages
+    with the activations, which costs extra P2P traffic), with the pretrain_jai.py flags of an
+    uneven split that avoids the crossing."""
+    from megatron_jai.upscale.plan import (crossing_skips, pipeline_flags, stage_boundaries,
+                                           stage_local_layouts)
 
     if not cfg.skip_connections:
         return ""
     hints = []
     for pp in (2, 4, 8):
-        if cfg.num_layers % pp:
-            continue
-        crossing = crossing_skips(cfg.skip_connections, stage_boundaries(cfg.num_layers, pp))
-        if not crossing:
+        even = stage_boundaries(cfg.num_layers, pp)
+        crossing = crossing_skips(cfg.skip_connections, even) if even is not None else None
+        if crossing == []:
             hints.append(f"PP={pp} stage-local")
             continue
-        hint = f"PP={pp} {len(crossing)} carried"
+        hint = f"PP={pp} {len(crossing)} carried" if crossing else f"PP={pp}"
         for first, last in stage_local_layouts(cfg.num_layers, cfg.skip_connections, pp)[:1]:
             bounds = [0] + stage_boundaries(cfg.num_layers, pp, first, last) + [cfg.num_layers]
             if max(b - a for a, b in zip(bounds, bounds[1:])) <= 1.5 * cfg.num_layers / pp:
-                hint += f" (stage-local with first/last stage {first}/{last} layers)"
-        hints.append(hint)
+                hint += f" (stage-local with first/last stage {first}/{last} layers: " \
+                        f"{pipeline_flags(pp, first, last)})"
+        if hint != f"PP={pp}":  # an uneven-only PP size is worth naming only when it is local
+            hints.append(hint)
     return "; skips under " + ", ".join(hints) if hints else ""
 
 
@@ -81,8 +84,10 @@ def add_moe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output checkpoint root")
     p.add_argument("--noise-std", type=float, default=0.0,
                    help="with one input: Gaussian noise added to experts 1..E-1 (default: 0)")
-    p.add_argument("--router-std", type=float, default=0.0,
-                   help="router weight init std; 0 = exactly uniform routing probabilities")
+    p.add_argument("--router-std", type=float, default=None,
+                   help="router weight init std (default: per layer, router logits of std 0.01: "
+                        "near-uniform probabilities, tokens spread over the experts); 0 = exactly "
+                        "uniform probabilities, but then every token picks experts 0..k-1")
     p.add_argument("--average-shared", action="store_true",
                    help="attention/norms/embeddings = mean over the inputs (default: input 1)")
     p.add_argument("--seed", type=int, default=0, help="seed for noise and router init")

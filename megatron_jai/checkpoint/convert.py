@@ -325,9 +325,13 @@ def mcore_to_hf(mcore_dir: str, out: str, force: bool = False, max_shard_size: s
         if row.per_layer and reader.shape(row.mcore)[0] != cfg.num_layers:
             raise ConversionError(f"{row.mcore} has {reader.shape(row.mcore)[0]} layers, the config "
                                   f"{cfg.num_layers}")
-    if dtype is not None:
-        key = "torch_dtype" if "torch_dtype" in hf_config and "dtype" not in hf_config else "dtype"
-        hf_config[key] = str(dtype).replace("torch.", "")
+    # The config's dtype names the tensors written (transformers loads them as that dtype): the
+    # cast, else what the checkpoint holds (e.g. fp32 after `hf-to-mcore --dtype fp32` of a bf16
+    # model, or bf16 weights of a GPU training run).
+    stored = str(dtype if dtype is not None else reader.dtype(rows[0].mcore)).replace("torch.", "")
+    key = "torch_dtype" if "torch_dtype" in hf_config and "dtype" not in hf_config else "dtype"
+    if (key in hf_config or base is None) and hf_config.get(key) != stored:
+        hf_config[key] = stored
     order = list(_hf_order(cfg, rows))
     n_tensors = sum(len(row.hf) for row, _ in order)
     with atomic_directory(out, force) as tmp:

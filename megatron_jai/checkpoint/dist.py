@@ -71,7 +71,6 @@ def save_checkpoint(root: str, model_chunks: Sequence[torch.nn.Module], cfg: Mod
     tmp = final + ".tmp"
     if _rank() == 0:
         os.makedirs(root, exist_ok=True)
-        cfg.save(os.path.join(root, CONFIG_FILE))
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
         os.makedirs(tmp)
@@ -87,6 +86,9 @@ def save_checkpoint(root: str, model_chunks: Sequence[torch.nn.Module], cfg: Mod
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
+        # The root's config describes the tracked iteration: written with it, not before the data
+        # (a save killed half-way must not leave a newer config, e.g. another RoPE, behind).
+        cfg.save(os.path.join(root, CONFIG_FILE))
         tracker_tmp = os.path.join(root, TRACKER_FILE + ".tmp")
         with open(tracker_tmp, "w") as f:
             f.write(f"{iteration}\n")

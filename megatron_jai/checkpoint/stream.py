@@ -24,7 +24,7 @@ list holding the object.
 API (stable; other tools build on it)::
 
     r = CheckpointReader("M")            # checkpoint root (newest iteration) or an iter_* directory
-    r.config                             # ModelConfig (model_config.json)
+    r.config                             # ModelConfig (the iteration's own, else model_config.json)
     r.iteration, r.iter_dir, r.common    # iteration number, its directory, common.pt contents
     r.keys()                             # tensor keys (model and anything else saved, e.g. optimizer)
     r.shape(k), r.dtype(k), r.num_bytes(k), r.is_stacked(k)
@@ -162,6 +162,12 @@ class CheckpointReader:
     @property
     def config(self) -> ModelConfig:
         if self._config is None:
+            # A training checkpoint keeps each iteration's own config in its common state (RoPE
+            # changes between phases); the root's model_config.json is only the newest one's.
+            saved = self.common.get("model_config")
+            if isinstance(saved, dict):
+                self._config = ModelConfig.from_dict(saved)
+                return self._config
             path = os.path.join(self.root, CONFIG_FILE)
             if not os.path.isfile(path):
                 raise CheckpointFormatError(f"checkpoint {self.root} has no {CONFIG_FILE}")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import math
 import os
 import re
 from collections import OrderedDict
@@ -58,16 +59,17 @@ class DatasetTokenizer:
 
 def normalize_blend(blend: Blend) -> Tuple[List[str], Optional[List[float]]]:
     """Any accepted blend form (module docstring) -> Megatron-Core's ``(prefixes, weights|None)``.
-    Weights are normalised to sum 1; a single dataset gets ``None`` (no blending)."""
+    Weights are normalised to sum 1; a single dataset gets ``None`` (no blending).
+
+    The one parser and validator of blends: the training phases (``megatron_jai.training.phases``)
+    resolve their dataset names and hand their blends here as ``[(weight, prefix), ...]``."""
     if isinstance(blend, (str, os.PathLike)):
         return [os.fspath(blend)], None
     if isinstance(blend, dict):
         prefixes = [os.fspath(p) for p in blend]
-        ratios = [float(r) for r in blend.values()]
         if not prefixes:
             raise DatasetError("empty blend")
-        if any(r <= 0 for r in ratios):
-            raise DatasetError(f"blend ratios must be positive: {dict(zip(prefixes, ratios))}")
+        ratios = [_blend_weight(r, p) for p, r in zip(prefixes, blend.values())]
         if abs(sum(ratios) - 1.0) > RATIO_TOLERANCE:
             raise DatasetError(f"blend target ratios must sum to 1, they sum to {sum(ratios):.4f}: "
                                f"{dict(zip(prefixes, ratios))}")
@@ -78,27 +80,35 @@ def normalize_blend(blend: Blend) -> Tuple[List[str], Optional[List[float]]]:
             raise DatasetError("empty blend")
         if all(isinstance(i, (str, os.PathLike)) for i in items):
             prefixes = [os.fspath(i) for i in items]
+            if len(set(prefixes)) != len(prefixes):
+                raise DatasetError(f"a dataset appears twice in the blend: {prefixes}")
             return prefixes, None
         prefixes, weights = [], []
         for item in items:
-            if not (isinstance(item, (tuple, list)) and len(item) == 2):
+            if not (isinstance(item, (tuple, list)) and len(item) == 2 and
+                    any(isinstance(x, (str, os.PathLike)) for x in item)):
                 raise DatasetError(f"blend entries must be (weight, prefix) pairs, got {item!r}")
             a, b = item
             weight, prefix = (a, b) if isinstance(b, (str, os.PathLike)) else (b, a)
-            try:
-                weight = float(weight)
-            except (TypeError, ValueError):
-                raise DatasetError(f"blend weight {weight!r} is not a number") from None
-            if weight <= 0:
-                raise DatasetError(f"blend weight for {prefix} must be positive, got {weight}")
             prefixes.append(os.fspath(prefix))
-            weights.append(weight)
+            weights.append(_blend_weight(weight, prefixes[-1]))
     if len(set(prefixes)) != len(prefixes):
         raise DatasetError(f"a dataset appears twice in the blend: {prefixes}")
     if len(prefixes) == 1:
         return prefixes, None
     total = sum(weights)
     return prefixes, [w / total for w in weights]
+
+
+def _blend_weight(value, prefix: str) -> float:
+    """A blend weight or ratio: a positive, finite number."""
+    try:
+        weight = float(value)
+    except (TypeError, ValueError):
+        raise DatasetError(f"blend weight {value!r} of {prefix} is not a number") from None
+    if not weight > 0 or not math.isfinite(weight):
+        raise DatasetError(f"blend weight for {prefix} must be positive and finite, got {value!r}")
+    return weight
 
 
 def check_prefixes(prefixes: Sequence[str], vocab_size: Optional[int] = None,

@@ -20,6 +20,7 @@ import gzip
 import json
 import multiprocessing
 import os
+import signal
 import sys
 import time
 import zlib
@@ -92,7 +93,12 @@ def read_meta(prefix: str) -> Optional[dict]:
 _worker: dict = {}
 
 
-def _init_worker(tokenizer_path: str, text_key: str, append_eod: bool, dtype_name: str) -> None:
+def _init_worker(tokenizer_path: str, text_key: str, append_eod: bool, dtype_name: str,
+                 in_pool: bool = False) -> None:
+    if in_pool:
+        # Ctrl-C reaches the whole process group: only the parent handles it (it terminates the
+        # pool and removes the temporaries); workers would each print a KeyboardInterrupt trace.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     tok = load_tokenizer(tokenizer_path)
     _worker.update(tokenizer=tok, text_key=text_key, append_eod=append_eod,
@@ -228,7 +234,7 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_path: str,
         builder = IndexedDatasetBuilder(tmp_paths[0], dtype=dtype.type)
         if workers > 1:
             pool = multiprocessing.get_context("spawn").Pool(
-                workers, initializer=_init_worker, initargs=init_args)
+                workers, initializer=_init_worker, initargs=(*init_args, True))
             results = pool.imap(_encode_chunk, _chunks(inputs, stats), chunksize=1)
         else:
             _init_worker(*init_args)

@@ -83,8 +83,11 @@ def read_metrics(path: str) -> Run:
     if missing:
         raise MetricsError(f"{path}: no {', '.join(missing)} in any record (is this a "
                            f"pretrain_jai.py --metrics-file?)")
-    return Run(path=path, records=records, skipped_lines=skipped,
-               label=os.path.splitext(os.path.basename(path))[0])
+    run = Run(path=path, records=records, skipped_lines=skipped,
+              label=os.path.splitext(os.path.basename(path))[0])
+    if not run.series("loss")[0]:  # e.g. every step skipped with a NaN loss: nothing to draw
+        raise MetricsError(f"{path}: no finite loss in {len(records)} step records")
+    return run
 
 
 def plot_runs(runs: Sequence[Run], out_path: str, title: Optional[str] = None,

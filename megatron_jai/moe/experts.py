@@ -74,6 +74,13 @@ class GroupedExperts(MegatronModule):
                 config.init_method(w)
             for w in self.weight_down:
                 config.output_layer_init_method(w)
+        # That stream is also seeded by the expert-tensor-parallel rank, which defaults to the TP
+        # rank; but TP ranks hold full replicas of these experts (fed the same tokens, saved once):
+        # give them TP rank 0's draw, or their outputs would differ across the TP group.
+        if parallel_state.get_tensor_model_parallel_world_size() > 1:
+            for param in (self.weight_gate_up, self.weight_down):
+                torch.distributed.broadcast(param.data, parallel_state.get_tensor_model_parallel_src_rank(),
+                                            group=parallel_state.get_tensor_model_parallel_group())
 
     def forward(self, hidden: torch.Tensor, expert_ids: torch.Tensor,
                 weights: torch.Tensor) -> torch.Tensor:

@@ -49,6 +49,10 @@ class JaiMoELayer(MegatronModule):
                              "(run MoE models without --sequence-parallel)")
         self.options = options
         self.layer_number = None
+        # Megatron's selective recompute of the MoE activation ("moe_act") maps onto the kernels'
+        # SwiGLU recompute (only the pre-activation is kept for backward).
+        recompute_activation = recompute_activation or (
+            config.recompute_granularity == "selective" and "moe_act" in (config.recompute_modules or ()))
         ep_size = parallel_state.get_expert_model_parallel_world_size()
         ep_rank = parallel_state.get_expert_model_parallel_rank()
         ep_group = parallel_state.get_expert_model_parallel_group() if ep_size > 1 else None

@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoint's config when resuming, else 'tiny')")
     g.add_argument("--tp", type=int, default=1, help="tensor parallel size")
     g.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
+    g.add_argument("--first-stage-layers", type=int, default=None,
+                   help="uneven pipeline split: decoder layers on the first stage (the stages "
+                        "without a count share the rest evenly; see tools/upscale.py dus)")
+    g.add_argument("--last-stage-layers", type=int, default=None,
+                   help="uneven pipeline split: decoder layers on the last stage")
     g.add_argument("--ep", type=int, default=1, help="expert parallel size (MoE models)")
     g.add_argument("--dp", type=int, default=None,
                    help="data parallel size; derived as world/(tp*pp), checked if given")
@@ -200,6 +205,11 @@ def _validate(args) -> None:
             raise TrainingError(f"--{name.replace('_', '-')} must be a positive integer")
     if args.dp is not None and args.dp < 1:
         raise TrainingError("--dp must be a positive integer")
+    for name in ("first_stage_layers", "last_stage_layers"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise TrainingError(f"--{name.replace('_', '-')} must be a positive integer")
+        if getattr(args, name) is not None and args.pp < 2:
+            raise TrainingError(f"--{name.replace('_', '-')} needs --pp 2 or more")
     if args.phases is not None:
         # With phases, --train-iters only caps the run's total steps (e.g. a smoke test).
         if args.data_path or args.train_tokens:

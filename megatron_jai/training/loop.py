@@ -136,15 +136,14 @@ class Trainer:
     def __init__(self, args):
         self.args = args
         self.on_gpu = torch.cuda.is_available()
-        self.device = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else \
-            torch.device("cpu")
+        self.device = torch.device("cpu")  # this rank's GPU is known after parallel.initialize
 
     # -- setup --------------------------------------------------------------------------------
     def setup(self) -> None:
         from megatron.core import parallel_state as ps
 
         from megatron_jai import parallel
-        from megatron_jai.config import load_model_config
+        from megatron_jai.config import load_model_config, pipeline_stage_layers
 
         args = self.args
         if args.bf16 is None:
@@ -165,6 +164,8 @@ class Trainer:
             parallel.initialize(args.tp, args.pp, args.ep, seed=args.seed)
         except ValueError as err:
             raise TrainingError(str(err)) from None
+        if self.on_gpu:  # initialize() selected this rank's GPU (LOCAL_RANK)
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
         self.dp = ps.get_data_parallel_world_size()
@@ -178,6 +179,15 @@ class Trainer:
             args.overwrite_save = True
 
         self.resuming = checkpointing.has_checkpoint(args.load)
+        if args.load and not self.resuming:
+            # --load == --save is the requeue pattern (the first run finds nothing); anything else
+            # naming an empty place is a mistake, not a reason to start from scratch silently.
+            same_as_save = bool(args.save) and os.path.abspath(args.save) == \
+                os.path.abspath(args.load)
+            if args.load_iteration is not None or not same_as_save:
+                raise TrainingError(f"--load {args.load}: no complete checkpoint there (no "
+                                    f"{checkpointing.dist_ckpt.TRACKER_FILE})")
+            self._print(f"--load {args.load}: no checkpoint yet, starting a new run")
         # Resuming: the checkpoint's architecture is the truth (incl. RoPE changes of phases).
         try:
             if self.resuming:
@@ -189,9 +199,13 @@ class Trainer:
         self._prepare_save_dir()
 
         self.phases = args.phases or [flag_phase(args, self._demo_data())]
+        error = None
         if self.rank == 0:
-            check_vocabulary(self.cfg, self.phases, args.tokenizer)
-        self._sync_errors()
+            try:
+                check_vocabulary(self.cfg, self.phases, args.tokenizer)
+            except TrainingError as err:
+                error = str(err)
+        self._sync_errors(error)
         self._build_model_and_optimizer()
 
         self.state = TrainState()
@@ -212,8 +226,12 @@ class Trainer:
             self.rank == 0, args.log_interval, args.metrics_file, args.tensorboard_dir,
             resume_step=self.state.iteration if self.resuming else 0)
         counts = self.cfg.parameter_counts()
+        split = ""
+        if args.first_stage_layers is not None or args.last_stage_layers is not None:
+            split = " (stage layers " + "+".join(map(str, pipeline_stage_layers(
+                self.cfg.num_layers, args.pp, args.first_stage_layers, args.last_stage_layers))) + ")"
         self._print(f"model {self.cfg.name}: {counts['total'] / 1e6:.2f}M parameters "
-                    f"({counts['active'] / 1e6:.2f}M active), layout TP={args.tp} PP={args.pp} "
+                    f"({counts['active'] / 1e6:.2f}M active), layout TP={args.tp} PP={args.pp}{split} "
                     f"EP={args.ep} DP={self.dp}, {'bf16' if args.bf16 else 'fp32'}, "
                     f"{'distributed' if args.use_distributed_optimizer else 'plain'} optimizer, "
                     f"{len(self.phases)} phase(s): "
@@ -253,9 +271,13 @@ class Trainer:
         self.args.tokenizer = self.args.tokenizer or demo.tokenizer_path
         return demo.data_prefix
 
-    def _sync_errors(self) -> None:
-        """Rank 0 validated; the others wait here (an error on rank 0 ends the job)."""
-        dist.barrier()
+    def _sync_errors(self, error: Optional[str]) -> None:
+        """Rank 0 validated: every rank raises its error (one line from rank 0, exit 2 everywhere)
+        instead of the others dying in a collective with a traceback."""
+        message = [error]
+        dist.broadcast_object_list(message, src=0)
+        if message[0] is not None:
+            raise TrainingError(message[0])
 
     def _gbs(self, phase: Phase) -> int:
         return phase.global_batch_size or self.args.global_batch_size
@@ -281,6 +303,8 @@ class Trainer:
             tcfg = self.cfg.transformer_config(tp=args.tp, pp=args.pp, ep=args.ep,
                                                params_dtype=dtype,
                                                sequence_parallel=args.sequence_parallel,
+                                               first_stage_layers=args.first_stage_layers,
+                                               last_stage_layers=args.last_stage_layers,
                                                **overrides)
         except ValueError as err:
             raise TrainingError(str(err)) from None
@@ -496,6 +520,8 @@ class Trainer:
                             from megatron_jai.moe.layer import update_expert_biases
 
                             update_expert_biases(self.model)
+                    if self.on_gpu:  # the optimizer step's kernels belong to this step's time
+                        torch.cuda.synchronize()
                     elapsed = time.perf_counter() - t0
                     tokens = gbs * phase.seq_length
                     state.iteration = step

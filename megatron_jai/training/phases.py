@@ -52,41 +52,49 @@ _PHASE_KEYS = {"name", "blend", "seq_length", "train_iters", "train_tokens", "gl
 
 
 def normalise_blend(blend, datasets: dict, where: str) -> tuple[tuple, tuple]:
-    """``blend``: ``{name_or_prefix: weight}``, ``[[weight, prefix], ...]`` or one prefix string.
+    """``blend``: ``{name_or_prefix: weight}``, ``[[weight, name_or_prefix], ...]`` or one prefix.
 
-    Names are looked up in ``datasets`` (the config's ``data:`` section). Returns
+    The training side of a blend: names are looked up in ``datasets`` (the config's ``data:``
+    section), mapping values are *relative* weights (normalised, unlike the target ratios of
+    :func:`megatron_jai.data.datasets.normalize_blend`'s mapping form), and a weight of 0 leaves a
+    dataset out. Parsing and validating the weights is the data package's (one parser); its errors
+    come back as :class:`TrainingError` prefixed with ``where``. Returns
     ``(((weight, prefix), ...), (label, ...))`` with weights normalised to sum 1.
     """
+    from megatron_jai.data.datasets import DatasetError, normalize_blend
+
     if isinstance(blend, str):
-        items = [(blend, 1.0)]
+        items = [(1.0, blend)]
     elif isinstance(blend, dict):
-        items = list(blend.items())
+        items = [(weight, name) for name, weight in blend.items()]
     elif isinstance(blend, (list, tuple)):
         items = []
         for entry in blend:
             if not (isinstance(entry, (list, tuple)) and len(entry) == 2):
                 raise TrainingError(f"{where}: blend entries must be [weight, path_prefix] pairs")
-            items.append((entry[1], entry[0]))
+            items.append((entry[0], entry[1]))
     else:
         raise TrainingError(f"{where}: blend must be a mapping name -> weight, a list of "
                             f"[weight, prefix] pairs or one path prefix")
-    entries, labels = [], []
-    for name, weight in items:
-        try:
-            weight = float(weight)
-        except (TypeError, ValueError):
-            raise TrainingError(f"{where}: weight {weight!r} of {name!r} is not a number") from None
-        if weight < 0 or not math.isfinite(weight):
-            raise TrainingError(f"{where}: weight of {name!r} must be a non-negative number")
-        if weight == 0:
-            continue
-        prefix = datasets.get(name, name)
-        entries.append((weight, str(prefix)))
-        labels.append(name if name in datasets else _label(str(prefix)))
-    total = sum(w for w, _ in entries)
-    if not entries or total <= 0:
+    items = [(weight, name) for weight, name in items if not _is_zero(weight)]
+    if not items:
         raise TrainingError(f"{where}: the blend has no dataset with a positive weight")
-    return tuple((w / total, p) for w, p in entries), tuple(labels)
+    names = [str(name) for _, name in items]
+    try:
+        prefixes, weights = normalize_blend(
+            [(weight, str(datasets.get(name, name))) for (weight, _), name in zip(items, names)])
+    except DatasetError as err:
+        raise TrainingError(f"{where}: {err}") from None
+    labels = tuple(name if name in datasets else _label(prefix)
+                   for name, prefix in zip(names, prefixes))
+    return tuple(zip(weights or [1.0], prefixes)), labels
+
+
+def _is_zero(weight) -> bool:
+    try:
+        return float(weight) == 0
+    except (TypeError, ValueError):
+        return False  # not a number: normalize_blend says so
 
 
 def _label(prefix: str) -> str:

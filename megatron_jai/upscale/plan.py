@@ -228,15 +228,11 @@ def stage_boundaries(num_layers: int, pp: int, first: Optional[int] = None,
                      last: Optional[int] = None) -> list:
     """First global layer of every stage after the first, for Megatron's (un)even PP split
     (``num_layers_in_first_pipeline_stage`` / ``..._last_...``); None if the split is invalid."""
-    middle_stages = pp - (first is not None) - (last is not None)
-    middle_layers = num_layers - (first or 0) - (last or 0)
-    if middle_layers < 0 or (middle_stages == 0 and middle_layers) or \
-            (middle_stages and middle_layers % middle_stages):
-        return None
-    sizes = ([first] if first is not None else []) + \
-        ([middle_layers // middle_stages] * middle_stages if middle_stages else []) + \
-        ([last] if last is not None else [])
-    if any(s < 1 for s in sizes):
+    from megatron_jai.config import pipeline_stage_layers  # config imports this module
+
+    try:
+        sizes = pipeline_stage_layers(num_layers, pp, first, last)
+    except ValueError:
         return None
     bounds, acc = [], 0
     for s in sizes[:-1]:
@@ -263,3 +259,13 @@ def stage_local_layouts(num_layers: int, skips: Sequence[SkipConnection], pp: in
             found.append((max(sizes), first is not None, (first, last)))
     # Best balanced first (the slowest stage sets the pace), the even split before uneven ones.
     return [layout for *_, layout in sorted(found, key=lambda f: (f[0], f[1]))]
+
+
+def pipeline_flags(pp: int, first: Optional[int] = None, last: Optional[int] = None) -> str:
+    """The ``pretrain_jai.py`` flags of a (possibly uneven) pipeline split."""
+    flags = f"--pp {pp}"
+    if first is not None:
+        flags += f" --first-stage-layers {first}"
+    if last is not None:
+        flags += f" --last-stage-layers {last}"
+    return flags

@@ -57,8 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                           "(default: %(default)s)")
     g.add_argument("--top-k", type=int, default=2, help="experts per token (default: %(default)s)")
     g.add_argument("--noise-std", type=float, default=0.0, help="noise on expert copies 1..E-1")
-    g.add_argument("--router-std", type=float, default=0.0,
-                   help="router init std (0 = exactly uniform probabilities)")
+    g.add_argument("--router-std", type=float, default=None,
+                   help="router init std (default: router logits of std 0.01 per layer; 0 = "
+                        "exactly uniform probabilities, every token on experts 0..k-1)")
     p.add_argument("--name", default="jai", help="model name of the result (default: %(default)s)")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
                    help="convert: cast the HF weights (default: keep)")

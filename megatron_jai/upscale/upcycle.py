@@ -4,7 +4,12 @@
 Expert ``i`` is the FFN of input checkpoint ``i mod n`` (``n`` inputs): JAI-1 seeds its 4 experts
 from 4 snapshots of continued training (steps 0, 2K, 4K, 6K); with one input every expert is a copy,
 optionally perturbed by Gaussian noise (experts 1..E-1; expert 0 stays exact). The router starts
-near uniform: ``router.weight ~ N(0, router_std^2)`` (0 = exactly uniform probabilities).
+near uniform: ``router.weight ~ N(0, router_std^2)``. By default ``router_std`` is chosen per layer
+so that the router logits have a standard deviation of about ``ROUTER_LOGIT_STD`` (probabilities
+within ~1% of uniform, but every token with its own top-k): the router reads the pre-MLP RMSNorm
+output, whose norm is about that of the norm's weight ``g``, so ``router_std = ROUTER_LOGIT_STD /
+|g|``. ``router_std=0`` gives exactly uniform probabilities, but then every tie is broken the same
+way and ALL tokens go to experts 0..k-1 (with a capacity factor the rest are dropped).
 Attention, norms and embeddings come from the first input, or their mean over the inputs.
 
 With identical experts and normalised top-k weights the upcycled model computes exactly the dense
@@ -39,6 +44,7 @@ MOE_ROUTER = LAYERS + "mlp.router.weight"
 MOE_EXPERT_BIAS = LAYERS + "mlp.router.expert_bias"  # only with cfg.moe_expert_bias
 MOE_PRE_MLP_NORM = LAYERS + "pre_mlp_layernorm.weight"
 FFN_MAP = {DENSE_FC1: MOE_GATE_UP, DENSE_FC2: MOE_DOWN}
+ROUTER_LOGIT_STD = 0.01  # default router init: logit std (see the module docstring)
 RENAMED = {DENSE_PRE_MLP_NORM: MOE_PRE_MLP_NORM}
 
 
@@ -64,7 +70,7 @@ def moe_config(dense: ModelConfig, num_experts: int, top_k: int, name: str | Non
 
 
 def upcycle(sources: Sequence[str], out: str, num_experts: int = 4, top_k: int = 2, *,
-            noise_std: float = 0.0, router_std: float = 0.0, average_shared: bool = False,
+            noise_std: float = 0.0, router_std: float | None = None, average_shared: bool = False,
             seed: int = 0, name: str | None = None, force: bool = False,
             progress: bool = True) -> dict:
     """Write the upcycled MoE checkpoint ``out``. Returns a summary dict."""
@@ -73,7 +79,7 @@ def upcycle(sources: Sequence[str], out: str, num_experts: int = 4, top_k: int =
     if len(sources) > num_experts:
         raise UpcycleError(f"{len(sources)} input checkpoints for {num_experts} experts: give at "
                            f"most one per expert")
-    if noise_std < 0 or router_std < 0:
+    if noise_std < 0 or (router_std is not None and router_std < 0):
         raise UpcycleError("--noise-std and --router-std must be >= 0")
     readers = [CheckpointReader(s) for s in sources]
     dense = readers[0].config
@@ -105,6 +111,7 @@ def upcycle(sources: Sequence[str], out: str, num_experts: int = 4, top_k: int =
         for key in others:
             writer.write(key, shared(key))
         for layer in tqdm(range(L), desc="moe layers", unit="layer", disable=not progress):
+            norm_weight = None
             for key in stacked:
                 if key in FFN_MAP:
                     per_input = [r.read_layer(key, layer) for r in readers]
@@ -116,9 +123,18 @@ def upcycle(sources: Sequence[str], out: str, num_experts: int = 4, top_k: int =
                     writer.write_layer(FFN_MAP[key], layer, L, experts)
                     del per_input, experts
                 else:
-                    writer.write_layer(RENAMED.get(key, key), layer, L, shared(key, layer))
+                    tensor = shared(key, layer)
+                    if key in (DENSE_PRE_MLP_NORM, MOE_PRE_MLP_NORM):
+                        norm_weight = tensor
+                    writer.write_layer(RENAMED.get(key, key), layer, L, tensor)
             dtype = readers[0].dtype(DENSE_FC1)
-            router = torch.randn(num_experts, dense.hidden_size, generator=gen) * router_std
+            std = router_std
+            if std is None:
+                # |router input| ~ |norm weight| (RMSNorm output: unit RMS times the weight)
+                scale = norm_weight.float().norm().item() if norm_weight is not None \
+                    else dense.hidden_size ** 0.5
+                std = ROUTER_LOGIT_STD / max(scale, 1e-6)
+            router = torch.randn(num_experts, dense.hidden_size, generator=gen) * std
             writer.write_layer(MOE_ROUTER, layer, L, router.to(dtype))
             if cfg.moe_expert_bias:
                 writer.write_layer(MOE_EXPERT_BIAS, layer, L, torch.zeros(num_experts))

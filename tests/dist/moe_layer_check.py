@@ -164,6 +164,12 @@ def check_model():
         assert "sequence parallel" in str(err), err
     else:
         raise AssertionError("sequence parallelism with MoE should be refused")
+    # Megatron's selective recompute of "moe_act" turns on the kernels' SwiGLU recompute.
+    assert not build_module(moe_layer_spec(TINY_MOE), config=TINY_MOE.transformer_config()) \
+        .experts.recompute_activation
+    sel_config = TINY_MOE.transformer_config()
+    sel_config.recompute_granularity, sel_config.recompute_modules = "selective", ["moe_act"]
+    assert build_module(moe_layer_spec(TINY_MOE), config=sel_config).experts.recompute_activation
     # bf16 (Megatron's Float16Module): routing stays fp32, the expert bias is not rounded.
     from megatron.core.transformer.module import Float16Module
 
