@@ -1,5 +1,6 @@
 """The CPU compatibility layer: Megatron-Core GPTModel forward+backward under gloo, TP=2 and PP=2."""
 import os
+import re
 
 import pytest
 import torch
@@ -26,5 +27,5 @@ def test_install_is_idempotent_and_cpu_only():
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
 def test_gpt_forward_backward(tp, pp):
     out = torchrun(2, SCRIPT, tp, pp).stdout
-    lines = [l for l in out.splitlines() if l.startswith("OK")]
-    assert len(lines) == 2, out
+    # Both ranks print to one pipe: their lines may interleave, so count the markers.
+    assert sorted(re.findall(r"OK rank=(\d)", out)) == ["0", "1"], out

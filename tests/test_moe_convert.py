@@ -60,13 +60,15 @@ def test_mixtral_converts_to_our_keys_and_config(mixtral):
     assert torch.equal(reader.read_layer("decoder.layers.mlp.experts.weight_down", 1)[2], w2)
 
 
-def test_mixtral_logits_match_at_ep1_and_ep2(mixtral):
+def test_mixtral_logits_match_at_ep1_ep2_and_tp2(mixtral):
     args = ["--hf-dir", mixtral / "hf", "--mcore-dir", mixtral / "mcore", "--seq-len", "24"]
     ep1 = run_python(COMPARE, *args, timeout=300)
     ep2 = torchrun(2, COMPARE, *args, "--ep", "2", timeout=300)
-    for proc, ep in ((ep1, 1), (ep2, 2)):
+    tp2 = torchrun(2, COMPARE, *args, "--tp", "2", timeout=300)  # experts split along F
+    for proc, ep in ((ep1, 1), (ep2, 2), (tp2, 1)):
         assert f"EP={ep}: within tolerance" in proc.stdout, proc.stdout
         assert _last_line_diff(proc) < 1e-4
+    assert "TP=2" in tp2.stdout, tp2.stdout
     summary = ep1.stdout.strip().splitlines()[-2]
     max_logit = float(summary.split("max |logit| ")[1].split(",")[0])
     assert max_logit > 1.0, summary  # logits large enough for the comparison to mean something

@@ -12,9 +12,18 @@ def test_ep2_equals_ep1_outputs_and_gradients():
         assert out.stdout.count(f"OK {case}") == 2, out.stdout
 
 
+def test_tp2_equals_tp1_outputs_and_gradients():
+    """Experts split over TP along F: the same outputs, input/router gradients and (reassembled)
+    expert gradients as TP=1; CPU initialisation gives each TP rank its slice of the TP=1 weights."""
+    out = torchrun(2, os.path.join(DIST, "moe_tp_equivalence.py"), timeout=300)
+    for case in ("dropless", "capacity"):
+        assert out.stdout.count(f"OK {case}") == 2, out.stdout
+
+
 def test_tiny_moe_model_reshards_between_ep_and_trains_with_ep2(tmp_path):
     out = torchrun(2, os.path.join(DIST, "moe_model_ep.py"), tmp_path, timeout=500)
     assert out.stdout.count("OK resharding") == 2, out.stdout
+    assert out.stdout.count("OK tp resharding") == 2, out.stdout
     assert out.stdout.count("OK training") == 2, out.stdout
 
 

@@ -14,7 +14,12 @@ loop needs nothing MoE-specific for them. Two helpers for training loops:
 * :func:`update_expert_biases` -- the aux-loss-free balancing step, once per optimizer step, only
   when the config has ``moe_expert_bias``.
 
-Checkpoint keys (global shapes; the experts axis is split over EP ranks)::
+Experts are split over tensor parallelism along their FFN dimension (expert TP = TP; see
+:mod:`megatron_jai.moe.experts`): the expert input rows and the routing weights enter through
+``copy_to_tensor_model_parallel_region`` and the output is summed with
+``reduce_from_tensor_model_parallel_region``; the router is replicated over TP.
+
+Checkpoint keys (global shapes; the experts axis is split over EP ranks, F over TP ranks)::
 
     decoder.layers.mlp.router.weight           [L, E, H]
     decoder.layers.mlp.router.expert_bias      [L, E]        (only with moe_expert_bias)
@@ -29,6 +34,10 @@ from typing import Iterable, Optional, Union
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.tensor_parallel import (
+    copy_to_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+)
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 
@@ -73,9 +82,19 @@ class JaiMoELayer(MegatronModule):
         if padding_mask is not None:  # [b, s] True = padding -> [s * b] True = real token
             token_mask = ~padding_mask.transpose(0, 1).reshape(-1).bool()
         routing = self.router(tokens, token_mask)
-        dispatched = self.dispatcher.dispatch(tokens, routing.expert_ids, routing.weights)
+        expert_in, weights = tokens, routing.weights
+        if self.experts.tp_size > 1:
+            # Experts are split over TP along F: every TP rank holds the same tokens and routing
+            # (replicated, no sequence parallelism) and computes a partial output, so the
+            # gradients of the expert input rows and of the routing weights are partial too
+            # (all-reduced in backward), and the outputs are summed over TP.
+            expert_in = copy_to_tensor_model_parallel_region(tokens)
+            weights = copy_to_tensor_model_parallel_region(weights)
+        dispatched = self.dispatcher.dispatch(expert_in, routing.expert_ids, weights)
         expert_out = self.experts(dispatched.hidden, dispatched.expert_ids, dispatched.weights)
         out = self.dispatcher.combine(expert_out, dispatched)
+        if self.experts.tp_size > 1:
+            out = reduce_from_tensor_model_parallel_region(out)
         return out.view(seq, batch, hidden), None
 
 

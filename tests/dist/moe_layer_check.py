@@ -137,8 +137,12 @@ def check_model():
     mlps = [layer.mlp for layer in model.decoder.layers]
     assert len(mlps) == TINY_MOE.num_layers and all(isinstance(m, JaiMoELayer) for m in mlps)
     assert [m.layer_number for m in mlps] == list(range(1, TINY_MOE.num_layers + 1))
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import apply_factories
+
     sd = model.sharded_state_dict()
-    shapes = {t.key: tuple(t.global_shape) for t in sd.values() if ".mlp." in t.key}
+    apply_factories(sd)  # weight_gate_up: [gate; up] chunks of one global tensor
+    shapes = {t.key: tuple(t.global_shape) for t in nested_values(sd) if ".mlp." in t.key}
     L, E, H, F = TINY_MOE.num_layers, TINY_MOE.num_experts, TINY_MOE.hidden_size, \
         TINY_MOE.expert_ffn_hidden_size
     expected = {

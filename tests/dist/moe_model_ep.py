@@ -1,7 +1,8 @@
 """torchrun helper (2 ranks): a tiny MoE GPTModel under expert parallelism.
 
 1. Resharding: a checkpoint saved at EP=2 loads at EP=1 (and one saved at EP=1 loads at EP=2) with
-   identical logits; the stored expert tensors have their global shapes [L, E, ...].
+   identical logits; the stored expert tensors have their global shapes [L, E, ...]. A checkpoint
+   saved at TP=2 (experts split along F) stores the TP=1 layout and loads at TP=1 and at EP=2.
 2. Training: EP=2 (DP=2), Megatron-Core DDP + optimizer + pipeline schedule, Adam steps on a fixed
    batch per rank: finite, falling loss; the first steps' losses equal those of the same model at
    EP=1; router weights (data-parallel) stay identical on both ranks while the experts (one half
@@ -38,10 +39,21 @@ def logits_of(model, tokens):
     return out
 
 
-def build(ep, seed):
-    parallel.initialize(ep=ep, seed=seed)
+def build(ep, seed, tp=1):
+    parallel.initialize(tp=tp, ep=ep, seed=seed)
     torch.manual_seed(seed)
-    return build_model(CFG, ep=ep)
+    return build_model(CFG, tp=tp, ep=ep)
+
+
+def full_logits_of(model, tokens):
+    """Logits with the vocabulary gathered over TP."""
+    from megatron.core import parallel_state
+
+    out = logits_of(model, tokens)
+    group = parallel_state.get_tensor_model_parallel_group()
+    parts = [torch.empty_like(out) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, out.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)
 
 
 def check_resharding(workdir):
@@ -75,6 +87,53 @@ def check_resharding(workdir):
     load_checkpoint(root_ep1, [m2b])
     torch.testing.assert_close(logits_of(m2b, tokens), ref, rtol=1e-5, atol=1e-5)
     print(f"OK resharding rank={rank} EP2->EP1->EP2 logits equal", flush=True)
+
+
+def check_tp_resharding(workdir):
+    """Experts split over TP (F axis): a checkpoint saved at TP=2 (EP=1) stores the same global
+    [gate; up] layout as TP=1 and loads at TP=1 and at EP=2 with identical logits."""
+    from megatron.core import parallel_state
+
+    from megatron_jai.checkpoint.stream import CheckpointReader
+
+    tokens = tokens_for(0)
+    rank = dist.get_rank()
+    m_tp2 = build(ep=1, seed=1, tp=2)
+    experts = m_tp2.decoder.layers[0].mlp.experts
+    assert experts.tp_size == 2 and experts.weight_down.shape[-1] == CFG.expert_ffn_hidden_size // 2
+    ref = full_logits_of(m_tp2, tokens)
+    # this layer's full expert weights, reassembled from the TP slices
+    group = parallel_state.get_tensor_model_parallel_group()
+    gu = [torch.empty_like(experts.weight_gate_up) for _ in range(2)]
+    dn = [torch.empty_like(experts.weight_down) for _ in range(2)]
+    dist.all_gather(gu, experts.weight_gate_up.detach(), group=group)
+    dist.all_gather(dn, experts.weight_down.detach(), group=group)
+    halves = [torch.chunk(g, 2, dim=1) for g in gu]
+    full_gu = torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=1)
+    full_dn = torch.cat(dn, dim=2)
+    root = os.path.join(workdir, "saved_tp2")
+    save_checkpoint(root, [m_tp2], CFG, iteration=1)
+    if rank == 0:
+        reader = CheckpointReader(root)
+        stored_gu = reader.read("decoder.layers.mlp.experts.weight_gate_up")
+        stored_dn = reader.read("decoder.layers.mlp.experts.weight_down")
+        assert tuple(stored_gu.shape) == (2, 4, 2 * CFG.expert_ffn_hidden_size, CFG.hidden_size)
+        assert tuple(stored_dn.shape) == (2, 4, CFG.hidden_size, CFG.expert_ffn_hidden_size)
+        assert torch.equal(stored_gu[0], full_gu) and torch.equal(stored_dn[0], full_dn)
+
+    m1 = build(ep=1, seed=2)
+    assert not torch.allclose(logits_of(m1, tokens), ref)
+    load_checkpoint(root, [m1])
+    torch.testing.assert_close(logits_of(m1, tokens), ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(m1.decoder.layers[0].mlp.experts.weight_gate_up.detach(), full_gu)
+    # CPU initialisation does not depend on TP: TP=1 with the same seed draws the same experts.
+    m1_same_seed = build(ep=1, seed=1)
+    assert torch.equal(m1_same_seed.decoder.layers[0].mlp.experts.weight_gate_up.detach(), full_gu)
+
+    m_ep2 = build(ep=2, seed=3)
+    load_checkpoint(root, [m_ep2])
+    torch.testing.assert_close(logits_of(m_ep2, tokens), ref, rtol=1e-5, atol=1e-5)
+    print(f"OK tp resharding rank={rank} TP2->TP1 and TP2->EP2 logits equal", flush=True)
 
 
 def train(ep, steps):
@@ -167,6 +226,7 @@ def check_training(steps=12, compared=4):
 def main():
     workdir = sys.argv[1]
     check_resharding(workdir)
+    check_tp_resharding(workdir)
     check_training()
     parallel.destroy()
 
