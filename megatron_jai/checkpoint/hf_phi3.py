@@ -119,22 +119,27 @@ def hf_config_from_model_config(cfg: ModelConfig, base: Optional[dict] = None) -
         "tie_word_embeddings": cfg.tie_embeddings,
         "initializer_range": cfg.init_method_std,
     }
+    _set_architecture_fields(hf, cfg, want, {"partial_rotary_factor": 1.0, "rope_type": "default"})
+    return hf
+
+
+def _set_architecture_fields(hf: dict, cfg: ModelConfig, want: dict, rope_defaults: dict) -> None:
+    """Set ``want``, head_dim and the RoPE base in the HF config dict ``hf``, touching only the
+    values that differ, so an unchanged model's config.json round-trips byte for byte."""
     for key, value in want.items():
         if hf.get(key) != value:
             hf[key] = value
-    if cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size or "head_dim" in hf:
+    if cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size or hf.get("head_dim"):
         if hf.get("head_dim") != cfg.head_dim:
             hf["head_dim"] = cfg.head_dim
     has_theta = "rope_theta" in hf or "rope_theta" in (hf.get("rope_parameters") or {})
     if not has_theta or _rope_theta(hf) != cfg.rotary_base:
-        if "rope_parameters" in hf or "rope_theta" not in hf:  # transformers 5 style
-            params = dict(hf.get("rope_parameters") or {"partial_rotary_factor": 1.0,
-                                                       "rope_type": "default"})
+        if "rope_theta" in hf and "rope_parameters" not in hf:  # transformers 4 style
+            hf["rope_theta"] = cfg.rotary_base
+        else:
+            params = dict(hf.get("rope_parameters") or rope_defaults)
             params["rope_theta"] = cfg.rotary_base
             hf["rope_parameters"] = params
-        else:
-            hf["rope_theta"] = cfg.rotary_base
-    return hf
 
 
 # ---- tensor layouts ----------------------------------------------------------------------------
@@ -319,20 +324,7 @@ def mixtral_hf_config_from_model_config(cfg: ModelConfig, base: Optional[dict] =
         "tie_word_embeddings": cfg.tie_embeddings,
         "initializer_range": cfg.init_method_std,
     }
-    for key, value in want.items():
-        if hf.get(key) != value:
-            hf[key] = value
-    if cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size or hf.get("head_dim"):
-        if hf.get("head_dim") != cfg.head_dim:
-            hf["head_dim"] = cfg.head_dim
-    has_theta = "rope_theta" in hf or "rope_theta" in (hf.get("rope_parameters") or {})
-    if not has_theta or _rope_theta(hf) != cfg.rotary_base:
-        if "rope_theta" in hf and "rope_parameters" not in hf:
-            hf["rope_theta"] = cfg.rotary_base
-        else:
-            params = dict(hf.get("rope_parameters") or {"rope_type": "default"})
-            params["rope_theta"] = cfg.rotary_base
-            hf["rope_parameters"] = params
+    _set_architecture_fields(hf, cfg, want, {"rope_type": "default"})
     return hf
 
 
