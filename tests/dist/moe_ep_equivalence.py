@@ -15,9 +15,8 @@ import torch.distributed as dist
 
 from megatron_jai import parallel
 from megatron_jai.config import TINY_MOE
-from megatron_jai.moe.dispatcher import AllToAllDispatcher
-from megatron_jai.moe.experts import GroupedExperts
 from megatron_jai.moe.layer import moe_layer_spec
+from moe_single_rank import single_rank_forward_backward
 
 TOL = dict(rtol=1e-4, atol=1e-5)  # fp32, different summation orders
 
@@ -62,18 +61,9 @@ def run_case(name, cfg, skewed=False):
         parts = [torch.empty_like(getattr(layer.experts, wname)) for _ in range(2)]
         dist.all_gather(parts, getattr(layer.experts, wname).detach().contiguous(), group=ep_group)
         full[wname] = torch.cat(parts)
-    ref_experts = GroupedExperts(tcfg, cfg.num_experts, cfg.expert_ffn_hidden_size, 1, 0)
-    with torch.no_grad():
-        ref_experts.weight_gate_up.copy_(full["weight_gate_up"])
-        ref_experts.weight_down.copy_(full["weight_down"])
-    ref_dispatcher = AllToAllDispatcher(cfg.num_experts, None)
     layer.zero_grad(set_to_none=True)
-    x1 = x.clone().requires_grad_(True)
-    tokens = x1.reshape(-1, hidden)
-    routing = layer.router(tokens)
-    d = ref_dispatcher.dispatch(tokens, routing.expert_ids, routing.weights)
-    out1 = ref_dispatcher.combine(ref_experts(d.hidden, d.expert_ids, d.weights), d).view_as(x1)
-    (out1 * upstream).sum().backward()
+    out1, x1, routing, ref_experts = single_rank_forward_backward(
+        layer, tcfg, cfg, full["weight_gate_up"], full["weight_down"], x, upstream)
 
     torch.testing.assert_close(out2, out1, **TOL)
     torch.testing.assert_close(x2.grad, x1.grad, **TOL)

@@ -15,10 +15,10 @@ import torch.distributed as dist
 
 from megatron_jai import parallel
 from megatron_jai.config import TINY_MOE
-from megatron_jai.moe.dispatcher import AllToAllDispatcher
 from megatron_jai.moe.experts import GroupedExperts
 from megatron_jai.moe.layer import moe_layer_spec, router_options
 from megatron_jai.moe.router import TopKRouter
+from moe_single_rank import single_rank_forward_backward
 
 TOL = dict(rtol=1e-4, atol=1e-5)  # fp32, different summation orders
 
@@ -78,18 +78,9 @@ def run_case(name, cfg):
     grads2 = {n: p.grad.clone() for n, p in layer.named_parameters()}
 
     # ---- TP = 1 reference: same router, full experts, no TP communication
-    ref_experts = GroupedExperts(tcfg, cfg.num_experts, f, 1, 0, tp_size=1, tp_rank=0)
-    with torch.no_grad():
-        ref_experts.weight_gate_up.copy_(full_gu)
-        ref_experts.weight_down.copy_(full_dn)
-    ref_dispatcher = AllToAllDispatcher(cfg.num_experts, None)
     layer.zero_grad(set_to_none=True)
-    x1 = x.clone().requires_grad_(True)
-    tokens = x1.reshape(-1, hidden)
-    routing = layer.router(tokens)
-    d = ref_dispatcher.dispatch(tokens, routing.expert_ids, routing.weights)
-    out1 = ref_dispatcher.combine(ref_experts(d.hidden, d.expert_ids, d.weights), d).view_as(x1)
-    (out1 * upstream).sum().backward()
+    out1, x1, routing, ref_experts = single_rank_forward_backward(
+        layer, tcfg, cfg, full_gu, full_dn, x, upstream)
 
     torch.testing.assert_close(out2, out1, **TOL)
     torch.testing.assert_close(x2.grad, x1.grad, **TOL)
