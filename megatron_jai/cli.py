@@ -1,0 +1,82 @@
+"""What every command line of the project shares: one error type, one exit-code convention, quiet
+library warnings.
+
+Exit codes (every tool and entry script):
+
+* ``0``   success;
+* ``1``   the job ran and a check it performs failed (``compare_logits`` over tolerance, a
+  benchmark's ``--check``);
+* ``2``   bad input or usage: one line ``PROG: error: ...`` on stderr, nothing written
+  (argparse uses 2 for usage errors too);
+* ``130`` interrupted (Ctrl-C), ``143`` terminated (SIGTERM); partial outputs are removed.
+
+A tool's ``main`` raises :class:`UserError` (or a subclass: every package error type derives from
+it) for anything the user can fix; :func:`run` turns it into the one line and the exit code.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import warnings
+from typing import Callable, Optional, Sequence
+
+EXIT_OK = 0
+EXIT_CHECK_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+
+
+class UserError(ValueError):
+    """A problem the user can fix (bad input, a missing file, a wrong flag): one line, exit 2."""
+
+
+def quiet_warnings() -> None:
+    """Silence the library warnings a user cannot act on (Megatron-Core's TE/apex fallbacks and
+    deprecations, torch's ShardedTensor/``load_state_dict`` FutureWarnings, transformers' notices).
+    ``JAI_SHOW_WARNINGS=1`` shows them again."""
+    if os.environ.get("JAI_SHOW_WARNINGS"):
+        return
+    for category in (UserWarning, FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    for name in ("megatron", "megatron.core", "transformers", "torch.distributed.checkpoint"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def run(prog: str, main: Callable[[Optional[Sequence[str]]], int],
+        argv: Optional[Sequence[str]] = None, user_errors: tuple = ()) -> int:
+    """Call ``main(argv)`` and map its failures to the project's exit codes.
+
+    ``user_errors``: extra exception types (beyond :class:`UserError` and ``OSError``, e.g. a full
+    disk) that are reported as one line with exit 2.
+    """
+    quiet_warnings()
+    terminated = []
+
+    def on_sigterm(*_):  # unwind like Ctrl-C, so ``finally`` blocks remove temporary outputs
+        terminated.append(True)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        return int(main(argv) or 0)
+    except (UserError, OSError, *user_errors) as err:
+        print(f"{prog}: error: {_one_line(err)}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"{prog}: error: {'terminated' if terminated else 'interrupted'}; no output written",
+              file=sys.stderr, flush=True)
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.strerror and err.filename:
+        return f"{err.filename}: {err.strerror}"
+    text = str(err) or type(err).__name__
+    return " ".join(text.split())
