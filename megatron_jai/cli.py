@@ -15,6 +15,7 @@ it) for anything the user can fix; :func:`run` turns it into the one line and th
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import signal
@@ -31,6 +32,18 @@ EXIT_TERMINATED = 143
 
 class UserError(ValueError):
     """A problem the user can fix (bad input, a missing file, a wrong flag): one line, exit 2."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``--help`` with a flag's default where it says something: not for ``None``/``False``
+    defaults, nor when the help text already names its default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) \
+                or action.option_strings == [] or isinstance(action.default, list):
+            return text
+        return text + " (default: %(default)s)"
 
 
 def quiet_warnings() -> None:
