@@ -9,20 +9,23 @@ import sys
 
 
 def main(argv=None) -> int:
+    from megatron_jai import cli
+
+    cli.quiet_warnings()  # before Megatron-Core's imports warn
     from megatron_jai.training.arguments import parse_args
-    from megatron_jai.training.faults import TrainingError
 
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
         from megatron_jai.training.loop import run
 
         return run(args)
-    except TrainingError as err:
+    except cli.UserError as err:  # TrainingError and the package's other error types
         rank = int(os.environ.get("RANK", "0"))
-        if err.rank_specific or rank == 0:
-            prefix = f"[rank {rank}] " if err.rank_specific else ""
+        rank_specific = getattr(err, "rank_specific", False)
+        if rank_specific or rank == 0:
+            prefix = f"[rank {rank}] " if rank_specific else ""
             print(f"pretrain_jai.py: error: {prefix}{err}", file=sys.stderr, flush=True)
-        return 2
+        return cli.EXIT_USAGE
 
 
 # The guard is required: dist_checkpointing's async writer re-imports the main module.
