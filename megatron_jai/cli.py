@@ -54,6 +54,9 @@ def quiet_warnings() -> None:
         return
     for category in (UserWarning, FutureWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category)
+    if not os.environ.get("PYTHONWARNINGS"):  # the same in worker processes (dist_checkpointing's)
+        os.environ["PYTHONWARNINGS"] = \
+            "ignore::UserWarning,ignore::FutureWarning,ignore::DeprecationWarning"
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     for name in ("megatron", "megatron.core", "transformers", "torch.distributed.checkpoint"):
