@@ -170,7 +170,7 @@ class DryRun:
     # -------------------------------------------------------------------------------------------
     def _report(self, cfg, phases, world: int, dp: int) -> None:
         from megatron_jai.config import pipeline_stage_layers
-        from megatron_jai.data.memory_estimate import GiB, estimate_stages
+        from megatron_jai.training.memory_estimate import GiB, estimate_stages
         from megatron_jai.upscale.plan import crossing_skips
 
         args = self.args
