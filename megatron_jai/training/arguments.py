@@ -80,6 +80,10 @@ def build_parser(prog: str = "pretrain_jai.py", description: Optional[str] = Non
                    help="shard optimizer state over DP (default on GPU; not available on CPU)")
     g.add_argument("--no-distributed-optimizer", dest="use_distributed_optimizer",
                    action="store_false")
+    g.add_argument("--moe-aux-loss-coeff", type=float, default=None,
+                   help="MoE load-balancing loss coefficient (default: the model config's)")
+    g.add_argument("--moe-z-loss-coeff", type=float, default=None,
+                   help="MoE router z-loss coefficient (default: the model config's)")
     g.add_argument("--recompute-activations", action="store_true",
                    help="full activation recomputation (saves memory at long sequence lengths)")
 

@@ -146,9 +146,16 @@ class Trainer:
             resolved, error = None, str(err)
         self._sync_errors(error if self.rank == 0 else None)
         self.resuming, self.cfg, note = resolved
+        overrides = {k: getattr(args, k) for k in ("moe_aux_loss_coeff", "moe_z_loss_coeff")
+                     if getattr(args, k, None) is not None}
+        if overrides:
+            if not self.cfg.is_moe:
+                raise TrainingError(f"{', '.join('--' + k.replace('_', '-') for k in overrides)}: "
+                                    f"model {self.cfg.name} has no experts")
+            self.cfg = self.cfg.replace(**overrides)
         if note:
             self._print(note)
-        self.phases = args.phases or [flag_phase(args, self._demo_data())]
+        self.phases = args.phases or [flag_phase(args, self._demo_data(), self.objective.name)]
         self._plan_save_dir()
         if args.tokenizer is None:
             args.tokenizer = checkpointing.checkpoint_tokenizer(
@@ -334,7 +341,7 @@ class Trainer:
             valid_ds = None
             if args.eval_interval and phase.valid_blend:
                 # Its own data, built apart: turning validation on never changes training.
-                valid_ds = self.objective.build_dataset(
+                valid_ds = self.objective.build_valid_dataset(
                     phase.valid_blend, phase.seq_length, args.eval_iters * gbs, seed)
         except ValueError as err:
             raise TrainingError(f"phase {phase.name}: {err}") from None
@@ -428,6 +435,7 @@ class Trainer:
         step = self.state.iteration + 1
         t0 = time.perf_counter()
         batches, scale = self.global_batch(run.data_iter, run.num_micro)
+        batches = self.objective.prepare_batches(self, batches, run, run.phase.blend)
         self.ddp_model.zero_grad_buffer()
         self.optimizer.zero_grad()
         losses = self.run_schedule(self.ddp_model, batches, run, scale, forward_only=False,
@@ -521,6 +529,8 @@ class Trainer:
                             batches, scale = self.global_batch(it, run.num_micro)
                         except StopIteration:
                             break
+                        batches = self.objective.prepare_batches(self, batches, run,
+                                                                 run.phase.valid_blend)
                         losses = self.run_schedule(self.ddp_model, batches, run, scale,
                                                    forward_only=True)
                         total += self.reduce_stats(losses, len(run.stat_names))[0]
@@ -731,6 +741,8 @@ def run(args, objective: Optional[Objective] = None, prog: str = "pretrain_jai.p
     trainer = Trainer(args, objective)
     try:
         trainer.setup()
+        if not trainer.objective.trains:
+            return 0
         if trainer.state.phase_index >= len(trainer.phases):
             trainer._print(
                 f"training already complete at iteration {trainer.state.iteration} ({args.load}: "

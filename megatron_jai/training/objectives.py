@@ -39,6 +39,7 @@ class Objective:
 
     name = "pretrain"
     sequences_per_sample = 1  # DPO: 2 (chosen and rejected share the micro-batch)
+    trains = True  # False: the objective's before_training is the whole job
 
     def __init__(self, args):
         self.args = args
@@ -61,8 +62,16 @@ class Objective:
             cache_dir=os.path.join(cache, "dataset_index") if cache else None)
         return train
 
+    def build_valid_dataset(self, blend, seq_length: int, num_samples: int, seed: int):
+        return self.build_dataset(blend, seq_length, num_samples, seed)
+
     def collate(self, items: list) -> dict:
         return collate(items)
+
+    def prepare_batches(self, trainer, batches: list, run, blend) -> list:
+        """The step's (device) micro-batches before the schedule runs (e.g. DPO attaches its
+        reference log-probs); ``blend`` is the data they come from."""
+        return batches
 
     def units(self, batch: dict) -> int:
         """Loss units in a (host) micro-batch: what the global-batch mean divides by."""
