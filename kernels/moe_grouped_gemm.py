@@ -71,8 +71,8 @@ ROWS_CONFIGS = _configs([(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (256, 128, 
                          (128, 128, 64, 4, 4), (64, 128, 64, 4, 4)])
 DOWN_BWD_CONFIGS = _configs([(128, 64, 64, 8, 4), (128, 64, 64, 8, 3), (128, 64, 32, 8, 5)])
 # The weight-gradient loop loads the gather indices one stage ahead of the operands, so its operand
-# buffers number num_stages - 2: deep pipelines.
-WGRAD_CONFIGS = _configs([(128, 128, 64, 8, 5), (128, 128, 64, 8, 6), (128, 256, 64, 8, 4),
+# buffers number num_stages - 2 (at most 3): deep pipelines.
+WGRAD_CONFIGS = _configs([(128, 128, 64, 8, 5), (128, 128, 64, 8, 4), (128, 256, 64, 8, 4),
                           (128, 128, 32, 8, 7), (64, 128, 64, 4, 6)])
 
 

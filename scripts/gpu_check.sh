@@ -13,9 +13,9 @@
 #
 #   bash scripts/gpu_check.sh [--dry-run] [--only PHASE,...] [--budget SECONDS]
 #
-# The GPU machine is offline: run `bash scripts/fetch_gpu_wheels.sh` here first and carry .whl (and,
-# to skip building the demo corpus there, .cache/demo-v2). With the device tool:
-#   run(command="bash scripts/gpu_check.sh", carry=[".whl", ".cache/demo-v2"], timeout_s=540)
+# The GPU machine is offline: run `bash scripts/fetch_gpu_wheels.sh` where PyPI is reachable first and
+# carry .whl. With the device tool:
+#   run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=540)
 # Logs go to $OUT (the device tool brings them back) or to a temporary folder.
 set -uo pipefail
 cd "$(dirname "$0")/.."
