@@ -175,14 +175,17 @@ phase_wheels() {
 summary() {
   banner "summary"
   grep -E "^(date|commit|python|torch|triton|NVIDIA|Cuda compilation|Build cuda)" "$LOGS/gpu_check.log" 2>/dev/null | head -n 8
-  if [ -f "$LOGS/tests.log" ]; then echo "tests: $(grep -E '(passed|failed|error)' "$LOGS/tests.log" | tail -n 1)"; fi
+  if [ -f "$LOGS/tests.log" ]; then
+    echo "tests: $(grep -E '(passed|failed|error)' "$LOGS/tests.log" | tail -n 1)"
+    grep -E '^(FAILED|ERROR) ' "$LOGS/tests.log" | cut -c1-300 | head -n 20
+  fi
   if [ -f "$LOGS/moe.log" ]; then
     echo "--- MoE table (tools/bench_moe.py --check --iters 10 --warmup 3)"
     sed -n '/^shape (T,H,F,E,k)/,$p' "$LOGS/moe.log"
   fi
   if [ -f "$LOGS/train.log" ]; then
     echo "--- training table (tools/bench_train.py --steps 6 --warmup-steps 2 --global-batch-size 8)"
-    sed -n '/^bench_train:/p; /^model /,$p' "$LOGS/train.log"
+    sed -n '/^bench_train:/p; /^training table:/,$p' "$LOGS/train.log"
   fi
   echo "logs: $LOGS; total $(( $(date +%s) - START ))s of the ${BUDGET}s budget"
   if [ ${#FAILED[@]} -gt 0 ]; then

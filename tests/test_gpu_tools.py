@@ -23,6 +23,12 @@ def test_gpu_check_plan_and_refusal_without_cuda(tmp_path):
     assert "no CUDA GPU visible" in refused.stdout and "Traceback" not in refused.stdout
     assert "torch " in refused.stdout and "python " in refused.stdout  # the versions came first
     assert (tmp_path / "gpu_check.log").read_text().count("no CUDA GPU visible") == 1
+    # Phases that fail (here: the benchmarks refuse without CUDA) do not stop the later ones; the
+    # summary lists them and the exit status is 1.
+    proc = run_cmd(["bash", CHECK, "--only", "moe,train", "--budget", "200"], env=env, check=False, timeout=300)
+    assert proc.returncode == 1, proc.stdout
+    assert "FAILED phases: moe (exit 2) train (exit 2)" in proc.stdout, proc.stdout
+    assert (tmp_path / "moe.log").is_file() and (tmp_path / "train.log").is_file()
     for bad in (["--only", "nope"], ["--budget", "5"], ["--frobnicate"]):
         proc = run_cmd(["bash", CHECK, *bad], env=env, check=False, timeout=60)
         assert proc.returncode == 2 and "gpu_check.sh: error:" in proc.stderr, (bad, proc.stderr)

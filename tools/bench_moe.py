@@ -24,6 +24,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_jai.cli import UserError  # noqa: E402
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -375,22 +377,19 @@ def main(argv=None):
         if args.iters < 1 or args.warmup < 0:
             raise ValueError("--iters must be >= 1 and --warmup >= 0")
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        raise UserError(str(exc)) from None
     if args.smoke:
         device, dtype = torch.device("cpu"), torch.float32
         args.iters, args.warmup, args.check = 1, 0, True
         impls = [i for i in impls if i != "grouped_mm" or hasattr(torch, "_grouped_mm")]
     else:
         if not torch.cuda.is_available():
-            print("error: bench_moe.py measures on a CUDA GPU and none is available (torch.cuda.is_available() "
-                  "is False); use --smoke for a tiny CPU run of the script", file=sys.stderr)
-            return 2
+            raise UserError("bench_moe.py measures on a CUDA GPU and none is available (torch.cuda.is_available() "
+                            "is False); use --smoke for a tiny CPU run of the script")
         device, dtype = torch.device("cuda"), torch.bfloat16
         if "grouped_mm" in impls and not hasattr(torch, "_grouped_mm"):
-            print(f"error: torch {torch.__version__} has no torch._grouped_mm (the baseline needs torch >= 2.8); "
-                  f"upgrade torch or leave it out with --impls ours,loop,dense", file=sys.stderr)
-            return 2
+            raise UserError(f"torch {torch.__version__} has no torch._grouped_mm (the baseline needs torch >= 2.8); "
+                            f"upgrade torch or leave it out with --impls ours,loop,dense")
     timer = Timer(device)
     from megatron_jai.moe.functional import resolve_backend
 

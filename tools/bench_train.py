@@ -189,10 +189,10 @@ def main(argv=None) -> int:
     print(environment_line(), flush=True)
     rows = [train_one(layer, run, args) for layer in layers]
     model = os.path.basename(run["model"])
-    print_table(rows, f"model {model}, sequence {args.seq_length}, {args.global_batch_size} sequences per step "
-                      f"({args.global_batch_size // run['micro_batch_size']} micro-batches of "
-                      f"{run['micro_batch_size']}), {args.steps} steps (first {args.warmup_steps} not averaged)"
-                      + (" -- smoke run on CPU: not a measurement" if args.smoke else ""))
+    title = (f"training table: {model}, sequence {args.seq_length}, {args.global_batch_size} sequences per "
+             f"step ({args.global_batch_size // run['micro_batch_size']} micro-batches of "
+             f"{run['micro_batch_size']}), {args.steps} steps (first {args.warmup_steps} not averaged)")
+    print_table(rows, title + (" -- smoke run on CPU: not a measurement" if args.smoke else ""))
     return 1 if any("error" in r for r in rows) else 0
 
 
