@@ -76,3 +76,17 @@ def shared_dir():
     if not os.path.isdir(d):
         pytest.skip(f"shared data directory {d} not found (set JAI_SHARED_DIR)")
     return d
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need CUDA: skipped where torch sees no GPU (scripts/gpu_check.sh runs them)."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (scripts/gpu_check.sh runs the gpu tests)")
+    for item in gpu_items:
+        item.add_marker(skip)

@@ -8,6 +8,7 @@ dense SwiGLU MLP, or the MoE layer of ``megatron_jai.moe`` when the config has e
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 
 import torch
@@ -41,8 +42,25 @@ def _note_local_layers() -> None:
           file=sys.stderr, flush=True)
 
 
+MOE_LAYERS = ("jai", "mcore")
+
+
+def moe_layer_choice() -> str:
+    """``JAI_MOE_LAYER``: ``jai`` (default, ours) or ``mcore`` (Megatron-Core's own MoE layer, for
+    side-by-side measurements: tools/bench_train.py; it has other checkpoint keys than ours)."""
+    choice = os.environ.get("JAI_MOE_LAYER", "jai").lower()
+    if choice not in MOE_LAYERS:
+        raise ValueError(f"JAI_MOE_LAYER must be one of {MOE_LAYERS}, got {choice!r}")
+    return choice
+
+
 def mlp_spec(cfg: ModelConfig, use_te: bool) -> ModuleSpec:
     """The MLP slot: our MoE layer when the config has experts, else the dense base spec's MLP."""
+    if cfg.is_moe and moe_layer_choice() == "mcore":
+        from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+
+        # Its grouped GEMM is Transformer Engine's (TEGroupedMLP); without TE, a loop over experts.
+        return get_moe_module_spec(use_te=use_te, num_experts=cfg.num_experts, moe_grouped_gemm=use_te)
     if cfg.is_moe:
         from megatron_jai.moe.layer import moe_layer_spec
 
