@@ -24,6 +24,7 @@ from megatron_jai.config import ModelConfig
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 CONFIG_FILE = "model_config.json"
 TOKENIZER_SUBDIR = "tokenizer"  # the tokenizer a vocabulary surgery gave the model, if any
+MERGE_RECORD = "merge.json"  # how a merged checkpoint was made (tools/merge_checkpoints.py)
 
 
 def iteration_dir(root: str, iteration: int) -> str:

@@ -28,17 +28,19 @@ def model_keys(reader: CheckpointReader) -> tuple:
     return stacked, [k for k in keys if k not in stacked]
 
 
-def copy_side_files(src_root: str, writer: CheckpointWriter) -> list:
+def copy_side_files(src_root: str, writer: CheckpointWriter, same_model: bool = False) -> list:
     """Carry the files that travel with a checkpoint (e.g. ``tokenizer/`` written by the vocab
-    surgery) into the output root: everything but the iterations, config, tracker, plan, and the
-    converter's ``hf/`` record of the original HF model (it describes the model before surgery)."""
+    surgery) into the output root: everything but the iterations, config and tracker, and entries
+    the output already has. Surgery (``same_model=False``) also leaves out what describes the model
+    before it: the DUS plan, the merge record and the converter's ``hf/`` record of the original
+    HF model; a merge keeps the architecture and carries them."""
     from megatron_jai.checkpoint.convert import HF_SUBDIR
-    from megatron_jai.checkpoint.dist import CONFIG_FILE, TRACKER_FILE
+    from megatron_jai.checkpoint.dist import CONFIG_FILE, MERGE_RECORD, TRACKER_FILE
 
+    skip = {CONFIG_FILE, TRACKER_FILE} | (set() if same_model else {PLAN_FILE, MERGE_RECORD, HF_SUBDIR})
     copied = []
     for entry in sorted(os.listdir(src_root)):
-        if entry.startswith(("iter_", ".")) or \
-                entry in (CONFIG_FILE, TRACKER_FILE, PLAN_FILE, HF_SUBDIR):
+        if entry.startswith(("iter_", ".")) or entry in skip or os.path.exists(writer.path(entry)):
             continue
         src = os.path.join(src_root, entry)
         dst = writer.path(entry)
