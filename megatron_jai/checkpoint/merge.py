@@ -59,16 +59,21 @@ class MergeError(UserError):
     """Inputs or options that cannot be merged (one line, exit 2)."""
 
 
-# ---- the methods, on one fp32 tensor of each input ----------------------------------------------
+# ---- the methods, on one tensor of each input (any float dtype; computed in fp32 or wider) -------
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def linear(xs: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool = True) -> torch.Tensor:
-    out = torch.zeros_like(xs[0])
+    out = torch.zeros(xs[0].shape, dtype=torch.promote_types(xs[0].dtype, torch.float32))
     for x, w in zip(xs, weights):
-        out.add_(x, alpha=w)
+        out.add_(x, alpha=w)  # casts x element by element: no fp32 copy of it
     # sum, then divide: 1:1 is bit for bit torch.stack([a, b]).mean(0)
     return out.div_(sum(weights)) if normalize else out
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-8) -> torch.Tensor:
+    a, b = _wide(a), _wide(b)
     na, nb = a.norm().item(), b.norm().item()
     cos = torch.dot(a.flatten(), b.flatten()).item() / ((na if na > eps else 1.0) *
                                                          (nb if nb > eps else 1.0))
@@ -82,6 +87,7 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-8) -> torc
 
 def task_arithmetic(base: torch.Tensor, xs: Sequence[torch.Tensor], weights: Sequence[float],
                     lam: float = 1.0, normalize: bool = False) -> torch.Tensor:
+    base = _wide(base)
     mixed = torch.zeros_like(base)
     for x, w in zip(xs, weights):
         mixed.add_(x - base, alpha=w)
@@ -103,6 +109,7 @@ def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
 
 def ties(base: torch.Tensor, xs: Sequence[torch.Tensor], weights: Sequence[float],
          density: float = 1.0, lam: float = 1.0, normalize: bool = True) -> torch.Tensor:
+    base = _wide(base)
     deltas = [trim(x - base, density).mul_(w) for x, w in zip(xs, weights)]
     total = deltas[0].clone()
     for d in deltas[1:]:
@@ -264,7 +271,7 @@ def _check_compatible(readers: Sequence[CheckpointReader], names: Sequence[str])
 
 # ---- streaming ----------------------------------------------------------------------------------
 def _combiner(method: str, weights, t, density, lam, normalize) -> Callable:
-    """``f(inputs, base) -> merged`` on fp32 tensors of one merge unit."""
+    """``f(inputs, base) -> merged`` on the tensors of one merge unit."""
     if method == "slerp":
         return lambda xs, base: slerp(xs[0], xs[1], t)
     if method == "linear":
@@ -284,9 +291,8 @@ def _merge_tensor(key: str, tensors: list, has_base: bool, combine: Callable,
                              f"inputs: it cannot be merged")
         return first
     out = torch.empty(first.shape, dtype=dtype or first.dtype)
-    compute = torch.float64 if first.dtype == torch.float64 else torch.float32
     for unit in (range(first.shape[0]) if expert_dim else (slice(None),)):
-        xs = [x[unit].to(compute) for x in tensors]
+        xs = [x[unit] for x in tensors]
         base = xs.pop() if has_base else None
         out[unit] = combine(xs, base)
         del xs, base
@@ -365,7 +371,7 @@ def _describe(r: CheckpointReader) -> dict:
 def summary_line(s: dict) -> str:
     mib = 2 ** 20
     return (f"merge {s['method']}: {s['inputs']} inputs{' + base' if s['base'] else ''}, "
-            f"{s['tensors']} tensors x {s['layers']} layers, wrote {s['out']} "
+            f"{s['tensors']} tensors ({s['layers']} layers), wrote {s['out']} "
             f"({s['bytes'] / mib:.1f} MiB) in {s['seconds']:.1f}s; held at most "
             f"{s['held_peak_bytes'] / mib:.1f} MiB at once (largest tensor "
             f"{s['largest_tensor_bytes'] / mib:.1f} MiB), peak RSS {s['peak_rss_bytes'] / mib:.0f} MiB")
