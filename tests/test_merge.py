@@ -116,6 +116,11 @@ def test_linear_1to1_is_the_elementwise_mean_bit_for_bit(ckpts, tmp_path, capsys
     merge(capsys, "--inputs", os.path.join(ckpts["a"], "iter_0000007"), ckpts["b"], "--weights", 3, 1,
           "--dtype", "bf16", "--out", w)
     assert_units(w, [a, b], lambda x, y: ((3 * x + y) / 4).bfloat16())
+    # bf16 inputs: computed in fp32, written in bf16
+    halves = [_rewrite(ckpts[n], tmp_path / f"{n}16", lambda k, t: t.bfloat16()) for n in ("a", "b")]
+    merge(capsys, "--inputs", *halves, "--out", tmp_path / "m16")
+    assert_units(tmp_path / "m16", [CheckpointReader(h) for h in halves],
+                 lambda x, y: ((x.float() + y.float()) / 2).bfloat16())
     raw = tmp_path / "raw"
     merge(capsys, "--inputs", ckpts["a"], ckpts["b"], "--weights", 0.5, 0.25, "--no-normalize",
           "--out", raw)

@@ -330,8 +330,8 @@ def merge_checkpoints(method: str, inputs: Sequence[str], out: str, *,
     largest = max([first.num_bytes(k) for k in others] +
                   [first.num_bytes(k) // first.shape(k)[0] for k in stacked])
     record = {"method": method, "inputs": [_describe(r) for r in readers[:len(inputs)]],
-              "base": _describe(readers[-1]) if base else None, "weights": weights,
-              "normalize": normalize, **({"t": t} if method == "slerp" else {}),
+              **({"base": _describe(readers[-1])} if base else {}),
+              **({"t": t} if method == "slerp" else {"weights": weights, "normalize": normalize}),
               **({"lambda": lam} if method in NEEDS_BASE else {}),
               **({"density": density} if method == "ties" else {})}
     meter = HeldBytes()
@@ -341,7 +341,7 @@ def merge_checkpoints(method: str, inputs: Sequence[str], out: str, *,
             f.write("\n")
         for r in readers:  # the tokenizer and HF files travel along (the architecture is the same)
             copy_side_files(r.root, writer, same_model=True)
-        steps = len(others) + num_layers * len(stacked)
+        steps = len(others) + sum(first.shape(k)[0] for k in stacked)
         with meter, tqdm(total=steps, desc=f"merge {method}", unit="tensor",
                          disable=not progress, dynamic_ncols=True) as bar:
             for key in others:
@@ -349,7 +349,7 @@ def merge_checkpoints(method: str, inputs: Sequence[str], out: str, *,
                                                 combine, dtype, expert_dim=False))
                 bar.update(1)
             for layer in range(num_layers):  # layer-major: each input's chunks are read in order
-                for key in stacked:
+                for key in (k for k in stacked if layer < first.shape(k)[0]):
                     merged = _merge_tensor(key, [r.read_layer(key, layer) for r in readers],
                                            bool(base), combine, dtype,
                                            expert_dim=EXPERT_TENSORS in key)
