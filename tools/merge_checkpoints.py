@@ -68,12 +68,5 @@ def main(argv=None) -> int:
     return 0
 
 
-def run(argv=None) -> int:
-    """``main`` with the project's exit codes: 0, or 2 and one line on stderr."""
-    from megatron_jai.checkpoint.stream import CheckpointFormatError
-
-    return cli.run(PROG, main, argv, user_errors=(CheckpointFormatError,))
-
-
 if __name__ == "__main__":
-    sys.exit(run())
+    sys.exit(cli.run(PROG, main))

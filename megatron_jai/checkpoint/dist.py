@@ -37,7 +37,6 @@ from megatron_jai.config import ModelConfig
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 CONFIG_FILE = "model_config.json"
 TOKENIZER_SUBDIR = "tokenizer"  # the tokenizer the model was trained with / a vocab surgery gave it
-MERGE_RECORD = "merge.json"  # how a merged checkpoint was made (tools/merge_checkpoints.py)
 _ITER_DIR = re.compile(r"^iter_(\d{7})$")
 _OLD_SUFFIX = ".old"  # an iteration directory moved aside while its replacement is renamed in
 _TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",

@@ -38,8 +38,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from tqdm import tqdm
 
-from megatron_jai.checkpoint.convert import HF_SIDE_FILES, HF_SUBDIR, peak_rss_bytes
-from megatron_jai.checkpoint.dist import MERGE_RECORD, TOKENIZER_SUBDIR
+from megatron_jai.checkpoint.convert import HF_SUBDIR, peak_rss_bytes
+from megatron_jai.checkpoint.dist import TOKENIZER_SUBDIR, tokenizer_files
 from megatron_jai.checkpoint.stream import CheckpointReader, CheckpointWriter
 from megatron_jai.cli import UserError
 from megatron_jai.config import ModelConfig
@@ -53,6 +53,7 @@ COLINEAR_COS = 0.9995  # slerp falls back to linear interpolation above this |co
 TRAINING_FIELDS = ("name", "init_method_std", "moe_aux_loss_coeff", "moe_z_loss_coeff",
                    "moe_expert_bias_update_rate", "moe_capacity_factor", "moe_token_drop_policy")
 EXPERT_TENSORS = ".mlp.experts."  # per-layer tensors with a leading expert dimension
+MERGE_RECORD = "merge.json"  # in the output root: the method, the inputs and their iterations
 
 
 class MergeError(UserError):
@@ -172,20 +173,15 @@ def architecture(cfg: ModelConfig) -> dict:
 
 def tokenizer_fingerprint(root: str) -> dict:
     """``{file: sha256}`` of the tokenizer an export of the checkpoint carries: the HF tokenizer
-    files kept in ``hf/``, replaced by those of ``tokenizer/`` (vocabulary surgery) where present."""
+    files kept in ``hf/``, replaced by those of ``tokenizer/`` (training, vocabulary surgery)."""
     files = {}
-    hf = os.path.join(root, HF_SUBDIR)
-    for name in HF_SIDE_FILES:
-        if name != "generation_config.json" and os.path.isfile(os.path.join(hf, name)):
-            files[name] = os.path.join(hf, name)
-    tok = os.path.join(root, TOKENIZER_SUBDIR)
-    for d, _, names in os.walk(tok):
-        for name in names:
-            files[os.path.relpath(os.path.join(d, name), tok)] = os.path.join(d, name)
+    for sub in (HF_SUBDIR, TOKENIZER_SUBDIR):
+        if os.path.isdir(os.path.join(root, sub)):
+            files.update(tokenizer_files(os.path.join(root, sub)))
     out = {}
-    for rel, path in sorted(files.items()):
+    for name, path in sorted(files.items()):
         with open(path, "rb") as f:
-            out[rel] = hashlib.sha256(f.read()).hexdigest()
+            out[name] = hashlib.sha256(f.read()).hexdigest()
     return out
 
 
@@ -253,9 +249,9 @@ def _check_compatible(readers: Sequence[CheckpointReader], names: Sequence[str])
         if diff:
             raise MergeError(f"{name} has a different architecture than {first_name}: "
                              f"{'; '.join(diff[:3])}")
-        tok = tokenizer_fingerprint(r.root)
-        if tokenizer and tok and tok != tokenizer:
-            differ = sorted(k for k in set(tok) | set(tokenizer) if tok.get(k) != tokenizer.get(k))
+        tok = tokenizer_fingerprint(r.root)  # compared where both have a file (one may lack some)
+        differ = sorted(k for k in set(tok) & set(tokenizer) if tok[k] != tokenizer[k])
+        if differ:
             raise MergeError(f"{name} has a different tokenizer than {first_name} "
                              f"({', '.join(differ[:3])} differ)")
         keys = model_keys(r)
