@@ -28,6 +28,8 @@ def mode_parser(mode: str):
         posttraining.add_sft_arguments(parser)
     else:
         posttraining.add_dpo_arguments(parser, reference_only=mode == "dpo-reference")
+    if mode == "dpo-reference":
+        parser.set_defaults(train_iters=1)  # no training: the phase only describes the data
     return parser
 
 
@@ -46,7 +48,6 @@ def objective_for(mode: str):
             args.reference_mode, args.dpo_beta, args.dpo_loss, args.dpo_nll_weight = \
                 "precomputed", 0.1, "sigmoid", 0.0
             args.init_from = args.reference or args.init_from
-            args.train_iters = args.train_iters or 1
             return posttraining.DPOReferenceOnly(args)
         return posttraining.DPOObjective(args)
 

@@ -135,6 +135,9 @@ def build_parser(prog: str = "pretrain_jai.py", description: Optional[str] = Non
     g.add_argument("--eval-interval", type=int, default=0,
                    help="validation loss every N steps (0 = off; needs validation data)")
     g.add_argument("--eval-iters", type=int, default=2, help="validation batches per evaluation")
+    g.add_argument("--eval-only", action="store_true",
+                   help="evaluate the (--load / --init-from) model on every phase's validation "
+                        "data once and exit: no training, nothing saved")
 
     g = p.add_argument_group("checkpoints")
     g.add_argument("--load", default=None, help="resume from the latest complete checkpoint here")

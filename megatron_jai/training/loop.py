@@ -131,6 +131,8 @@ class Trainer:
         """Where the run starts (resume / init / scratch), its architecture and its phases. Reads
         only: nothing on disk changes before every check has passed."""
         args = self.args
+        if args.eval_only:
+            args.save = None  # evaluation writes no checkpoint and moves none
         if args.no_arguments:
             args.save = args.save or os.path.join(DEMO_RUN_DIR, "checkpoints")
             args.metrics_file = args.metrics_file or os.path.join(DEMO_RUN_DIR, "metrics.jsonl")
@@ -339,7 +341,7 @@ class Trainer:
             train_ds = self.objective.build_dataset(phase.blend, phase.seq_length, iters * gbs,
                                                     seed)
             valid_ds = None
-            if args.eval_interval and phase.valid_blend:
+            if (args.eval_interval or args.eval_only) and phase.valid_blend:
                 # Its own data, built apart: turning validation on never changes training.
                 valid_ds = self.objective.build_valid_dataset(
                     phase.valid_blend, phase.seq_length, args.eval_iters * gbs, seed)
@@ -542,6 +544,25 @@ class Trainer:
         return out
 
     # == the loop ===============================================================================
+    def evaluate_only(self) -> dict:
+        """``--eval-only``: every phase's validation metrics of the model as loaded."""
+        from megatron_jai.training.data_loading import check_validation
+
+        check_validation(self.phases, 1)
+        results = {}
+        for index, phase in enumerate(self.phases):
+            run = self.enter_phase(index)
+            if run is None:
+                continue
+            metrics = self.evaluate(run)
+            results[phase.name] = metrics
+            self.metrics.log({"step": self.state.iteration, "phase": phase.name,
+                              "eval_only": True, **metrics}, print_line=False)
+            self._print(f"eval {phase.name} at iteration {self.state.iteration}: " + ", ".join(
+                f"{k} {v:.4f}" for k, v in metrics.items()))
+        self.metrics.close()
+        return results
+
     def train(self) -> RunSummary:
         args, state = self.args, self.state
         summary = RunSummary(skipped=state.skipped_steps)
@@ -742,6 +763,9 @@ def run(args, objective: Optional[Objective] = None, prog: str = "pretrain_jai.p
     try:
         trainer.setup()
         if not trainer.objective.trains:
+            return 0
+        if args.eval_only:
+            trainer.evaluate_only()
             return 0
         if trainer.state.phase_index >= len(trainer.phases):
             trainer._print(

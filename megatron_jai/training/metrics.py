@@ -76,7 +76,7 @@ class MetricsLogger:
 
             self._tb = SummaryWriter(log_dir=tensorboard_dir, purge_step=resume_step + 1)
 
-    def log(self, record: dict) -> None:
+    def log(self, record: dict, print_line: bool = True) -> None:
         if not self.enabled:
             return
         step = record["step"]
@@ -90,7 +90,7 @@ class MetricsLogger:
                 if isinstance(value, (int, float)) and not isinstance(value, bool) \
                         and key not in ("step", "resumed_from") and math.isfinite(value):
                     self._tb.add_scalar(key if "/" in key else f"train/{key}", value, step)
-        if step % self.log_interval == 0 or step == 1 or record.get("skipped"):
+        if print_line and (step % self.log_interval == 0 or step == 1 or record.get("skipped")):
             print(format_record(record), flush=True)
 
     def text(self, message: str) -> None:
@@ -126,8 +126,13 @@ def format_record(r: dict) -> str:
              f"lr {_fmt(r.get('lr'), '.3e')}", f"grad_norm {_fmt(r.get('grad_norm'), '.3f')}",
              f"tokens/s {_fmt(r.get('tokens_per_s'), '.0f')}",
              f"TFLOP/s/GPU {_fmt(r.get('tflops_per_gpu'), '.4f')}"]
-    if r.get("valid_loss") is not None:
-        parts.append(f"valid loss {r['valid_loss']:.4f}")
+    if "accuracy" in r:  # DPO
+        parts.append(f"margin {_fmt(r.get('margin'), '.4f')} accuracy {_fmt(r['accuracy'], '.3f')}")
+    if r.get("valid_loss") is not None:  # eval mode: inference skip alphas
+        parts.append(f"valid loss {r['valid_loss']:.4f}"
+                     + (f" (train alphas {r['valid_loss_train_alphas']:.4f})"
+                        if r.get("valid_loss_train_alphas") is not None else "")
+                     + (f" accuracy {r['valid_accuracy']:.3f}" if "valid_accuracy" in r else ""))
     if r.get("mfu") is not None:
         parts.append(f"MFU {100 * r['mfu']:.1f}%")
     per_dataset = [f"{k[5:]} {v:.3f}" for k, v in r.items() if k.startswith("loss/")]
