@@ -161,9 +161,8 @@ class ModelConfig:
         pipeline_stage_layers(self.num_layers, pp, first_stage_layers, last_stage_layers)
         if self.is_moe and self.num_experts % ep:
             raise ValueError(f"expert parallel size {ep} must divide num_experts {self.num_experts}")
-        if self.is_moe and sequence_parallel and tp > 1:
-            raise ValueError("sequence parallelism is not supported with MoE layers yet "
-                             "(run MoE models without --sequence-parallel)")
+        if sequence_parallel and tp < 2:
+            raise ValueError(f"sequence parallelism needs tensor parallel size > 1, got {tp}")
         if self.padded_vocab_size % tp:
             raise ValueError(f"tensor parallel size {tp} must divide the padded vocabulary "
                              f"{self.padded_vocab_size}")
@@ -189,7 +188,7 @@ class ModelConfig:
             num_layers_in_first_pipeline_stage=first_stage_layers,
             num_layers_in_last_pipeline_stage=last_stage_layers,
             expert_model_parallel_size=ep,
-            sequence_parallel=sequence_parallel and tp > 1,
+            sequence_parallel=sequence_parallel,
             params_dtype=params_dtype,
             pipeline_dtype=params_dtype,
             bf16=params_dtype == torch.bfloat16,
