@@ -34,10 +34,10 @@ def test_tiny_moe_model_reshards_between_ep_and_trains_with_ep2(tmp_path):
     assert out.stdout.count("OK training") == 2, out.stdout
 
 
-def test_pretrain_tiny_moe_with_ep2_then_resumes_at_ep1(tmp_path):
+def test_pretrain_tiny_moe_with_ep2_then_resumes_at_tp2_with_sequence_parallelism(tmp_path):
     """pretrain_jai.py on the tiny MoE preset with EP=2 (DP=2): finite, falling loss and router
     statistics in the metrics; its checkpoint (model + optimizer state, experts split over EP)
-    resumes at EP=1 and training goes on."""
+    resumes at TP=2 with sequence parallelism (EP=1, experts split over TP) and training goes on."""
     import json
 
     def metrics(path):
@@ -56,9 +56,9 @@ def test_pretrain_tiny_moe_with_ep2_then_resumes_at_ep1(tmp_path):
     losses = [r["loss"] for r in first]
     assert all(l == l and abs(l) < 100 for l in losses), losses  # finite
     assert all(r["moe/aux_loss"] > 0 and 0 < r["moe/entropy"] <= 1.3863 for r in first)
-    torchrun(2, script, *common, "--ep", "1", "--load", tmp_path / "ckpt",
-             "--metrics-file", tmp_path / "ep1.jsonl", timeout=500)
-    resumed = metrics(tmp_path / "ep1.jsonl")
+    torchrun(2, script, *common, "--tp", "2", "--sequence-parallel", "--load", tmp_path / "ckpt",
+             "--metrics-file", tmp_path / "tp2_sp.jsonl", timeout=500)
+    resumed = metrics(tmp_path / "tp2_sp.jsonl")
     assert [r["step"] for r in resumed] == list(range(9, 15))
     losses += [r["loss"] for r in resumed]
     assert all(l == l for l in losses)
