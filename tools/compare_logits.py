@@ -11,9 +11,10 @@ Megatron-Core model (fp32, built at TP/PP, loaded from M). The last line printed
 import argparse
 import os
 import sys
-import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_jai import cli  # noqa: E402
 
 
 _ARCH_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
@@ -37,41 +38,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.core")
-    # Megatron-Core's loader still goes through torch's deprecated ShardedTensor
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.checkpoint")
-    for name, value in (("--seq-len", args.seq_len), ("--batch", args.batch), ("--tp", args.tp), ("--pp", args.pp), ("--ep", args.ep)):
+    for name, value in (("--seq-len", args.seq_len), ("--batch", args.batch), ("--tp", args.tp),
+                        ("--pp", args.pp), ("--ep", args.ep)):
         if value < 1:
-            print(f"compare_logits: error: {name} must be >= 1", file=sys.stderr)
-            return 2
+            raise cli.UserError(f"{name} must be >= 1")
     from megatron_jai import parallel
     from megatron_jai.checkpoint.compare import compare_logits
     from megatron_jai.checkpoint.convert import read_hf_config, validate_layout
     from megatron_jai.checkpoint.hf_phi3 import ConversionError, model_config_from_hf
-    from megatron_jai.checkpoint.stream import CheckpointFormatError, CheckpointReader
+    from megatron_jai.checkpoint.stream import CheckpointReader
 
-    try:
-        hf_cfg = model_config_from_hf(read_hf_config(args.hf_dir))
-        cfg = CheckpointReader(args.mcore_dir).config
-        # Different architectures would only fail later, in one rank, while the others wait.
-        differ = [f"{f} {getattr(hf_cfg, f)} vs {getattr(cfg, f)}" for f in _ARCH_FIELDS
-                  if getattr(hf_cfg, f) != getattr(cfg, f)]
-        if differ:
-            raise ConversionError(f"{args.hf_dir} and {args.mcore_dir} are different models (HF vs "
-                                  f"Megatron: {', '.join(differ)})")
-        validate_layout(cfg, args.tp, args.pp, args.ep)
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world % (args.tp * args.pp):
-            raise ConversionError(f"{world} processes are not a multiple of TP*PP = {args.tp * args.pp}")
-        if (world // args.pp) % args.ep:
-            raise ConversionError(f"EP={args.ep} must divide the {world // args.pp} processes of a "
-                                  f"pipeline stage")
-        if args.seq_len > cfg.max_position_embeddings:
-            raise ConversionError(f"--seq-len {args.seq_len} exceeds max_position_embeddings "
-                                  f"{cfg.max_position_embeddings}")
-    except (ConversionError, CheckpointFormatError) as e:
-        print(f"compare_logits: error: {e}", file=sys.stderr)
-        return 2
+    hf_cfg = model_config_from_hf(read_hf_config(args.hf_dir))
+    cfg = CheckpointReader(args.mcore_dir).config
+    # Different architectures would only fail later, in one rank, while the others wait.
+    differ = [f"{f} {getattr(hf_cfg, f)} vs {getattr(cfg, f)}" for f in _ARCH_FIELDS
+              if getattr(hf_cfg, f) != getattr(cfg, f)]
+    if differ:
+        raise ConversionError(f"{args.hf_dir} and {args.mcore_dir} are different models (HF vs "
+                              f"Megatron: {', '.join(differ)})")
+    validate_layout(cfg, args.tp, args.pp, args.ep)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world % (args.tp * args.pp):
+        raise ConversionError(f"{world} processes are not a multiple of TP*PP = {args.tp * args.pp}")
+    if (world // args.pp) % args.ep:
+        raise ConversionError(f"EP={args.ep} must divide the {world // args.pp} processes of a "
+                              f"pipeline stage")
+    if args.seq_len > cfg.max_position_embeddings:
+        raise ConversionError(f"--seq-len {args.seq_len} exceeds max_position_embeddings "
+                              f"{cfg.max_position_embeddings}")
     result = compare_logits(args.hf_dir, args.mcore_dir, tp=args.tp, pp=args.pp, seq_len=args.seq_len,
                             batch=args.batch, seed=args.seed, hf_device=args.hf_device, ep=args.ep)
     import torch.distributed as dist
@@ -84,8 +78,8 @@ def main(argv=None) -> int:
               f"{result.argmax_agreement:.4f}, TP={args.tp} PP={args.pp} EP={args.ep}: "
               f"{'within' if ok else 'OUTSIDE'} tolerance {args.tol:g}")
         print(f"max_abs_logit_diff {result.max_abs_diff:.3e}", flush=True)
-    return 0 if result.max_abs_diff <= args.tol else 1
+    return cli.EXIT_OK if result.max_abs_diff <= args.tol else cli.EXIT_CHECK_FAILED
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run("compare_logits.py", main))

@@ -10,9 +10,10 @@ tensors, bytes, seconds, peak RSS. See docs/checkpoints.md.
 import argparse
 import os
 import sys
-import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_jai import cli  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,23 +46,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.core")
-    from megatron_jai.checkpoint.convert import DTYPES, ConversionError, hf_to_mcore, mcore_to_hf
-    from megatron_jai.checkpoint.stream import CheckpointFormatError
+    from megatron_jai.checkpoint.convert import DTYPES, hf_to_mcore, mcore_to_hf
 
     dtype = DTYPES[args.dtype] if args.dtype else None
-    try:
-        if args.command == "hf-to-mcore":
-            summary = hf_to_mcore(args.hf_dir, args.out, tp=args.tp, pp=args.pp, force=args.force,
-                                  name=args.name, dtype=dtype, progress=not args.no_progress,
-                                  ep=args.ep)
-        else:
-            summary = mcore_to_hf(args.mcore_dir, args.out, force=args.force,
-                                  max_shard_size=args.max_shard_size, dtype=dtype,
-                                  progress=not args.no_progress)
-    except (ConversionError, CheckpointFormatError, OSError) as e:  # OSError: e.g. disk full
-        print(f"convert_checkpoint: error: {e}", file=sys.stderr)
-        return 2
+    if args.command == "hf-to-mcore":
+        summary = hf_to_mcore(args.hf_dir, args.out, tp=args.tp, pp=args.pp, force=args.force,
+                              name=args.name, dtype=dtype, progress=not args.no_progress,
+                              ep=args.ep)
+    else:
+        summary = mcore_to_hf(args.mcore_dir, args.out, force=args.force,
+                              max_shard_size=args.max_shard_size, dtype=dtype,
+                              progress=not args.no_progress)
     for note in summary.notes:
         print(f"convert_checkpoint: note: {note}", file=sys.stderr)
     print(summary.line())
@@ -69,4 +64,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run("convert_checkpoint.py", main))

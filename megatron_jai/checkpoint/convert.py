@@ -90,7 +90,7 @@ def validate_layout(cfg: ModelConfig, tp: int, pp: int, ep: int = 1) -> None:
     if ep > 1 and not cfg.is_moe:
         raise ConversionError(f"expert parallelism (EP={ep}) needs an MoE model; this one is dense")
     try:
-        cfg.transformer_config(tp=tp, pp=pp, ep=ep)
+        cfg.check_layout(tp=tp, pp=pp, ep=ep)
     except ValueError as e:
         raise ConversionError(str(e)) from None
 

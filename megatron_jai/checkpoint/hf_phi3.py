@@ -22,12 +22,13 @@ from typing import Callable, Optional
 
 import torch
 
+from megatron_jai.cli import UserError
 from megatron_jai.config import ModelConfig
 
 MODEL_TYPE = "phi3"
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError):
     """Input that cannot be converted (reported to the user as one line)."""
 
 
