@@ -1,9 +1,11 @@
-"""Expert parallelism under torchrun (2 processes, gloo)."""
+"""Expert and tensor parallelism of the MoE layer under torchrun (gloo)."""
 import os
 
+import pytest
 from conftest import REPO_ROOT, torchrun
 
 DIST = os.path.join(REPO_ROOT, "tests", "dist")
+pytestmark = pytest.mark.dist
 
 
 def test_ep2_equals_ep1_outputs_and_gradients():
@@ -12,18 +14,23 @@ def test_ep2_equals_ep1_outputs_and_gradients():
         assert out.stdout.count(f"OK {case}") == 2, out.stdout
 
 
-def test_tp2_equals_tp1_outputs_and_gradients():
-    """Experts split over TP along F: the same outputs, input/router gradients and (reassembled)
-    expert gradients as TP=1; CPU initialisation gives each TP rank its slice of the TP=1 weights."""
-    out = torchrun(2, os.path.join(DIST, "moe_tp_equivalence.py"), timeout=300)
-    for case in ("dropless", "capacity"):
-        assert out.stdout.count(f"OK {case}") == 2, out.stdout
+def test_tp2_with_and_without_sequence_parallelism_and_ep2_equal_tp1():
+    """Experts split over TP along F, at TP=2, TP=2 with sequence parallelism (also with padding)
+    and TP=2 + SP + EP=2 (4 ranks): the same outputs, input/router gradients and (sliced) expert
+    gradients as TP=1; CPU initialisation gives each TP rank its slice of the TP=1 weights."""
+    out = torchrun(4, os.path.join(DIST, "moe_tp_equivalence.py"), timeout=300)
+    for case in ("tp2-dropless", "tp2-capacity", "tp2-sp-padding", "tp2-sp-capacity",
+                 "tp2-sp-ep2-dropless", "tp2-sp-ep2-capacity"):
+        assert out.stdout.count(f"OK {case} ") == 4, out.stdout
 
 
 def test_tiny_moe_model_reshards_between_ep_and_trains_with_ep2(tmp_path):
+    """Also: a DUS MoE model at TP=2 with sequence parallelism equals TP=1 (loss, gradients after
+    finalize_model_grads, gradient norm) and its checkpoint loads without sequence parallelism."""
     out = torchrun(2, os.path.join(DIST, "moe_model_ep.py"), tmp_path, timeout=500)
     assert out.stdout.count("OK resharding") == 2, out.stdout
     assert out.stdout.count("OK tp resharding") == 2, out.stdout
+    assert out.stdout.count("OK sequence parallel") == 2, out.stdout
     assert out.stdout.count("OK training") == 2, out.stdout
 
 

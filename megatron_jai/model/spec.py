@@ -104,9 +104,9 @@ def decoder_spec(cfg: ModelConfig, config, use_te: bool | None = None, vp_stage=
         get_num_layers_to_build,
     )
 
+    spec = layer_spec(cfg, use_te)
     if use_te is None:
         use_te = transformer_engine_available()
-    spec = layer_spec(cfg, use_te)
     if use_te:
         return spec
     return TransformerBlockSubmodules(
