@@ -129,7 +129,7 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     # ---- Megatron-Core -------------------------------------------------------------------------
-    def check_layout(self, tp: int = 1, pp: int = 1, ep: int = 1, sequence_parallel: bool = False,
+    def check_layout(self, tp: int = 1, pp: int = 1, ep: int = 1,
                      first_stage_layers: Optional[int] = None,
                      last_stage_layers: Optional[int] = None) -> None:
         """``ValueError`` (one line) when this architecture cannot be split over TP/PP/EP; cheap
@@ -142,9 +142,6 @@ class ModelConfig:
         pipeline_stage_layers(self.num_layers, pp, first_stage_layers, last_stage_layers)
         if self.is_moe and self.num_experts % ep:
             raise ValueError(f"expert parallel size {ep} must divide num_experts {self.num_experts}")
-        if self.is_moe and sequence_parallel and tp > 1:
-            raise ValueError("sequence parallelism is not supported with MoE layers yet "
-                             "(run MoE models without --sequence-parallel)")
         if self.padded_vocab_size % tp:
             raise ValueError(f"tensor parallel size {tp} must divide the padded vocabulary "
                              f"{self.padded_vocab_size}")
@@ -167,7 +164,7 @@ class ModelConfig:
         ``num_layers_in_first/last_pipeline_stage``); the other stages share the rest evenly."""
         from megatron.core.transformer.transformer_config import TransformerConfig
 
-        self.check_layout(tp, pp, ep, sequence_parallel, first_stage_layers, last_stage_layers)
+        self.check_layout(tp, pp, ep, first_stage_layers, last_stage_layers)
         on_gpu = torch.cuda.is_available()
         kwargs = dict(
             num_layers=self.num_layers,
@@ -190,7 +187,7 @@ class ModelConfig:
             num_layers_in_first_pipeline_stage=first_stage_layers,
             num_layers_in_last_pipeline_stage=last_stage_layers,
             expert_model_parallel_size=ep,
-            sequence_parallel=sequence_parallel and tp > 1,
+            sequence_parallel=sequence_parallel and tp > 1,  # no effect at TP=1 (Megatron-LM)
             params_dtype=params_dtype,
             pipeline_dtype=params_dtype,
             bf16=params_dtype == torch.bfloat16,

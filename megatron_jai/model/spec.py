@@ -4,6 +4,9 @@ Transformer Engine modules on GPU when TE is importable, Megatron-Core's local m
 Both produce the same distributed-checkpoint keys (the local spec maps its norm names onto TE's
 fused ones), so a checkpoint moves freely between the two. The MLP slot is the extension point:
 dense SwiGLU MLP, or the MoE layer of ``megatron_jai.moe`` when the config has experts.
+
+The local spec's norms are :class:`LocalRMSNorm` (what Megatron's ``WrappedTorchNorm`` builds, but
+usable with sequence parallelism); :func:`decoder_spec` also makes it the final norm.
 """
 from __future__ import annotations
 
@@ -15,6 +18,17 @@ import torch
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_jai.config import ModelConfig
+
+
+class LocalRMSNorm(torch.nn.RMSNorm):
+    """``torch.nn.RMSNorm`` as Megatron's ``WrappedTorchNorm`` builds it (same parameter, same
+    checkpoint key), also under sequence parallelism, which ``WrappedTorchNorm`` refuses: the weight
+    carries Megatron's ``sequence_parallel`` marker, so ``finalize_model_grads`` sums its gradient
+    over TP as it does for Transformer Engine's norms."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **unused):
+        super().__init__(hidden_size, eps=eps)
+        self.weight.sequence_parallel = config.sequence_parallel
 
 
 def transformer_engine_available() -> bool:
@@ -80,9 +94,13 @@ def layer_spec(cfg: ModelConfig, use_te: bool | None = None) -> ModuleSpec:
         spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     else:
         spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    submodules = spec.submodules
+    if not use_te:
+        submodules = dataclasses.replace(submodules, input_layernorm=LocalRMSNorm,
+                                         pre_mlp_layernorm=LocalRMSNorm)
     mlp = mlp_spec(cfg, use_te)
     if mlp is not None:
-        submodules = dataclasses.replace(spec.submodules, mlp=mlp)
+        submodules = dataclasses.replace(submodules, mlp=mlp)
         if not use_te:
             # The MoE layer owns no fused norm, so the pre-MLP norm keeps its own checkpoint key.
             keys_map = dict(submodules.sharded_state_dict_keys_map)
@@ -92,5 +110,23 @@ def layer_spec(cfg: ModelConfig, use_te: bool | None = None) -> ModuleSpec:
             from megatron.core.extensions.transformer_engine import TENorm
 
             submodules = dataclasses.replace(submodules, pre_mlp_layernorm=TENorm)
-        spec = ModuleSpec(module=spec.module, params=spec.params, submodules=submodules)
-    return spec
+    return ModuleSpec(module=spec.module, params=spec.params, submodules=submodules)
+
+
+def decoder_spec(cfg: ModelConfig, config, use_te: bool | None = None, vp_stage=None):
+    """The decoder spec ``GPTModel`` takes: the layer spec with Transformer Engine (its final norm
+    is TE's), else block submodules for this stage's layers with :class:`LocalRMSNorm` as the final
+    norm (Megatron's default there, ``WrappedTorchNorm``, refuses sequence parallelism)."""
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    spec = layer_spec(cfg, use_te)
+    if use_te is None:
+        use_te = transformer_engine_available()
+    if use_te:
+        return spec
+    return TransformerBlockSubmodules(
+        layer_specs=[spec] * get_num_layers_to_build(config, vp_stage=vp_stage),
+        layer_norm=LocalRMSNorm)

@@ -15,9 +15,21 @@ loop needs nothing MoE-specific for them. Two helpers for training loops:
   when the config has ``moe_expert_bias``.
 
 Experts are split over tensor parallelism along their FFN dimension (expert TP = TP; see
-:mod:`megatron_jai.moe.experts`): the expert input rows and the routing weights enter through
-``copy_to_tensor_model_parallel_region`` and the output is summed with
-``reduce_from_tensor_model_parallel_region``; the router is replicated over TP.
+:mod:`megatron_jai.moe.experts`), so every TP rank routes the same tokens and computes a partial
+output (its F columns):
+
+* without sequence parallelism the tokens are replicated over TP: the expert input rows and the
+  routing weights enter through ``copy_to_tensor_model_parallel_region`` (their gradients are
+  partial, all-reduced in backward) and the output is summed with
+  ``reduce_from_tensor_model_parallel_region``; the router gradient is complete on every rank;
+* with sequence parallelism (``config.sequence_parallel``) the layer's input and output are
+  ``[s/TP, b, H]``: the tokens are gathered along the sequence over TP before routing
+  (``gather_from_sequence_parallel_region``, reduce-scatter in backward) and the partial outputs
+  are reduce-scattered back (``reduce_scatter_to_sequence_parallel_region``). Every gradient inside
+  is then partial per TP rank, the router's too: its weight carries Megatron's
+  ``sequence_parallel`` marker, so ``finalize_model_grads`` sums it over TP like the layer norms',
+  and each rank attaches 1/TP of the load-balancing and z losses. Routing, capacity and the losses
+  see the whole sequence, exactly as at TP = 1.
 
 Checkpoint keys (global shapes; the experts axis is split over EP ranks, F over TP ranks)::
 
@@ -36,7 +48,9 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import (
     copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
     reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
 )
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -48,14 +62,12 @@ from megatron_jai.moe.router import RouterOptions, RouterStats, TopKRouter
 
 class JaiMoELayer(MegatronModule):
     """Router + expert-parallel dispatcher + grouped experts. ``forward(hidden [s, b, H],
-    padding_mask [b, s] (True = padding) = None) -> (output [s, b, H], None)``."""
+    padding_mask [b, s] (True = padding) = None) -> (output [s, b, H], None)``; with sequence
+    parallelism ``s`` is this rank's ``s/TP`` (the padding mask may be local or whole)."""
 
     def __init__(self, config, options: RouterOptions, ffn_hidden_size: int,
                  recompute_activation: bool = False):
         super().__init__(config)
-        if config.sequence_parallel:
-            raise ValueError("sequence parallelism is not supported with MoE layers yet "
-                             "(run MoE models without --sequence-parallel)")
         self.options = options
         self.layer_number = None
         # Megatron's selective recompute of the MoE activation ("moe_act") maps onto the kernels'
@@ -76,26 +88,35 @@ class JaiMoELayer(MegatronModule):
 
     def forward(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
                 **unused):
+        tp = self.experts.tp_size
+        sequence_parallel = self.config.sequence_parallel and tp > 1
+        if sequence_parallel:
+            local_seq = hidden_states.shape[0]
+            hidden_states = gather_from_sequence_parallel_region(hidden_states)
+            if padding_mask is not None and padding_mask.shape[1] == local_seq:
+                # GPTModel scatters the mask along the sequence too (first pipeline stage only).
+                padding_mask = gather_from_sequence_parallel_region(
+                    padding_mask.t().to(torch.uint8).contiguous()).t().bool()
         seq, batch, hidden = hidden_states.shape
         tokens = hidden_states.reshape(-1, hidden)
         token_mask = None
         if padding_mask is not None:  # [b, s] True = padding -> [s * b] True = real token
             token_mask = ~padding_mask.transpose(0, 1).reshape(-1).bool()
-        routing = self.router(tokens, token_mask)
+        routing = self.router(tokens, token_mask, tp_replicas=tp if sequence_parallel else 1)
         expert_in, weights = tokens, routing.weights
-        if self.experts.tp_size > 1:
-            # Experts are split over TP along F: every TP rank holds the same tokens and routing
-            # (replicated, no sequence parallelism) and computes a partial output, so the
-            # gradients of the expert input rows and of the routing weights are partial too
-            # (all-reduced in backward), and the outputs are summed over TP.
+        if tp > 1 and not sequence_parallel:
+            # Replicated tokens, partial outputs: the gradients of the expert input rows and of the
+            # routing weights are partial too (all-reduced in backward).
             expert_in = copy_to_tensor_model_parallel_region(tokens)
             weights = copy_to_tensor_model_parallel_region(weights)
         dispatched = self.dispatcher.dispatch(expert_in, routing.expert_ids, weights)
         expert_out = self.experts(dispatched.hidden, dispatched.expert_ids, dispatched.weights)
-        out = self.dispatcher.combine(expert_out, dispatched)
-        if self.experts.tp_size > 1:
+        out = self.dispatcher.combine(expert_out, dispatched).view(seq, batch, hidden)
+        if sequence_parallel:
+            out = reduce_scatter_to_sequence_parallel_region(out)
+        elif tp > 1:
             out = reduce_from_tensor_model_parallel_region(out)
-        return out.view(seq, batch, hidden), None
+        return out, None
 
 
 def router_options(cfg) -> RouterOptions:
