@@ -515,9 +515,9 @@ class Trainer:
 
         args = self.args
         out = {}
-        modes = [("", "inference")]
-        if self.cfg.skip_connections and any(s.alpha_train != s.alpha_infer
-                                             for s in self.cfg.skip_connections):
+        modes = [("", self.objective.valid_alphas)]
+        if self.objective.valid_alphas == "inference" and self.cfg.skip_connections and \
+                any(s.alpha_train != s.alpha_infer for s in self.cfg.skip_connections):
             modes.append(("_train_alphas", "train"))
         self.ddp_model.eval()
         try:

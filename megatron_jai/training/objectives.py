@@ -40,6 +40,9 @@ class Objective:
     name = "pretrain"
     sequences_per_sample = 1  # DPO: 2 (chosen and rejected share the micro-batch)
     trains = True  # False: the objective's before_training is the whole job
+    # DUS skip alphas of validation: "inference" (as the exported model runs; models whose skips
+    # train with other alphas also get ..._train_alphas metrics), or "train".
+    valid_alphas = "inference"
 
     def __init__(self, args):
         self.args = args

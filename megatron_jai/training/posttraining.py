@@ -188,6 +188,7 @@ DPO_STATS = ["loss_sum", "units", "rewards_chosen", "rewards_rejected", "margin"
 class DPOObjective(ChatObjective):
     name = kind = "dpo"
     sequences_per_sample = 2
+    valid_alphas = "train"  # the forward the reference log-probs were computed with
 
     def __init__(self, args):
         super().__init__(args)
