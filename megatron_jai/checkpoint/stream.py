@@ -66,6 +66,7 @@ from torch.distributed.checkpoint.metadata import (
 )
 
 from megatron_jai.checkpoint.dist import CONFIG_FILE, TRACKER_FILE, iteration_dir, latest_iteration
+from megatron_jai.cli import UserError
 from megatron_jai.config import ModelConfig
 
 try:  # private in torch; the dataclass DCP's FileSystemReader expects in storage_data
@@ -80,7 +81,7 @@ STACKED_PREFIX = "decoder.layers."
 EXTRA_STATE = "_extra_state"
 
 
-class CheckpointFormatError(ValueError):
+class CheckpointFormatError(UserError):
     """The directory is not a (complete, readable) checkpoint of our format."""
 
 
