@@ -95,6 +95,7 @@ def test_export_layout_config_and_round_trip_are_bit_exact(work, parity, tmp_pat
     assert "model.layers.3.block_sparse_moe.experts.3.w2.weight" in safetensors_dict(root / "jai_hf")
     skips = json.load(open(root / "skips_hf" / "config.json"))
     assert skips["rope_parameters"] == {"rope_type": "linear", "rope_theta": 40000.0, "factor": 2.0}
+    assert skips["rope_theta"] == 40000.0 and skips["rope_scaling"]["factor"] == 2.0
     assert "model.layers.0.mlp.gate_proj.weight" in safetensors_dict(root / "skips_hf")
     experts = json.load(open(root / "experts_hf" / "config.json"))
     assert (experts["router_expert_bias"], experts["norm_topk_prob"]) == (True, False)
@@ -206,7 +207,7 @@ def test_tokenizer_travels_with_the_checkpoint(work, tmp_path):
     shutil.copytree(root / "experts_mc", mc)
     shutil.rmtree(mc / "hf", ignore_errors=True)  # a checkpoint with no record of an HF original
     os.makedirs(mc / "tokenizer")
-    shutil.copy(tok, mc / "tokenizer" / "tokenizer.model")
+    shutil.copy(tok, mc / "tokenizer")  # keeps its own name, tiny_sp.model
     assert _tool(["mcore-to-hf", "--mcore-dir", str(mc), "--out", str(tmp_path / "hf"),
                   "--no-progress"]) == 0
     config = json.load(open(tmp_path / "hf" / "config.json"))

@@ -71,6 +71,11 @@ def jai_hf_config_from_model_config(cfg: ModelConfig, base: Optional[dict] = Non
         "tie_word_embeddings": cfg.tie_embeddings,
         "initializer_range": cfg.init_method_std,
         "rope_parameters": rope_parameters(cfg),
+        # The same for readers of the older keys (transformers 4, vLLM's own RoPE helpers).
+        "rope_theta": cfg.rotary_base,
+        "rope_scaling": ({"type": "linear", "rope_type": "linear",
+                          "factor": float(cfg.rotary_interpolation_factor)}
+                         if cfg.rotary_interpolation_factor else None),
         "skip_connections": [{"source": s.source, "target": s.target, "alpha_train": s.alpha_train,
                               "alpha_infer": s.alpha_infer} for s in cfg.skip_connections],
         "num_local_experts": cfg.num_experts,

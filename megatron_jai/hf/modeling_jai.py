@@ -290,8 +290,9 @@ class JaiModel(JaiPreTrainedModel):
         for i, layer in enumerate(self.layers[: self.config.num_hidden_layers]):
             for source, alpha_train, alpha_infer in self.skips_into.get(i, ()):
                 alpha = alpha_train if self.training else alpha_infer
-                if alpha:
-                    hidden_states = alpha * saved[source] + (1.0 - alpha) * hidden_states
+                if alpha:  # (.to: layers may sit on different devices with device_map)
+                    hidden_states = (alpha * saved[source].to(hidden_states.device)
+                                     + (1.0 - alpha) * hidden_states)
             if i in self.skip_sources:
                 saved[i] = hidden_states
             hidden_states = layer(hidden_states, attention_mask=mask, position_ids=position_ids,

@@ -66,9 +66,12 @@ class ExportedTokenizer:
                 "pad_token_id": self.pad_token_id}
 
 
-def _has_tokenizer(path: str) -> bool:
-    return os.path.isfile(path) or any(os.path.isfile(os.path.join(path, f))
-                                       for f in ("tokenizer.json", "tokenizer.model"))
+def _tokenizer_in(directory: str) -> Optional[str]:
+    """``directory`` when it holds a tokenizer, else its only sentencepiece ``*.model``, else None."""
+    if any(os.path.isfile(os.path.join(directory, f)) for f in ("tokenizer.json", "tokenizer.model")):
+        return directory
+    models = [f for f in os.listdir(directory) if f.endswith(".model")]
+    return os.path.join(directory, models[0]) if len(models) == 1 else None
 
 
 def find_tokenizer(checkpoint_root: str, explicit: Optional[str] = None,
@@ -86,8 +89,8 @@ def find_tokenizer(checkpoint_root: str, explicit: Optional[str] = None,
         return explicit
     for sub in subdirs:
         path = os.path.join(checkpoint_root, sub)
-        if os.path.isdir(path) and _has_tokenizer(path):
-            return path
+        if os.path.isdir(path) and _tokenizer_in(path):
+            return _tokenizer_in(path)
     raise TokenizerExportError(f"checkpoint {checkpoint_root} carries no tokenizer; pass the one "
                                f"the model was trained with: --tokenizer PATH")
 
