@@ -15,6 +15,7 @@ from megatron_jai.checkpoint.convert import hf_to_mcore, mcore_to_hf
 from megatron_jai.checkpoint.stream import CheckpointReader
 
 CONVERT = os.path.join(REPO_ROOT, "tools", "convert_checkpoint.py")
+COMPARE = os.path.join(REPO_ROOT, "tools", "compare_logits.py")
 PARITY = os.path.join(REPO_ROOT, "tests", "dist", "export_parity.py")
 # [name, hf_dir, mcore_dir, tp, pp, ep, first_stage_layers, last_stage_layers]
 CASES = [
@@ -28,13 +29,14 @@ CASES = [
 ]
 
 
-def _tool(argv):
+def _tool(argv, path=CONVERT):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("convert_checkpoint_tool", CONVERT)
+    name = os.path.basename(path)[:-3]
+    spec = importlib.util.spec_from_file_location(f"{name}_tool", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return cli.run("convert_checkpoint", module.main, argv)
+    return cli.run(name, module.main, argv)
 
 
 def _load(path):
@@ -125,6 +127,21 @@ def test_export_layout_config_and_round_trip_are_bit_exact(work, parity, tmp_pat
             assert (hf_dir / f).read_bytes() == (tmp_path / f"{name}_hf2" / f).read_bytes(), (name, f)
     x, y = safetensors_dict(root / "skips_hf0"), safetensors_dict(root / "skips_hf")
     assert sorted(x) == sorted(y) and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_jai_config_round_trips_every_model_config():
+    from megatron_jai.checkpoint.hf_jai import jai_hf_config_from_model_config, model_config_from_jai
+    from megatron_jai.checkpoint.hf_phi3 import ConversionError
+    from megatron_jai.config import JAI_75B
+
+    for cfg in (JAI, SKIPS, EXPERTS, JAI_75B,
+                JAI_75B.replace(moe_capacity_factor=1.25, tie_embeddings=True, kv_channels=96)):
+        hf = jai_hf_config_from_model_config(cfg)
+        assert model_config_from_jai(hf, name=cfg.name) == cfg, cfg.name
+    with pytest.raises(ConversionError, match="skip_connections must be a list"):
+        model_config_from_jai({**hf, "skip_connections": [{"source": 1}]})
+    with pytest.raises(ConversionError, match="RoPE type 'yarn'"):
+        model_config_from_jai({**hf, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}})
 
 
 def test_dense_model_in_jai_format_round_trips(work, tmp_path):
@@ -265,3 +282,12 @@ def test_bad_input_one_line_no_output(work, tmp_path, capsys):
         assert len(lines) == 1 and lines[0].startswith("convert_checkpoint: error:"), lines
         assert message in lines[0], lines
         assert not os.path.exists(out) and sorted(os.listdir(tmp_path)) == ["mc"]
+    # compare_logits checks before any process group starts
+    for args, message in (
+            (["--hf-dir", str(root / "skips_hf"), "--mcore-dir", str(root / "experts_mc")],
+             "are different models (HF vs Megatron: num_experts 0 vs 4"),
+            (["--hf-dir", str(root / "skips_hf"), "--mcore-dir", str(mc), "--pp", "2",
+              "--first-stage-layers", "4"], "first pipeline stage must be between 1 and 3")):
+        assert _tool(args, COMPARE) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("compare_logits: error:") and message in lines[0], lines

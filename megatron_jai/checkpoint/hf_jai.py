@@ -14,10 +14,12 @@ from typing import Optional
 import torch
 
 from megatron_jai.checkpoint.hf_phi3 import (
+    MODEL_TYPE,
     ConversionError,
     TensorMapping,
     _layer,
     mixtral_attention_tensor_map,
+    model_config_from_hf,
     moe_mlp_tensor_map,
 )
 from megatron_jai.config import ModelConfig, SkipConnection
@@ -94,45 +96,29 @@ def jai_hf_config_from_model_config(cfg: ModelConfig, base: Optional[dict] = Non
 
 def model_config_from_jai(hf: dict, name: str = "jai") -> ModelConfig:
     """The :class:`ModelConfig` of a JAI ``config.json`` (as a dict)."""
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ConversionError(f"hidden_act {hf['hidden_act']!r} is not supported (JAI uses silu)")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "linear"):
         raise ConversionError(f"RoPE type {rope_type!r} is not supported (default or linear)")
-    heads, hidden = int(hf["num_attention_heads"]), int(hf["hidden_size"])
-    head_dim = int(hf.get("head_dim") or hidden // heads)
-    experts = int(hf.get("num_local_experts") or 0)
     try:
         skips = tuple(SkipConnection(int(s["source"]), int(s["target"]), float(s["alpha_train"]),
                                      float(s["alpha_infer"])) for s in hf.get("skip_connections") or ())
     except (KeyError, TypeError, ValueError):
         raise ConversionError("config.json skip_connections must be a list of {source, target, "
                               "alpha_train, alpha_infer}") from None
-    ffn = int(hf["intermediate_size"])
-    training = {field: hf[key] for key, field in _TRAINING_FIELDS.items() if key in hf}
-    return ModelConfig(
-        name=name,
-        num_layers=int(hf["num_hidden_layers"]),
-        hidden_size=hidden,
-        num_attention_heads=heads,
-        num_query_groups=int(hf.get("num_key_value_heads") or heads),
-        ffn_hidden_size=ffn,
-        vocab_size=int(hf["vocab_size"]),
-        max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
-        rotary_base=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+    # The decoder fields are Phi-3's (same names and checks), with the RoPE scaling taken out.
+    theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    decoder = model_config_from_hf({**hf, "model_type": MODEL_TYPE, "rope_scaling": None,
+                                    "rope_parameters": {"rope_type": "default", "rope_theta": theta}},
+                                   name=name)
+    return decoder.replace(
         rotary_interpolation_factor=float(rope["factor"]) if rope_type == "linear" else None,
-        norm_epsilon=float(hf.get("rms_norm_eps", 1e-5)),
-        kv_channels=None if head_dim * heads == hidden else head_dim,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        init_method_std=float(hf.get("initializer_range", 0.02)),
-        num_experts=experts,
+        num_experts=int(hf.get("num_local_experts") or 0),
         moe_top_k=int(hf.get("num_experts_per_tok", 2)),
         moe_normalize_topk=bool(hf.get("norm_topk_prob", True)),
         moe_expert_bias=bool(hf.get("router_expert_bias", False)),
         skip_connections=skips,
-        **training,
-    )
+        **{field: hf[key] for key, field in _TRAINING_FIELDS.items() if key in hf})
 
 
 def _split_gate_up(cfg: ModelConfig, t: torch.Tensor) -> tuple:
