@@ -1,6 +1,7 @@
 """Shared test helpers: launching torchrun on CPU (gloo) and locating shared/ data."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import subprocess
@@ -44,6 +45,27 @@ def torchrun(nproc: int, script, *args, **kw) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            f"--master_port={free_port()}", str(script), *map(str, args)]
     return run_cmd(cmd, **kw)
+
+
+def load_tool(name: str):
+    """``tools/NAME.py`` as a module, to run in-process (no interpreter start-up per call)."""
+    spec = importlib.util.spec_from_file_location(f"tool_{name}",
+                                                  os.path.join(REPO_ROOT, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_tool(capsys, name: str, *args, expect_rc: int = 0):
+    """``tools/NAME.py ARGS`` in-process through ``cli.run`` (the exit codes and one-line errors
+    of the real command line); returns (stdout, stderr); fails on an unexpected exit code."""
+    from megatron_jai import cli
+
+    capsys.readouterr()
+    rc = cli.run(f"{name}.py", load_tool(name).main, [str(a) for a in args])
+    out, err = capsys.readouterr()
+    assert rc == expect_rc, f"{name}.py {' '.join(map(str, args))} returned {rc}\n{out}\n{err}"
+    return out, err
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,4 @@
 """HF Phi-3 <-> Megatron-Core conversion: layouts, logits at TP=1/TP=2/PP=2, round trip, bad input."""
-import importlib.util
 import json
 import os
 import shutil
@@ -8,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO_ROOT, run_cmd, torchrun
+from conftest import REPO_ROOT, load_tool, run_cmd, torchrun
 from export_helpers import tiny_tokenizer
 from megatron_jai import cli
 from megatron_jai.checkpoint.hf_phi3 import (
@@ -25,10 +24,9 @@ COMPARE = os.path.join(REPO_ROOT, "tools", "compare_logits.py")
 
 
 def _tool_main():
-    spec = importlib.util.spec_from_file_location("convert_checkpoint_tool", CONVERT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return lambda argv: cli.run("convert_checkpoint", module.main, argv)
+    """``tools/convert_checkpoint.py`` in-process, with the command line's exit codes."""
+    main = load_tool("convert_checkpoint").main
+    return lambda argv: cli.run("convert_checkpoint.py", main, argv)
 
 
 def make_tiny_phi3(path, max_shard_size=None, seed=0):
@@ -152,7 +150,7 @@ def test_compare_logits_catches_plain_qkv_copy(tiny, tmp_path):
                 t = r.read_layer(key, i)
                 w.write_layer(key, i, layers, qkv_mcore_to_hf(r.config, t) if "linear_qkv.weight" in key else t)
     res = torchrun(1, COMPARE, "--hf-dir", tiny / "hf", "--mcore-dir", bad, check=False)
-    assert res.returncode != 0, res.stdout
+    assert res.returncode == 1, res.stdout  # the check failed (not bad input: 2)
     assert float(res.stdout.strip().splitlines()[-1].split()[1]) > 1e-2, res.stdout
 
 
@@ -188,7 +186,7 @@ def _expect_failure(args, match, out, capsys):
     rc = _tool_main()(args)
     err = capsys.readouterr().err.strip().splitlines()
     assert rc != 0
-    assert len(err) == 1 and err[0].startswith("convert_checkpoint: error:") and match in err[0], err
+    assert len(err) == 1 and err[0].startswith("convert_checkpoint.py: error:") and match in err[0], err
     after = sorted(os.listdir(parent)) if os.path.isdir(parent) else []
     assert after == before, "something was written"
 
@@ -241,7 +239,7 @@ def test_cli_error_has_no_traceback(tiny, tmp_path):
                    str(tmp_path / "m")], check=False)
     assert res.returncode != 0 and "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines() == [
-        "convert_checkpoint: error: config.json has model_type 'llama'; only 'phi3' (Phi-3), "
+        "convert_checkpoint.py: error: config.json has model_type 'llama'; only 'phi3' (Phi-3), "
         "'mixtral' (MoE) and 'jai' (exported by this toolkit) checkpoints are supported"], res.stderr
     assert not os.path.exists(tmp_path / "m")
 
@@ -259,7 +257,7 @@ def test_compare_logits_refuses_different_models(tiny, tmp_path):
                    str(tmp_path / "mc")], check=False)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines() == [
-        f"compare_logits: error: {other} and {tmp_path / 'mc'} are different models (HF vs "
+        f"compare_logits.py: error: {other} and {tmp_path / 'mc'} are different models (HF vs "
         f"Megatron: num_layers 2 vs 4)"], res.stderr
 
 

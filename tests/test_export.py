@@ -8,14 +8,12 @@ import shutil
 import pytest
 import torch
 
-from conftest import REPO_ROOT, torchrun
+from conftest import REPO_ROOT, load_tool, torchrun
 from export_helpers import EXPERTS, JAI, SKIPS, safetensors_dict, save_hf_model, tiny_tokenizer
 from megatron_jai import cli
 from megatron_jai.checkpoint.convert import hf_to_mcore, mcore_to_hf
 from megatron_jai.checkpoint.stream import CheckpointReader
 
-CONVERT = os.path.join(REPO_ROOT, "tools", "convert_checkpoint.py")
-COMPARE = os.path.join(REPO_ROOT, "tools", "compare_logits.py")
 PARITY = os.path.join(REPO_ROOT, "tests", "dist", "export_parity.py")
 # [name, hf_dir, mcore_dir, tp, pp, ep, first_stage_layers, last_stage_layers]
 CASES = [
@@ -29,14 +27,8 @@ CASES = [
 ]
 
 
-def _tool(argv, path=CONVERT):
-    import importlib.util
-
-    name = os.path.basename(path)[:-3]
-    spec = importlib.util.spec_from_file_location(f"{name}_tool", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return cli.run(name, module.main, argv)
+def _tool(argv, name="convert_checkpoint"):
+    return cli.run(f"{name}.py", load_tool(name).main, argv)
 
 
 def _load(path):
@@ -279,7 +271,7 @@ def test_bad_input_one_line_no_output(work, tmp_path, capsys):
     for args, message in cases:
         assert _tool(["mcore-to-hf", "--out", str(out), "--no-progress", *args]) == 2
         lines = capsys.readouterr().err.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("convert_checkpoint: error:"), lines
+        assert len(lines) == 1 and lines[0].startswith("convert_checkpoint.py: error:"), lines
         assert message in lines[0], lines
         assert not os.path.exists(out) and sorted(os.listdir(tmp_path)) == ["mc"]
     # compare_logits checks before any process group starts
@@ -288,6 +280,6 @@ def test_bad_input_one_line_no_output(work, tmp_path, capsys):
              "are different models (HF vs Megatron: num_experts 0 vs 4"),
             (["--hf-dir", str(root / "skips_hf"), "--mcore-dir", str(mc), "--pp", "2",
               "--first-stage-layers", "4"], "first pipeline stage must be between 1 and 3")):
-        assert _tool(args, COMPARE) == 2
+        assert _tool(args, "compare_logits") == 2
         lines = capsys.readouterr().err.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("compare_logits: error:") and message in lines[0], lines
+        assert len(lines) == 1 and lines[0].startswith("compare_logits.py: error:") and message in lines[0], lines

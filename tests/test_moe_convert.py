@@ -125,7 +125,7 @@ def test_bad_expert_layouts_and_configs_fail_cleanly(mixtral, tmp_path):
                    "--out", str(tmp_path / "m"), "--ep", "3"], check=False)
     assert res.returncode != 0 and "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines() == [
-        "convert_checkpoint: error: expert parallel size 3 must divide num_experts 4"], res.stderr
+        "convert_checkpoint.py: error: expert parallel size 3 must divide num_experts 4"], res.stderr
     assert not os.path.exists(tmp_path / "m")
 
     with open(mixtral / "hf" / "config.json") as f:

@@ -27,32 +27,45 @@ def test_tiny_moe_model_reshards_between_ep_and_trains_with_ep2(tmp_path):
     assert out.stdout.count("OK training") == 2, out.stdout
 
 
-def test_pretrain_tiny_moe_with_ep2_then_resumes_at_ep1(tmp_path):
-    """pretrain_jai.py on the tiny MoE preset with EP=2 (DP=2): finite, falling loss and router
-    statistics in the metrics; its checkpoint (model + optimizer state, experts split over EP)
-    resumes at EP=1 and training goes on."""
+def test_pretrain_tiny_moe_with_ep2_then_resumes_at_pp2(shared_dir, tmp_path):
+    """pretrain_jai.py on the tiny MoE preset with EP=2 (DP=2): finite, falling loss, gradient
+    clipping over the dense and expert optimizers, the validation loss, and router statistics
+    summed over every data-parallel rank; its checkpoint (experts split over EP) resumes at PP=2,
+    where the statistics come from both pipeline stages."""
     import json
+
+    from train_helpers import small_corpus
 
     def metrics(path):
         with open(path) as f:
             return [json.loads(line) for line in f if line.strip()]
 
+    corpus = small_corpus(shared_dir)
     script = os.path.join(REPO_ROOT, "pretrain_jai.py")
     common = ["--model", "tiny-moe", "--train-iters", "14", "--seq-length", "64",
               "--global-batch-size", "8", "--micro-batch-size", "2", "--lr", "1e-2",
-              "--warmup-iters", "2", "--save", tmp_path / "ckpt", "--log-interval", "1",
-              "--data-cache-dir", tmp_path / "cache", "--seed", "3"]
-    torchrun(2, script, *common, "--ep", "2", "--exit-after-step", "8",
+              "--warmup-iters", "2", "--clip-grad", "0.5", "--save", tmp_path / "ckpt",
+              "--log-interval", "1", "--data-cache-dir", tmp_path / "cache", "--seed", "3",
+              "--data-path", corpus["english"], "--tokenizer", corpus["tokenizer"]]
+    torchrun(2, script, *common, "--ep", "2", "--exit-after-step", "8", "--eval-interval", "4",
+             "--eval-iters", "1", "--valid-data-path", corpus["thai"],
              "--metrics-file", tmp_path / "ep2.jsonl", timeout=500)
     first = metrics(tmp_path / "ep2.jsonl")
     assert [r["step"] for r in first] == list(range(1, 9))
     losses = [r["loss"] for r in first]
     assert all(l == l and abs(l) < 100 for l in losses), losses  # finite
+    assert any(r["grad_norm"] > 0.5 for r in first)  # the clipping path ran
     assert all(r["moe/aux_loss"] > 0 and 0 < r["moe/entropy"] <= 1.3863 for r in first)
-    torchrun(2, script, *common, "--ep", "1", "--load", tmp_path / "ckpt",
-             "--metrics-file", tmp_path / "ep1.jsonl", timeout=500)
-    resumed = metrics(tmp_path / "ep1.jsonl")
+    # Every DP rank's tokens are counted (8 sequences x 64 tokens per layer and step).
+    assert all(r["moe/tokens_per_layer"] == 8 * 64 for r in first), first[0]
+    assert [r["step"] for r in first if "valid_loss" in r] == [4, 8]
+    assert all(0 < r["valid_loss"] < 100 for r in first if "valid_loss" in r)
+    torchrun(2, script, *common, "--pp", "2", "--load", tmp_path / "ckpt",
+             "--metrics-file", tmp_path / "pp2.jsonl", timeout=500)
+    resumed = metrics(tmp_path / "pp2.jsonl")
     assert [r["step"] for r in resumed] == list(range(9, 15))
+    # Both stages' layers are counted, not only the first stage's.
+    assert all(r["moe/tokens_per_layer"] == 8 * 64 for r in resumed), resumed[0]
     losses += [r["loss"] for r in resumed]
     assert all(l == l for l in losses)
     assert losses[-1] < losses[0] - 0.5, losses

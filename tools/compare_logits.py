@@ -16,6 +16,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_jai import cli  # noqa: E402
+
 
 _ARCH_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
                 "expert_ffn_hidden_size", "vocab_size", "num_experts", "moe_top_k",
@@ -44,12 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from megatron_jai.cli import UserError
-
     for name, value in (("--seq-len", args.seq_len), ("--batch", args.batch), ("--tp", args.tp),
                         ("--pp", args.pp), ("--ep", args.ep)):
         if value < 1:
-            raise UserError(f"{name} must be >= 1")
+            raise cli.UserError(f"{name} must be >= 1")
     from megatron_jai import parallel
     from megatron_jai.checkpoint.compare import compare_logits
     from megatron_jai.checkpoint.convert import read_hf_config, validate_layout
@@ -91,10 +91,8 @@ def main(argv=None) -> int:
               f"{result.argmax_agreement:.4f}, TP={args.tp} PP={args.pp} EP={args.ep}: "
               f"{'within' if ok else 'OUTSIDE'} tolerance {args.tol:g}")
         print(f"max_abs_logit_diff {result.max_abs_diff:.3e}", flush=True)
-    return 0 if ok else 1
+    return cli.EXIT_OK if ok else cli.EXIT_CHECK_FAILED
 
 
 if __name__ == "__main__":
-    from megatron_jai import cli
-
-    sys.exit(cli.run("compare_logits", main))
+    sys.exit(cli.run("compare_logits.py", main))

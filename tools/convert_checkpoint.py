@@ -19,13 +19,16 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_jai import cli  # noqa: E402
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     dtypes = ["fp32", "bf16", "fp16"]
 
-    a = sub.add_parser("hf-to-mcore", help="Hugging Face Phi-3 directory -> Megatron-Core checkpoint")
+    a = sub.add_parser("hf-to-mcore", help="Hugging Face directory (Phi-3, Mixtral, JAI) -> Megatron-Core "
+                       "checkpoint")
     a.add_argument("--hf-dir", required=True, help="HF directory (config.json + safetensors)")
     a.add_argument("--out", required=True, help="Megatron checkpoint root to create")
     a.add_argument("--tp", type=int, default=1, help="tensor parallel size to validate for (the "
@@ -61,7 +64,8 @@ def main(argv=None) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else None
     if args.command == "hf-to-mcore":
         summary = hf_to_mcore(args.hf_dir, args.out, tp=args.tp, pp=args.pp, force=args.force,
-                              name=args.name, dtype=dtype, progress=not args.no_progress, ep=args.ep)
+                              name=args.name, dtype=dtype, progress=not args.no_progress,
+                              ep=args.ep)
     else:
         summary = mcore_to_hf(args.mcore_dir, args.out, force=args.force,
                               max_shard_size=args.max_shard_size, dtype=dtype,
@@ -74,6 +78,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from megatron_jai import cli
-
-    sys.exit(cli.run("convert_checkpoint", main))
+    sys.exit(cli.run("convert_checkpoint.py", main))

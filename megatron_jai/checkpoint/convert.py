@@ -39,7 +39,7 @@ from megatron_jai.checkpoint.hf_phi3 import (
     model_config_from_hf,
     tensor_map,
 )
-from megatron_jai.checkpoint.dist import TOKENIZER_SUBDIR
+from megatron_jai.checkpoint.dist import TOKENIZER_SUBDIR, tokenizer_files
 from megatron_jai.checkpoint.stream import CheckpointReader, CheckpointWriter
 from megatron_jai.config import ModelConfig
 
@@ -97,8 +97,8 @@ def validate_layout(cfg: ModelConfig, tp: int, pp: int, ep: int = 1,
     if ep > 1 and not cfg.is_moe:
         raise ConversionError(f"expert parallelism (EP={ep}) needs an MoE model; this one is dense")
     try:
-        cfg.transformer_config(tp=tp, pp=pp, ep=ep, first_stage_layers=first_stage_layers,
-                               last_stage_layers=last_stage_layers)
+        cfg.check_layout(tp=tp, pp=pp, ep=ep, first_stage_layers=first_stage_layers,
+                         last_stage_layers=last_stage_layers)
     except ValueError as e:
         raise ConversionError(str(e)) from None
 
@@ -219,14 +219,12 @@ def hf_to_mcore(hf_dir: str, out: str, tp: int = 1, pp: int = 1, force: bool = F
         by_file.setdefault(located[hf_name], []).append(hf_name)
     pending: dict[tuple, dict] = {}  # (mcore key, layer) -> {position: tensor} until complete
     n_out = 0
-    from megatron_jai.hf.tokenizer import HF_TOKENIZER_FILES
-
     with CheckpointWriter(out, cfg, iteration=0, force=force) as writer:
-        for fname in (HF_CONFIG, GENERATION_CONFIG, *HF_TOKENIZER_FILES):
-            src = os.path.join(hf_dir, fname)
-            if os.path.isfile(src):
-                sub = TOKENIZER_SUBDIR if fname in HF_TOKENIZER_FILES else HF_SUBDIR
-                shutil.copyfile(src, writer.path(os.path.join(sub, fname)))
+        for fname in (HF_CONFIG, GENERATION_CONFIG):
+            if os.path.isfile(os.path.join(hf_dir, fname)):
+                shutil.copyfile(os.path.join(hf_dir, fname), writer.path(os.path.join(HF_SUBDIR, fname)))
+        for fname, src in tokenizer_files(hf_dir).items():
+            shutil.copyfile(src, writer.path(os.path.join(TOKENIZER_SUBDIR, fname)))
         with _progress(len(expected), "hf-to-mcore", progress) as bar:
             for path in sorted(by_file):
                 with safe_open(path, framework="pt") as f:

@@ -48,6 +48,7 @@ off. ``finalize`` checks that every stacked tensor got all its layers.
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import shutil
@@ -79,6 +80,13 @@ COMMON_FILE = "common.pt"
 MEGATRON_CONFIG_FILE = "metadata.json"
 STACKED_PREFIX = "decoder.layers."
 EXTRA_STATE = "_extra_state"
+
+
+# Megatron-Core's backend description (``dist_checkpointing.core.CheckpointingConfig``), written
+# directly: importing megatron.core (~5 s) is most of a streaming tool's start-up otherwise.
+MEGATRON_CONFIG_FILE = "metadata.json"
+MEGATRON_CONFIG = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+                   "common_backend": "torch", "common_backend_version": 1}
 
 
 class CheckpointFormatError(UserError):
@@ -402,8 +410,6 @@ class CheckpointWriter:
     # ---- finish -------------------------------------------------------------------------------
     def finalize(self, common: Optional[dict] = None) -> str:
         """Write the metadata and move the checkpoint into place. Returns the checkpoint root."""
-        from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
-
         if self.finalized:
             return self.root
         try:
@@ -420,7 +426,8 @@ class CheckpointWriter:
             with open(os.path.join(self.tmp_iter, METADATA_FILE), "wb") as f:
                 pickle.dump(metadata, f)
             torch.save(common or {}, os.path.join(self.tmp_iter, COMMON_FILE))
-            save_config(CheckpointingConfig("torch_dist"), self.tmp_iter)
+            with open(os.path.join(self.tmp_iter, MEGATRON_CONFIG_FILE), "w") as f:
+                json.dump(MEGATRON_CONFIG, f)
             self.cfg.save(os.path.join(self.tmp_root, CONFIG_FILE))
             with open(os.path.join(self.tmp_root, TRACKER_FILE), "w") as f:
                 f.write(f"{self.iteration}\n")

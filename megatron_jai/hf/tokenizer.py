@@ -29,8 +29,6 @@ from typing import Optional
 
 from megatron_jai.cli import UserError
 
-HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
-                      "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
 TOKENIZER_CONFIG = "tokenizer_config.json"
 # Phi-3's chat format (microsoft/Phi-3-medium-4k-instruct), the format of this toolkit.
 PHI3_CHAT_TEMPLATE = (
@@ -116,6 +114,7 @@ def export_tokenizer(src: str, out_dir: str, model_vocab_size: int,
     ``out_dir`` (see the module docstring); checks it fits a model of ``model_vocab_size`` ids."""
     from tokenizers import Tokenizer as FastTokenizer
 
+    from megatron_jai.checkpoint.dist import tokenizer_files
     from megatron_jai.data.tokenizer import TokenizerError, load_tokenizer
 
     try:
@@ -130,9 +129,8 @@ def export_tokenizer(src: str, out_dir: str, model_vocab_size: int,
     config = _read_config(directory)
     notes = []
     if directory and os.path.isfile(os.path.join(src, "tokenizer.json")):
-        for name in HF_TOKENIZER_FILES:
-            if os.path.isfile(os.path.join(src, name)):
-                shutil.copyfile(os.path.join(src, name), os.path.join(out_dir, name))
+        for name, path in tokenizer_files(src).items():
+            shutil.copyfile(path, os.path.join(out_dir, name))
         original = dict(config)
     elif os.path.isfile(sp_model):
         from megatron_jai.upscale.tokenizer import (

@@ -8,6 +8,7 @@ dense SwiGLU MLP, or the MoE layer of ``megatron_jai.moe`` when the config has e
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import torch
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -25,6 +26,21 @@ def transformer_engine_available() -> bool:
     return True
 
 
+_noted_local_layers = False
+
+
+def _note_local_layers() -> None:
+    """One short line (rank 0, once) instead of Megatron-Core's TE/apex fallback warnings, which
+    ``cli.quiet_warnings`` silences."""
+    global _noted_local_layers
+    if _noted_local_layers or (torch.distributed.is_initialized() and torch.distributed.get_rank()):
+        return
+    _noted_local_layers = True
+    why = "on CPU" if not torch.cuda.is_available() else "Transformer Engine not installed"
+    print(f"note: {why}: Megatron-Core's local layers and torch optimizers (no TE/apex)",
+          file=sys.stderr, flush=True)
+
+
 def mlp_spec(cfg: ModelConfig, use_te: bool) -> ModuleSpec:
     """The MLP slot: our MoE layer when the config has experts, else the dense base spec's MLP."""
     if cfg.is_moe:
@@ -40,6 +56,8 @@ def layer_spec(cfg: ModelConfig, use_te: bool | None = None) -> ModuleSpec:
 
     if use_te is None:
         use_te = transformer_engine_available()
+        if not use_te:
+            _note_local_layers()
     if use_te:
         spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     else:

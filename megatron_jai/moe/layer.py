@@ -43,7 +43,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_jai.moe.dispatcher import AllToAllDispatcher
 from megatron_jai.moe.experts import GroupedExperts
-from megatron_jai.moe.router import RouterOptions, TopKRouter
+from megatron_jai.moe.router import RouterOptions, RouterStats, TopKRouter
 
 
 class JaiMoELayer(MegatronModule):
@@ -148,31 +148,39 @@ def _routers(model: Union[torch.nn.Module, Iterable[torch.nn.Module]]) -> list:
     return sorted(routers, key=lambda r: r.layer_number or 0)
 
 
-def collect_router_stats(model, reset: bool = True) -> dict:
-    """Routing statistics of this rank's MoE layers since the last call, as a flat dict of floats
-    (empty when the model has no MoE layer or nothing was routed):
-
-    * ``moe/aux_loss``, ``moe/z_loss`` -- mean over layers and forward passes (coefficient included;
-      only training forwards compute them);
-    * ``moe/entropy`` -- mean routing entropy (nats; ln E = uniform);
-    * ``moe/dropped_fraction`` -- dropped slots / routed slots (0 when dropless);
-    * ``moe/max_load`` -- max over layers and experts of load / mean load (1 = perfectly balanced);
-    * per layer ``moe/layer{NN}/load_e{e}`` (fraction of the layer's slots that expert e took),
-      ``moe/layer{NN}/entropy``, ``moe/layer{NN}/dropped_fraction``.
-
-    Local to this rank (no communication). ``model``: a module or a list of model chunks.
-    """
-    out, layers = {}, []
-    for router in _routers(model):
-        s = router.stats.read()
+def router_stat_table(model, num_layers: int, reset: bool = True) -> tuple:
+    """This rank's routing sums since the last reset as one tensor ``[num_layers, F + E]`` (row =
+    global layer; ``F`` = :attr:`RouterStats.FIELDS`, then tokens per expert; zero rows for
+    layers elsewhere), plus top-k. Summing it over ranks (all-reduce) gives the whole model's."""
+    routers = _routers(model)
+    top_k = routers[0].options.top_k if routers else 1
+    num_experts = routers[0].options.num_experts if routers else 0
+    n_fields = len(RouterStats.FIELDS)
+    device = routers[0].weight.device if routers else "cpu"
+    table = torch.zeros(num_layers, n_fields + num_experts, dtype=torch.float64, device=device)
+    for router in routers:
+        stats = router.stats
+        if stats.sums is not None:
+            row = (router.layer_number or 1) - 1
+            table[row, :n_fields] += stats.sums
+            table[row, n_fields:] += stats.tokens_per_expert
         if reset:
-            router.stats.reset()
-        if s is None:
+            stats.reset()
+    return table, top_k
+
+
+def summarize_router_table(table: torch.Tensor, top_k: int) -> dict:
+    """Routing statistics from a :func:`router_stat_table` (see :func:`collect_router_stats`)."""
+    out, layers = {}, []
+    n_fields = len(RouterStats.FIELDS)
+    for row, values in enumerate(table.tolist()):
+        s = dict(zip(RouterStats.FIELDS, values[:n_fields]))
+        if not s["calls"]:
             continue
-        counts = torch.tensor(s["tokens_per_expert"], dtype=torch.float64)
-        slots = s["tokens"] * router.options.top_k
+        counts = torch.tensor(values[n_fields:], dtype=torch.float64)
+        slots = s["tokens"] * top_k
         kept = float(counts.sum())
-        name = f"moe/layer{router.layer_number or 0:02d}"
+        name = f"moe/layer{row + 1:02d}"
         for e, c in enumerate(counts.tolist()):
             out[f"{name}/load_e{e}"] = c / kept if kept else 0.0
         out[f"{name}/entropy"] = s["entropy_sum"] / s["calls"]
@@ -188,8 +196,34 @@ def collect_router_stats(model, reset: bool = True) -> dict:
                                        if all_slots else 0.0)
         out["moe/max_load"] = max(float(c.max() / c.mean()) if c.sum() > 0 else 0.0
                                   for _, c, _ in layers)
+        # Tokens routed per layer of the table (summed over forward calls): the global batch's
+        # tokens when every stage and data-parallel rank contributed.
+        out["moe/tokens_per_layer"] = sum(s["tokens"] for s, _, _ in layers) / table.shape[0]
     return out
 
+
+def collect_router_stats(model, reset: bool = True) -> dict:
+    """Routing statistics of this rank's MoE layers since the last call, as a flat dict of floats
+    (empty when the model has no MoE layer or nothing was routed):
+
+    * ``moe/aux_loss``, ``moe/z_loss`` -- mean over layers and forward passes (coefficient included;
+      only training forwards compute them);
+    * ``moe/entropy`` -- mean routing entropy (nats; ln E = uniform);
+    * ``moe/dropped_fraction`` -- dropped slots / routed slots (0 when dropless);
+    * ``moe/max_load`` -- max over layers and experts of load / mean load (1 = perfectly balanced);
+    * ``moe/tokens_per_layer`` -- tokens routed per layer (of the layers up to the last seen);
+    * per layer ``moe/layer{NN}/load_e{e}`` (fraction of the layer's slots that expert e took),
+      ``moe/layer{NN}/entropy``, ``moe/layer{NN}/dropped_fraction``.
+
+    Local to this rank (no communication; the training loop sums :func:`router_stat_table` over
+    every stage and rank instead). ``model``: a module or a list of model chunks.
+    """
+    routers = _routers(model)
+    if not routers:
+        return {}
+    num_layers = max(r.layer_number or 1 for r in routers)
+    table, top_k = router_stat_table(model, num_layers, reset)
+    return summarize_router_table(table.cpu(), top_k)
 
 @torch.no_grad()
 def update_expert_biases(model, group: Optional[dist.ProcessGroup] = None) -> int:

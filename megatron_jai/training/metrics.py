@@ -5,9 +5,11 @@ One record per step (rank 0 writes)::
     {"step": 12, "phase": "english-recovery", "loss": 5.91, "lr": 0.0029, "grad_norm": 0.83,
      "tokens_per_s": 5120.4, "tflops_per_gpu": 0.0012, "mfu": null, "skipped": false,
      "skipped_total": 0, "seq_length": 128, "global_batch_size": 16, "consumed_tokens": 24576,
-     "loss/english": 5.88, "loss/thai": 5.97, "router/...": ...}
+     "loss/english": 5.88, "loss/thai": 5.97, "moe/entropy": 1.38, ...}
 
-``tools/plot_training.py`` draws curves from this file.
+The first record a resumed run writes also holds ``"resumed_from": N`` (the checkpoint's
+iteration; the file was cut back to it), so plots can mark resume points while every line stays a
+step record. ``tools/plot_training.py`` draws curves from this file.
 """
 from __future__ import annotations
 
@@ -57,6 +59,7 @@ class MetricsLogger:
                  tensorboard_dir: Optional[str] = None, resume_step: int = 0):
         self.enabled = enabled
         self.log_interval = max(1, log_interval)
+        self._resumed_from = resume_step or None  # marks the next record
         self._file = None
         self._tb = None
         if not enabled:
@@ -77,12 +80,15 @@ class MetricsLogger:
         if not self.enabled:
             return
         step = record["step"]
+        if self._resumed_from is not None:
+            record = {**record, "resumed_from": self._resumed_from}
+            self._resumed_from = None
         if self._file is not None:
             self._file.write(json.dumps(_jsonable(record)) + "\n")
         if self._tb is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) \
-                        and key != "step" and math.isfinite(value):
+                        and key not in ("step", "resumed_from") and math.isfinite(value):
                     self._tb.add_scalar(key if "/" in key else f"train/{key}", value, step)
         if step % self.log_interval == 0 or step == 1 or record.get("skipped"):
             print(format_record(record), flush=True)
@@ -127,6 +133,10 @@ def format_record(r: dict) -> str:
     per_dataset = [f"{k[5:]} {v:.3f}" for k, v in r.items() if k.startswith("loss/")]
     if per_dataset:
         parts.append("(" + ", ".join(per_dataset) + ")")
+    if "moe/max_load" in r:  # MoE: busiest expert vs the mean, routing entropy (nats), drops
+        parts.append(f"router load max {_fmt(r['moe/max_load'], '.2f')}x entropy "
+                     f"{_fmt(r.get('moe/entropy'), '.3f')} dropped "
+                     f"{_fmt(100 * r.get('moe/dropped_fraction', 0.0), '.1f')}%")
     if r.get("skipped"):
         parts.append(f"SKIPPED non-finite step (total {r.get('skipped_total')})")
     return " | ".join(parts)
