@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT, load_tool, run_cmd, torchrun
+from export_helpers import tiny_tokenizer
 from megatron_jai import cli
 from megatron_jai.checkpoint.hf_phi3 import (
     ConversionError,
@@ -161,10 +162,10 @@ def test_round_trip_bit_identical(tiny, tmp_path):
         mc, back = tmp_path / f"{hf.name}_mc", tmp_path / f"{hf.name}_back"
         assert tool(["hf-to-mcore", "--hf-dir", str(hf), "--out", str(mc), "--no-progress"]) == 0
         (mc / "tokenizer").mkdir()  # as vocabulary surgery leaves it: travels to the HF side
-        (mc / "tokenizer" / "tokenizer.model").write_bytes(b"extended " + hf.name.encode())
+        shutil.copy(tiny_tokenizer(str(tmp_path / "tok")), mc / "tokenizer" / "tokenizer.model")
         assert tool(["mcore-to-hf", "--mcore-dir", str(mc), "--out", str(back), "--no-progress",
                      "--max-shard-size", max_shard]) == 0
-        assert (back / "tokenizer.model").read_bytes() == b"extended " + hf.name.encode()
+        assert (back / "tokenizer.model").read_bytes() == (mc / "tokenizer" / "tokenizer.model").read_bytes()
         a, b = _safetensors(hf), _safetensors(back)
         assert sorted(a) == sorted(b)
         for k in a:
@@ -238,8 +239,8 @@ def test_cli_error_has_no_traceback(tiny, tmp_path):
                    str(tmp_path / "m")], check=False)
     assert res.returncode != 0 and "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines() == [
-        "convert_checkpoint.py: error: config.json has model_type 'llama'; only 'phi3' (Phi-3) "
-        "and 'mixtral' (MoE) checkpoints are supported"], res.stderr
+        "convert_checkpoint.py: error: config.json has model_type 'llama'; only 'phi3' (Phi-3), "
+        "'mixtral' (MoE) and 'jai' (exported by this toolkit) checkpoints are supported"], res.stderr
     assert not os.path.exists(tmp_path / "m")
 
 
@@ -266,7 +267,8 @@ def test_exported_config_names_the_stored_dtype(tiny, tmp_path):
     from megatron_jai.checkpoint.convert import hf_to_mcore, mcore_to_hf
 
     hf_to_mcore(str(tiny / "hf"), str(tmp_path / "mc"), dtype=torch.bfloat16, progress=False)
-    mcore_to_hf(str(tmp_path / "mc"), str(tmp_path / "back"), progress=False)
+    mcore_to_hf(str(tmp_path / "mc"), str(tmp_path / "back"), progress=False,
+                tokenizer=tiny_tokenizer(str(tmp_path / "tok")))
     assert json.load(open(tiny / "hf" / "config.json"))["dtype"] == "float32"
     assert json.load(open(tmp_path / "back" / "config.json"))["dtype"] == "bfloat16"
     assert {t.dtype for t in _safetensors(tmp_path / "back").values()} == {torch.bfloat16}

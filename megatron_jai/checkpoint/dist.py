@@ -41,7 +41,7 @@ _ITER_DIR = re.compile(r"^iter_(\d{7})$")
 _OLD_SUFFIX = ".old"  # an iteration directory moved aside while its replacement is renamed in
 _TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                     "special_tokens_map.json", "added_tokens.json", "vocab_map.json",
-                    "vocab.json", "merges.txt")
+                    "vocab.json", "merges.txt", "chat_template.jinja")
 
 
 class CheckpointError(UserError):

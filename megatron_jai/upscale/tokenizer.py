@@ -615,15 +615,18 @@ def candidate_pieces(base: BaseTokenizer, add_proto, piece_filter: Callable[[str
     return out
 
 
-def hf_tokenizer_from_proto(proto, specials: dict):
+def hf_tokenizer_from_proto(proto, specials: dict, add_bos: bool = True):
     """A ``tokenizers.Tokenizer`` that encodes like the sentencepiece BPE ``proto`` (Llama-style,
-    non-legacy: the word-boundary "▁" is prepended to the first segment only).
+    non-legacy: the word-boundary "▁" is prepended to the first segment only), with the model's
+    normalizer (e.g. NFKC and whitespace folding of a sentencepiece default model) and a BOS
+    post-processor when ``add_bos``.
 
     sentencepiece BPE merges the adjacent pair whose union has the highest score; HF BPE merges the
     pair of lowest rank. Listing every split (left, right) of every piece, ranked by the piece's
     score, makes the two agree."""
     from sentencepiece import sentencepiece_model_pb2 as sp_pb2
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models, normalizers,
+                            pre_tokenizers, processors)
 
     Piece = sp_pb2.ModelProto.SentencePiece
     vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
@@ -639,8 +642,17 @@ def hf_tokenizer_from_proto(proto, specials: dict):
     merges.sort(key=lambda m: m[:3])
     model = models.BPE(vocab=vocab, merges=[(m[3], m[4]) for m in merges],
                        unk_token=proto.pieces[proto.trainer_spec.unk_id].piece,
-                       byte_fallback=True, fuse_unk=True)
+                       byte_fallback=proto.trainer_spec.byte_fallback, fuse_unk=True)
     tok = Tokenizer(model)
+    spec = proto.normalizer_spec
+    steps = [normalizers.Precompiled(spec.precompiled_charsmap)] if spec.precompiled_charsmap else []
+    if spec.remove_extra_whitespaces:  # spaces only, as sentencepiece does
+        # Leading spaces become the word boundary itself: removing them would shift the text off
+        # offset 0, where the pre-tokenizer's "first" scheme adds the dummy prefix.
+        steps += [normalizers.Replace(Regex(r"\A +\z| +\z"), ""),
+                  normalizers.Replace(Regex(r"\A +"), "\u2581"), normalizers.Replace(Regex(" {2,}"), " ")]
+    if steps:
+        tok.normalizer = normalizers.Sequence(steps)
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
     tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
                                      decoders.Fuse(), decoders.Strip(" ", 1, 0)])
@@ -649,20 +661,27 @@ def hf_tokenizer_from_proto(proto, specials: dict):
     tok.add_special_tokens([AddedToken(c, special=True, normalized=False) for c in controls])
     tok.add_special_tokens([AddedToken(c, special=True, normalized=False, lstrip=False, rstrip=False)
                             for c in sorted(specials, key=specials.get)])
-    bos = proto.pieces[ts.bos_id].piece
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, ts.bos_id)])
+    if add_bos and ts.bos_id >= 0:
+        bos = proto.pieces[ts.bos_id].piece
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, ts.bos_id)])
     return tok
 
 
-def _hf_config(base: BaseTokenizer, proto, specials: dict, padded_vocab: int) -> tuple:
+def hf_tokenizer_config(base: BaseTokenizer, proto, specials: dict, padded_vocab: int,
+                        add_bos: bool = True) -> tuple:
+    """``(tokenizer_config.json, special_tokens_map.json)`` dicts of a fast tokenizer made by
+    :func:`hf_tokenizer_from_proto`: the base's config with the added tokens of ``proto`` and
+    ``specials``; ``add_bos`` is the default of ``add_bos_token`` when the base does not set it."""
     ts = proto.trainer_spec
-    unk, bos, eos = (proto.pieces[i].piece for i in (ts.unk_id, ts.bos_id, ts.eos_id))
+    unk, bos, eos = (proto.pieces[i].piece if i >= 0 else None
+                     for i in (ts.unk_id, ts.bos_id, ts.eos_id))
     cfg = dict(base.config)
     decoder = {}
     for i in (ts.unk_id, ts.bos_id, ts.eos_id):
-        decoder[str(i)] = dict(content=proto.pieces[i].piece, special=True, lstrip=False,
-                               rstrip=False, normalized=False, single_word=False)
+        if i >= 0:
+            decoder[str(i)] = dict(content=proto.pieces[i].piece, special=True, lstrip=False,
+                                   rstrip=False, normalized=False, single_word=False)
     for content, i in sorted(specials.items(), key=lambda kv: kv[1]):
         # rstrip off (Phi-3 sets it on four tokens): sentencepiece cannot strip, and both
         # tokenizers must encode the same text to the same ids.
@@ -670,7 +689,7 @@ def _hf_config(base: BaseTokenizer, proto, specials: dict, padded_vocab: int) ->
                                normalized=False, single_word=False)
     cfg.update(tokenizer_class="PreTrainedTokenizerFast", added_tokens_decoder=decoder,
                bos_token=cfg.get("bos_token", bos), eos_token=cfg.get("eos_token", eos),
-               unk_token=cfg.get("unk_token", unk), add_bos_token=cfg.get("add_bos_token", True),
+               unk_token=cfg.get("unk_token", unk), add_bos_token=cfg.get("add_bos_token", add_bos),
                add_eos_token=cfg.get("add_eos_token", False), padded_vocab_size=padded_vocab)
     cfg.pop("legacy", None)
     special_map = {k: cfg[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token") if cfg.get(k)}
@@ -709,7 +728,7 @@ def extend_tokenizer(base_path: str, add_path: str, target_vocab: int, out_dir: 
 
     specials = dict(base.specials)
     padded = -(-target_vocab // make_vocab_size_divisible_by) * make_vocab_size_divisible_by
-    cfg, special_map = _hf_config(base, proto, specials, padded)
+    cfg, special_map = hf_tokenizer_config(base, proto, specials, padded)
     hf = hf_tokenizer_from_proto(proto, specials)
 
     parent = os.path.dirname(os.path.abspath(out_dir)) or "."
