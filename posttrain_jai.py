@@ -38,6 +38,8 @@ def objective_for(mode: str):
     from megatron_jai.training.faults import TrainingError
 
     def make(args):
+        if args.eval_only and not (args.data_path or args.phases) and args.valid_data_path:
+            args.data_path = args.valid_data_path  # nothing trains: evaluation needs no train data
         if not (args.data_path or args.phases or args.dry_run):
             raise TrainingError(f"{mode} needs chat data: --data-path PREFIX (made by "
                                 f"tools/preprocess_chat.py --kind {mode.split('-')[0]}) or "

@@ -180,3 +180,36 @@ def test_dpo_layouts_resume_and_stale_reference(chat, tmp_path):
     proc = run_python(POSTTRAIN, *dpo, "--data-path", stale, "--train-iters", 1, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "stale reference log-probs" in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.dist
+def test_eval_only_needs_only_validation_data(chat, tmp_path):
+    # SFT: every record of the set once (40 = 10 global batches of 4), nothing trained or saved.
+    common = [*chat["common"], "--micro-batch-size", "2", "--eval-only"]
+    proc = run_python(POSTTRAIN, "sft", *common, "--valid-data-path", chat["en_sft"],
+                      "--eval-iters", 10, "--metrics-file", tmp_path / "sft.jsonl")
+    [record] = read_metrics(tmp_path / "sft.jsonl")
+    assert record["eval_only"] and math.isfinite(record["valid_loss"])
+    assert f"valid_loss {record['valid_loss']:.4f}" in proc.stdout
+    # DPO before training: the policy is the reference, so no margin, no accuracy, loss log 2.
+    run_python(POSTTRAIN, "dpo", *common, "--valid-data-path", chat["th_dpo"], "--eval-iters", 6,
+               "--metrics-file", tmp_path / "dpo.jsonl")
+    [record] = read_metrics(tmp_path / "dpo.jsonl")
+    assert record["valid_margin"] == record["valid_accuracy"] == 0
+    assert abs(record["valid_loss"] - math.log(2)) < 1e-6
+
+
+def test_plot_draws_a_dpo_panel(tmp_path):
+    from megatron_jai.training.plots import plot_runs, read_metrics
+
+    def write(name, **extra):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"step": s, "loss": 0.7 - 0.01 * s, "lr": 1e-4,
+                                            "grad_norm": 1.0, "tokens_per_s": 1e3,
+                                            **{k: v * s for k, v in extra.items()}}) + "\n"
+                                for s in range(1, 5)))
+        return read_metrics(str(path))
+
+    sft, dpo = write("sft"), write("dpo", accuracy=0.2, margin=0.1, valid_accuracy=0.1)
+    assert plot_runs([sft, dpo], str(tmp_path / "p.png")) == ["loss", "throughput", "lr", "dpo"]
+    assert plot_runs([sft], str(tmp_path / "s.png")) == ["loss", "throughput", "lr"]

@@ -5,8 +5,9 @@ statistics, ``resumed_from``).
 
 Panels: training loss (per-dataset losses and validation loss when present, phase boundaries
 marked, skipped steps crossed), throughput (tokens/s; TFLOP/s per GPU on a second axis when
-present), learning rate with gradient norm, and for MoE runs the router (busiest expert's load vs
-the mean, routing entropy, dropped fraction). Resume points are dashed vertical lines on every
+present), learning rate with gradient norm, for MoE runs the router (busiest expert's load vs
+the mean, routing entropy, dropped fraction), and for DPO runs the preference accuracy and reward
+margin (``posttrain_jai.py dpo``; validation points when present). Resume points are dashed vertical lines on every
 panel.
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ class MetricsError(UserError):
 
 
 ROUTER_KEYS = ("moe/max_load", "moe/entropy", "moe/dropped_fraction")
+DPO_KEYS = ("accuracy", "margin")
 
 
 @dataclass
@@ -113,7 +115,8 @@ def read_metrics(path: str) -> Run:
 def plot_runs(runs: Sequence[Run], out_path: str, title: Optional[str] = None,
               smooth: int = 1) -> List[str]:
     """Draw the panels for one or more runs into ``out_path`` (PNG; written atomically).
-    Returns the panels' names (``loss``, ``throughput``, ``lr``, and ``router`` for MoE runs)."""
+    Returns the panels' names (``loss``, ``throughput``, ``lr``, ``router`` for MoE runs, ``dpo``
+    for DPO runs)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -133,6 +136,8 @@ def plot_runs(runs: Sequence[Run], out_path: str, title: Optional[str] = None,
     panels = ["loss", "throughput", "lr"]
     if any(run.series(key)[0] for run in runs for key in ROUTER_KEYS):
         panels.append("router")
+    if any(run.series(key)[0] for run in runs for key in DPO_KEYS):
+        panels.append("dpo")
     fig, axes = plt.subplots(len(panels), 1, figsize=(10, 3.7 * len(panels)), sharex=True)
     ax_loss, ax_tput, ax_lr = axes[:3]
     multi = len(runs) > 1
@@ -166,7 +171,9 @@ def plot_runs(runs: Sequence[Run], out_path: str, title: Optional[str] = None,
                 ax.axvline(step, color=color, ls="--", lw=0.8, alpha=0.6,
                            label=f"{prefix}resumed" if ax is ax_loss and not k else None)
         if "router" in panels:
-            _plot_router(axes[3], run, color, prefix, smoothed)
+            _plot_router(axes[panels.index("router")], run, color, prefix, smoothed)
+        if "dpo" in panels:
+            _plot_dpo(axes[panels.index("dpo")], run, color, prefix, smoothed)
         tx, ty = run.series("tokens_per_s")
         ax_tput.plot(tx, smoothed(ty), color=color, label=f"{prefix}tokens/s")
         fx, fy = run.series("tflops_per_gpu")
@@ -227,6 +234,29 @@ def _plot_router(ax, run: Run, color: str, prefix: str, smoothed) -> None:
         twin.legend(loc="lower right", fontsize=8)
     ax.set_ylabel("router")
     ax.legend(loc="upper right", fontsize=8)
+    ax.grid(alpha=0.3)
+
+
+def _plot_dpo(ax, run: Run, color: str, prefix: str, smoothed) -> None:
+    """DPO panel: preference accuracy (fraction of pairs whose chosen reward is higher) on the
+    left axis, reward margin on the right; validation values as points."""
+    xs, ys = run.series("accuracy")
+    if not xs:
+        return
+    ax.plot(xs, smoothed(ys), color=color, lw=1.2, label=f"{prefix}accuracy")
+    vx, vy = run.series("valid_accuracy")
+    if vx:
+        ax.plot(vx, vy, "o", color=color, ms=4, label=f"{prefix}valid_accuracy")
+    twin = ax.twinx()
+    mx, my = run.series("margin")
+    twin.plot(mx, smoothed(my), color=color, ls="--", lw=0.9, alpha=0.8, label=f"{prefix}margin")
+    vx, vy = run.series("valid_margin")
+    if vx:
+        twin.plot(vx, vy, "s", color=color, ms=4, alpha=0.8, label=f"{prefix}valid_margin")
+    twin.set_ylabel("reward margin")
+    twin.legend(loc="lower right", fontsize=8)
+    ax.set_ylabel("DPO accuracy")
+    ax.legend(loc="upper left", fontsize=8)
     ax.grid(alpha=0.3)
 
 
