@@ -67,3 +67,22 @@ def test_stage_layout_crossing_skips_and_problems(capsys, tmp_path):
     rc, out = dry_run(capsys, "--model", "tiny", "--world-size", 2, "--train-iters", 5,
                       "--data-path", tmp_path / "typo")
     assert rc == 2 and "typo" in out
+
+
+def test_help_names_only_real_defaults(capsys):
+    """--help shows a default where it says something (never "(default: None)"), for both entry
+    scripts and each post-training mode."""
+    import importlib.util
+
+    for script, argv in (("pretrain_jai", ["--help"]), ("posttrain_jai", ["sft", "--help"]),
+                         ("posttrain_jai", ["dpo", "--help"])):
+        spec = importlib.util.spec_from_file_location(script,
+                                                      os.path.join(REPO_ROOT, f"{script}.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        with pytest.raises(SystemExit) as exit_info:
+            module.main(argv)
+        text = capsys.readouterr().out
+        assert exit_info.value.code == 0 and "--train-iters" in text
+        assert "(default: None)" not in text and "(default: False)" not in text
+        assert "(default: 3)" in text  # --keep-last
