@@ -23,36 +23,6 @@ class LogitComparison:
     shape: tuple
 
 
-def _megatron_logits(model, tokens: torch.Tensor, pp: int):
-    """Full-vocabulary logits [b, s, padded V] on the last pipeline stage, None elsewhere."""
-    from megatron.core import parallel_state
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
-
-    batch, seq = tokens.shape
-    positions = torch.arange(seq, device=tokens.device).expand(batch, seq)
-    with torch.no_grad():
-        if pp == 1:
-            logits = model(tokens, positions, None)
-        else:
-            def forward_step(data_iterator, chunk):
-                output = chunk(tokens, positions, None)
-
-                def keep_logits(out, non_loss_data=False):
-                    return out.detach().clone()
-
-                return output, keep_logits
-
-            outputs = get_forward_backward_func()(
-                forward_step_func=forward_step, data_iterator=None, model=[model],
-                num_microbatches=1, seq_length=seq, micro_batch_size=batch, forward_only=True,
-                collect_non_loss_data=True)
-            logits = outputs[0] if parallel_state.is_pipeline_last_stage() else None
-        if logits is None:
-            return None
-        return gather_from_tensor_model_parallel_region(logits.contiguous())
-
-
 def compare_logits(hf_dir: str, mcore_dir: str, tp: int = 1, pp: int = 1, seq_len: int = 32,
                    batch: int = 2, seed: int = 0, hf_device: str | None = None,
                    ep: int = 1) -> LogitComparison:
@@ -63,6 +33,7 @@ def compare_logits(hf_dir: str, mcore_dir: str, tp: int = 1, pp: int = 1, seq_le
     from megatron_jai import parallel
     from megatron_jai.checkpoint.dist import load_checkpoint
     from megatron_jai.checkpoint.stream import CheckpointReader
+    from megatron_jai.inference.forward import forward_logits
     from megatron_jai.model import build_model
 
     reader = CheckpointReader(mcore_dir)  # a checkpoint root or one of its iter_* directories
@@ -75,7 +46,7 @@ def compare_logits(hf_dir: str, mcore_dir: str, tp: int = 1, pp: int = 1, seq_le
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len), generator=gen).to(device)
 
-    logits = _megatron_logits(model, tokens, pp)
+    logits = forward_logits(model, tokens)
     result = torch.zeros(3, dtype=torch.float64, device=device)
     compares = (parallel_state.is_pipeline_last_stage()
                 and parallel_state.get_tensor_model_parallel_rank() == 0
