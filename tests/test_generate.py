@@ -87,6 +87,29 @@ def test_jai_kv_cache_equals_recomputation(models):
     lm.close()
 
 
+def test_only_decodable_ids_are_generated(models, tmp_path):
+    """A model with more rows than its tokenizer has ids (Phi-3: 32,064 vs 32,011) never emits the
+    extra ids, on either backend."""
+    from megatron_jai.inference.generation import SamplingParams, StopCondition, hf_generate
+    from megatron_jai.inference.lm import load_language_model
+
+    lm = load_language_model(models["dense"])
+    ids = lm.tokenizer.encode(PROMPT)
+    free = lm.generate(ids, SamplingParams(max_new_tokens=32, temperature=2.0), StopCondition()).ids
+    limit = sorted(free)[len(free) // 2]  # half of what it generates unrestricted is out of range
+    lm.tokenizer.vocab_size = limit  # this model's tokenizer only, as if it were a smaller one
+    for params in (SamplingParams(max_new_tokens=32), SamplingParams(max_new_tokens=32, temperature=2.0)):
+        assert max(lm.generate(ids, params, StopCondition()).ids) < limit
+    hf = export_hf(models["dense"], str(tmp_path / "hf"), models["tokenizer"])
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    gen = hf_generate(model, lm.tokenizer, ids, SamplingParams(max_new_tokens=32, temperature=2.0),
+                      StopCondition(), 1024)
+    assert max(gen.ids) < limit
+    lm.close()
+
+
 def test_sampling():
     from megatron_jai.inference.generation import SamplingParams, sample_token
 

@@ -119,6 +119,11 @@ def sample_token(logits: torch.Tensor, params: SamplingParams,
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
+def sampled_vocab_size(model_vocab: int, tokenizer) -> int:
+    """Ids that generation may produce: the model's rows the tokenizer can decode."""
+    return min(model_vocab, tokenizer.vocab_size) if tokenizer is not None else model_vocab
+
+
 def _finished(tokenizer, new_ids: list, tok: int, stop: StopCondition) -> Optional[str]:
     if tok in stop.token_ids:
         return "stop_token"
@@ -132,13 +137,15 @@ def megatron_generate(model, tokenizer, vocab_size: int, prompt_ids: Sequence[in
                       use_cache: bool = True,
                       on_token: Optional[Callable[[int], None]] = None) -> Generation:
     """Generate from our Megatron-Core model (collective: every rank calls it with the same
-    prompt). ``max_length`` bounds prompt + new tokens (the model's context); ``vocab_size`` is the
-    number of real rows (Megatron's vocabulary padding is never sampled)."""
+    prompt). ``max_length`` bounds prompt + new tokens (the model's context). Only ids below
+    ``vocab_size`` and below the tokenizer's size are sampled (Megatron's vocabulary padding and
+    rows the tokenizer cannot decode never come out); ``tokenizer`` may be None without stop text."""
     from megatron.core.inference.contexts import StaticInferenceContext
 
     from megatron_jai.inference.forward import broadcast_from_result_rank, forward_logits, result_rank
 
     prompt = [int(t) for t in prompt_ids]
+    vocab_size = sampled_vocab_size(vocab_size, tokenizer)
     total = min(len(prompt) + params.max_new_tokens, max_length)
     if len(prompt) >= total:
         raise UserError(f"the prompt has {len(prompt)} tokens; the model's context is {max_length}")
@@ -187,7 +194,13 @@ def hf_generate(model, tokenizer, prompt_ids: Sequence[int], params: SamplingPar
                 stop: StopCondition, max_length: int, use_cache: bool = True,
                 on_token: Optional[Callable[[int], None]] = None) -> Generation:
     """The same generation through ``transformers``' ``model.generate`` (any causal LM)."""
-    from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+    from transformers import (
+        GenerationConfig,
+        LogitsProcessor,
+        LogitsProcessorList,
+        StoppingCriteria,
+        StoppingCriteriaList,
+    )
 
     prompt = [int(t) for t in prompt_ids]
     max_new = min(params.max_new_tokens, max_length - len(prompt))
@@ -199,6 +212,13 @@ def hf_generate(model, tokenizer, prompt_ids: Sequence[int], params: SamplingPar
         def __call__(self, input_ids, scores, **kwargs):
             done = stop.text_hit(tokenizer.decode(input_ids[0, n_prompt:].tolist()))
             return torch.tensor([done], dtype=torch.bool, device=input_ids.device)
+
+    class DecodableOnly(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            scores[:, decodable:] = float("-inf")
+            return scores
+
+    decodable = sampled_vocab_size(model.config.vocab_size, tokenizer)
 
     class Streamer:
         skipped_prompt = False
@@ -228,6 +248,7 @@ def hf_generate(model, tokenizer, prompt_ids: Sequence[int], params: SamplingPar
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                              generation_config=config,
                              stopping_criteria=StoppingCriteriaList([TextStop()]) if stop.text else None,
+                             logits_processor=LogitsProcessorList([DecodableOnly()]),
                              streamer=Streamer() if on_token is not None else None)
     seconds = time.perf_counter() - start
     new = out[0, n_prompt:].tolist()
