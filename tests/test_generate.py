@@ -27,11 +27,7 @@ def models(tmp_path_factory, shared_dir):
     parallel.destroy()
 
 
-def _hf_greedy(hf_dir, ids, stop_ids, use_cache):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True,
-                                                 local_files_only=True, dtype=torch.float32).eval()
+def _hf_greedy(model, ids, stop_ids, use_cache):
     out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=NEW_TOKENS,
                          use_cache=use_cache, eos_token_id=sorted(stop_ids), pad_token_id=0)
     return out[0, len(ids):].tolist()
@@ -50,8 +46,12 @@ def test_greedy_tokens_equal_hf_generate(models, kind, tmp_path, capsys):
     tok = load_tokenizer(models["tokenizer"])
     ids = tok.encode(PROMPT)
     stops = stop_token_ids(tok)
-    reference = _hf_greedy(hf_dir, ids, stops, use_cache=True)
-    assert reference == _hf_greedy(hf_dir, ids, stops, use_cache=False)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True,
+                                                 local_files_only=True, dtype=torch.float32).eval()
+    reference = _hf_greedy(model, ids, stops, use_cache=True)
+    assert reference == _hf_greedy(model, ids, stops, use_cache=False)
     assert len(reference) >= 8
     for cache in (True, False):
         out = tmp_path / f"gen_{cache}.json"

@@ -54,8 +54,7 @@ def main(argv=None) -> int:
     from megatron_jai import parallel
     from megatron_jai.config import load_model_config
     from megatron_jai.inference.generation import SamplingParams, StopCondition, megatron_generate
-    from megatron_jai.inference.lm import DTYPES, check_megatron_layout, default_dtype
-    from megatron_jai.model import build_model
+    from megatron_jai.inference.lm import DTYPES, check_megatron_layout, default_dtype, megatron_model
 
     for name in ("new_tokens", "prompt_tokens", "repeats"):
         if getattr(args, name) < 1:
@@ -73,13 +72,8 @@ def main(argv=None) -> int:
     if total > cfg.max_position_embeddings:
         raise cli.UserError(f"prompt + new tokens = {total} exceed the model's context "
                             f"{cfg.max_position_embeddings}")
-    parallel.initialize(tp=args.tp, pp=args.pp, ep=args.ep)
-    model = build_model(cfg, tp=args.tp, pp=args.pp, ep=args.ep, params_dtype=DTYPES[dtype])
-    if args.load:
-        from megatron_jai.checkpoint.dist import load_checkpoint
-
-        load_checkpoint(reader.root, [model], iteration=reader.iteration)
-    model.eval()
+    model = megatron_model(cfg, args.tp, args.pp, args.ep, DTYPES[dtype],
+                           reader if args.load else None)
     prompt = torch.randint(0, cfg.vocab_size, (args.prompt_tokens,),
                            generator=torch.Generator().manual_seed(0)).tolist()
     params = SamplingParams(max_new_tokens=args.new_tokens)

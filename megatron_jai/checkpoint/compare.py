@@ -30,19 +30,14 @@ def compare_logits(hf_dir: str, mcore_dir: str, tp: int = 1, pp: int = 1, seq_le
     reference model (default: the Megatron model's device; "cpu" when the GPU cannot hold both)."""
     from megatron.core import parallel_state
 
-    from megatron_jai import parallel
-    from megatron_jai.checkpoint.dist import load_checkpoint
     from megatron_jai.checkpoint.stream import CheckpointReader
     from megatron_jai.inference.forward import forward_logits
-    from megatron_jai.model import build_model
+    from megatron_jai.inference.lm import megatron_model
 
     reader = CheckpointReader(mcore_dir)  # a checkpoint root or one of its iter_* directories
     cfg = reader.config
-    parallel.initialize(tp=tp, pp=pp, ep=ep, seed=seed)
+    model = megatron_model(cfg, tp, pp, ep, torch.float32, reader, seed)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    model = build_model(cfg, tp=tp, pp=pp, ep=ep, params_dtype=torch.float32)
-    load_checkpoint(reader.root, [model], iteration=reader.iteration)
-    model.eval()
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len), generator=gen).to(device)
 

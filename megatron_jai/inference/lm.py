@@ -118,10 +118,6 @@ class MegatronLM(LanguageModel):
                  ep: int = 1, dtype: str = "fp32", seed: int = 1234):
         import torch.distributed as dist
 
-        from megatron_jai import parallel
-        from megatron_jai.checkpoint.dist import load_checkpoint
-        from megatron_jai.model import build_model
-
         self.path = path
         reader, self.layout = check_megatron_layout(path, tp, pp, ep)
         self.cfg = reader.config
@@ -129,11 +125,8 @@ class MegatronLM(LanguageModel):
         self.context_length = self.cfg.max_position_embeddings
         self.tokenizer = _load_tokenizer(resolve_tokenizer(path, "megatron", tokenizer), self.vocab_size)
         self._owns_process_group = not dist.is_initialized()
-        parallel.initialize(tp=tp, pp=pp, ep=ep, seed=seed)
+        self.model = megatron_model(self.cfg, tp, pp, ep, DTYPES[dtype], reader, seed)
         self.is_main = dist.get_rank() == 0
-        self.model = build_model(self.cfg, tp=tp, pp=pp, ep=ep, params_dtype=DTYPES[dtype])
-        load_checkpoint(reader.root, [self.model], iteration=reader.iteration)
-        self.model.eval()  # DUS skips blend with their inference alpha
         self.iteration = reader.iteration
 
     def log_probs(self, ids: torch.Tensor) -> torch.Tensor:
@@ -174,6 +167,22 @@ class MegatronLM(LanguageModel):
 
         if self._owns_process_group:
             parallel.destroy()
+
+
+def megatron_model(cfg, tp: int = 1, pp: int = 1, ep: int = 1, dtype: torch.dtype = torch.float32,
+                   reader=None, seed: int = 1234):
+    """This rank's part of the model in eval mode (DUS skips blend with ``alpha_infer``), with
+    the weights of ``reader``'s checkpoint (a ``CheckpointReader``) or random ones. Initialises
+    the process groups for the layout (a process group that exists is kept)."""
+    from megatron_jai import parallel
+    from megatron_jai.checkpoint.dist import load_checkpoint
+    from megatron_jai.model import build_model
+
+    parallel.initialize(tp=tp, pp=pp, ep=ep, seed=seed)
+    model = build_model(cfg, tp=tp, pp=pp, ep=ep, params_dtype=dtype)
+    if reader is not None:
+        load_checkpoint(reader.root, [model], iteration=reader.iteration)
+    return model.eval()
 
 
 def check_megatron_layout(path: str, tp: int, pp: int, ep: int):
