@@ -2,27 +2,16 @@
 
 With no arguments: the embedded tiny default (the ``tiny`` model on the project's demo corpus, 2 CPU
 processes). ``--help`` lists the flags; ``--config run.yaml`` reads them (plus data blends and
-phases) from a file. The program lives in :mod:`megatron_jai.training`; see docs/training.md.
+phases) from a file; ``--dry-run --world-size N`` checks a launch on one CPU process. The program
+lives in :mod:`megatron_jai.training`; see docs/training.md.
 """
-import os
 import sys
 
 
 def main(argv=None) -> int:
-    from megatron_jai.training.arguments import parse_args
-    from megatron_jai.training.faults import TrainingError
+    from megatron_jai.training.entry import train_main
 
-    try:
-        args = parse_args(sys.argv[1:] if argv is None else argv)
-        from megatron_jai.training.loop import run
-
-        return run(args)
-    except TrainingError as err:
-        rank = int(os.environ.get("RANK", "0"))
-        if err.rank_specific or rank == 0:
-            prefix = f"[rank {rank}] " if err.rank_specific else ""
-            print(f"pretrain_jai.py: error: {prefix}{err}", file=sys.stderr, flush=True)
-        return 2
+    return train_main("pretrain_jai.py", sys.argv[1:] if argv is None else argv)
 
 
 # The guard is required: dist_checkpointing's async writer re-imports the main module.

@@ -4,6 +4,8 @@
   bound with pybind11 in ``routing.cpp``; the plain CUDA kernels are in ``routing_cuda.cu``.
 * ``moe_grouped_gemm`` -- Triton grouped-GEMM expert FFN (forward and backward) and its autograd
   Function; ``moe_combine`` -- the deterministic per-token sum of the k expert outputs.
+* ``triton_aot`` -- every Triton launch goes through it, so launches can be recorded and compiled for
+  a GPU architecture without a GPU, specialised exactly as at run time (``compile_check``).
 
 Modules are imported on demand: nothing here imports Triton or the compiled extension eagerly.
 """

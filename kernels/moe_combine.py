@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from megatron_jai.kernels.triton_aot import launch
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 # Columns per program: wide on GPU (bandwidth bound), tiny under the interpreter.
 BLOCK_COLS = 64 if INTERPRET else 1024
@@ -47,6 +49,6 @@ def combine_slots(rows: torch.Tensor, expert_ids: torch.Tensor, num_experts: int
         return out
     assert rows.stride(1) == 1 and rows.shape[0] == n * top_k
     grid = (n, triton.cdiv(num_cols, BLOCK_COLS))
-    _combine_slots_kernel[grid](rows, expert_ids.contiguous(), out, num_cols, top_k, num_experts,
-                                rows.stride(0), out.stride(0), BLOCK_COLS=BLOCK_COLS)
+    launch(_combine_slots_kernel, grid, rows, expert_ids.contiguous(), out, num_cols, top_k, num_experts,
+           rows.stride(0), out.stride(0), BLOCK_COLS=BLOCK_COLS)
     return out

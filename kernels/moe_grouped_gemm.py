@@ -7,10 +7,10 @@ positions ``offsets[e]:offsets[e+1]``. Conventions: ``megatron_jai/moe/reference
 
 Forward (``i`` = sorted position, ``s = sorted_slots[i]``, ``n = s // k``, ``e`` = its expert):
   1. ``_gate_up_swiglu_kernel``: ``gu[i] = x[n] @ w_gate_up[e]^T`` with the token rows *gathered
-     while loading* (no permuted copy of x), both halves in one program, SwiGLU in the epilogue:
-     stores the pre-activation ``gu [S, 2F]`` (for backward) and ``act = silu(gate) * up [S, F]``.
-  2. ``_rows_gemm_scatter_kernel``: ``y[s] = weights[s] * act[i] @ w_down[e]^T``; the epilogue applies
-     the routing weight and scatters the row back to slot order ``y [S, H]``.
+     while loading* (no permuted copy of x); gate and up columns interleaved in one B tile, so one
+     dot reads the A tile once; SwiGLU and the routing weight in the epilogue: stores the
+     pre-activation ``gu [S, 2F]`` (for backward) and ``wact = weights[s] * silu(gate) * up [S, F]``.
+  2. ``_rows_gemm_scatter_kernel``: ``y[s] = wact[i] @ w_down[e]^T``, scattered back to slot order.
   3. ``combine_slots``: ``out[n] = sum_j y[n*k+j]`` over routed slots (fp32, deterministic).
 Backward (``dout [N, H]``):
   4. ``_down_bwd_swiglu_kernel``: ``g[i] = dout[n] @ w_down[e]`` (gathered rows); epilogue: grad of the
@@ -18,17 +18,20 @@ Backward (``dout [N, H]``):
      the SwiGLU backward from the stored ``gu`` -> ``dgu [S, 2F]``.
   5. ``_rows_gemm_scatter_kernel``: ``dx_slot[s] = dgu[i] @ w_gate_up[e]``, scattered to slot order;
      ``combine_slots`` sums the k slots of each token.
-  6. ``_expert_wgrad_kernel`` (grouped over each expert's row group):
-     ``dw_down[e] = sum_i (weights[s] dout[n])^T act[i]`` (act recomputed from ``gu`` when
-     ``recompute_activation``) and ``dw_gate_up[e] = sum_i dgu[i]^T x[n]`` (gathered rows).
-Tiles: the row-tile -> (expert, first row) map is computed inside each program from ``offsets`` (on
-the device, no host synchronisation); the grid is the upper bound ``cdiv(S, BLOCK_M) + E`` row tiles
-and tiles past the last expert exit at once. Grouped-M swizzling keeps weight tiles hot in L2.
-Everything is deterministic (no atomics). Under ``TRITON_INTERPRET=1`` (set before the first import)
-the kernels run on CPU with small tiles; test them in fp32/fp16, not bf16.
+  6. ``_expert_wgrad_kernel`` (grouped over each expert's row group, optionally split along it):
+     ``dw_down[e] = sum_i dout[n]^T wact[i]`` (``wact`` recomputed from ``gu`` when
+     ``recompute_activation``) and ``dw_gate_up[e] = sum_i dgu[i]^T x[n]`` (gathered rows). Both
+     operands are plain loads, so the loop pipelines (the routing weight already sits in ``wact``).
+Tiles: the row-tile -> (expert, first row) map is computed inside each program from ``offsets`` (a
+vectorised search, on the device, no host synchronisation); the grid is the upper bound
+``cdiv(S, BLOCK_M) + E`` row tiles and tiles past the last expert exit at once. Grouped-M swizzling
+keeps weight tiles hot in L2. Deterministic: no atomics; a split weight gradient is summed in a fixed
+order. Under ``TRITON_INTERPRET=1`` (set before the first import) the kernels run on CPU with small
+tiles; test them in fp32/fp16, not bf16.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -37,6 +40,7 @@ import triton.language as tl
 
 from megatron_jai.kernels.moe_combine import combine_slots
 from megatron_jai.kernels.routing import routing_metadata
+from megatron_jai.kernels.triton_aot import launch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
@@ -57,16 +61,19 @@ def _configs(gpu_configs, interpret_tile=(16, 16, 16)):
     return configs if _autotune_enabled() else configs[:1]
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), best guess first. The gate/up kernel keeps two
-# BLOCK_N wide accumulators (an effective 2*BLOCK_N tile); the down-backward kernel has a heavy SwiGLU
-# epilogue, so both prefer narrower N tiles (wider ones spill registers on sm_90).
-GATE_UP_CONFIGS = _configs([(128, 64, 64, 8, 4), (128, 64, 64, 8, 3), (64, 64, 64, 4, 4),
-                            (128, 64, 32, 4, 4)])
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), best guess first; `compile_check(90, True)`
+# lists registers, spills and shared memory of each (docs/kernels.md). The gate/up kernel's dot is
+# 2*BLOCK_N wide (gate and up columns interleaved); the down-backward kernel has a heavy SwiGLU
+# epilogue and stays at 64 columns.
+GATE_UP_CONFIGS = _configs([(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 8, 4),
+                            (64, 128, 64, 4, 4)])
 ROWS_CONFIGS = _configs([(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (256, 128, 64, 8, 3),
                          (128, 128, 64, 4, 4), (64, 128, 64, 4, 4)])
-DOWN_BWD_CONFIGS = _configs([(128, 64, 64, 8, 4), (128, 64, 64, 8, 3), (128, 32, 64, 4, 4)])
-WGRAD_CONFIGS = _configs([(128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
-                          (128, 128, 32, 8, 4), (64, 128, 64, 4, 4)])
+DOWN_BWD_CONFIGS = _configs([(128, 64, 64, 8, 4), (128, 64, 64, 8, 3), (128, 64, 32, 8, 5)])
+# The weight-gradient loop loads the gather indices one stage ahead of the operands, so its operand
+# buffers number num_stages - 2 (at most 3): deep pipelines.
+WGRAD_CONFIGS = _configs([(128, 128, 64, 8, 5), (128, 128, 64, 8, 4), (128, 256, 64, 8, 4),
+                          (128, 128, 32, 8, 7), (64, 128, 64, 4, 6)])
 
 
 def _even(**dims):
@@ -75,6 +82,11 @@ def _even(**dims):
     compiler and cost vectorised, asynchronous copies)."""
     return {f"EVEN_{axis}": (lambda size: lambda args: args[size] % args[f"BLOCK_{axis}"] == 0)(size)
             for axis, size in dims.items()}
+
+
+def _block_e(num_experts: int) -> int:
+    """Lanes of the vectorised expert search (a power of two >= the experts)."""
+    return max(16, triton.next_power_of_2(num_experts))
 
 
 @triton.jit
@@ -90,23 +102,23 @@ def _swizzle(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _expert_row_tile(tile, offsets_ptr, num_experts, BLOCK_M: tl.constexpr):
+def _expert_row_tile(tile, offsets_ptr, num_experts, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
     """(expert, first sorted row, end of the expert's rows) of row tile ``tile``; expert -1 past the
-    last tile. Experts own ``cdiv(count, BLOCK_M)`` consecutive tiles (none when empty)."""
-    expert = -1
-    row_start = 0
-    row_end = 0
-    tiles_before = 0
-    for e in range(0, num_experts):
-        start = tl.load(offsets_ptr + e).to(tl.int32)
-        end = tl.load(offsets_ptr + e + 1).to(tl.int32)
-        n_tiles = tl.cdiv(end - start, BLOCK_M)
-        hit = (tile >= tiles_before) & (tile < tiles_before + n_tiles)
-        expert = tl.where(hit, e, expert)
-        row_start = tl.where(hit, start + (tile - tiles_before) * BLOCK_M, row_start)
-        row_end = tl.where(hit, end, row_end)
-        tiles_before += n_tiles
-    return expert, row_start, row_end
+    last tile. Experts own ``cdiv(count, BLOCK_M)`` consecutive tiles (none when empty). One vector
+    load of the offsets and a prefix sum: the owner is the number of experts whose tiles all lie
+    before ``tile``."""
+    lanes = tl.arange(0, BLOCK_E)
+    live = lanes < num_experts
+    starts = tl.load(offsets_ptr + lanes, mask=live, other=0).to(tl.int32)
+    ends = tl.load(offsets_ptr + lanes + 1, mask=live, other=0).to(tl.int32)
+    n_tiles = (ends - starts + BLOCK_M - 1) // BLOCK_M
+    tiles_end = tl.cumsum(n_tiles, axis=0)  # lanes past the experts repeat the total
+    expert = tl.sum((tiles_end <= tile).to(tl.int32), axis=0)
+    owner = lanes == expert
+    first_tile = tl.sum(tl.where(owner, tiles_end - n_tiles, 0), axis=0)
+    row_start = tl.sum(tl.where(owner, starts, 0), axis=0) + (tile - first_tile) * BLOCK_M
+    row_end = tl.sum(tl.where(owner, ends, 0), axis=0)
+    return tl.where(expert < num_experts, expert, -1), row_start, row_end
 
 
 # Main loops load without masks where they can: out-of-range rows/columns are clamped to the last valid
@@ -116,73 +128,71 @@ def _expert_row_tile(tile, offsets_ptr, num_experts, BLOCK_M: tl.constexpr):
 @triton.heuristics(_even(K="H"))
 @triton.jit
 def _gate_up_swiglu_kernel(
-    x_ptr, w_ptr, sorted_slots_ptr, offsets_ptr, gu_ptr, act_ptr,
+    x_ptr, w_ptr, sorted_slots_ptr, offsets_ptr, routing_weights_ptr, gu_ptr, wact_ptr,
     num_slots, num_experts, top_k, H, F,
-    stride_xn, stride_we, stride_wf, stride_wh, stride_gu, stride_act,
-    INPUT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+    stride_xn, stride_xh, stride_we, stride_wf, stride_wh, stride_gu, stride_wact,
+    INPUT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """``gu[i] = x[token(i)] @ w_gate_up[e]^T`` (both halves), ``act[i] = silu(gate) * up``."""
+    """``gu[i] = x[token(i)] @ w_gate_up[e]^T`` (both halves), ``wact[i] = weight * silu(gate) * up``."""
     num_row_tiles = tl.cdiv(num_slots, BLOCK_M) + num_experts
     pid_m, pid_n = _swizzle(tl.program_id(0), num_row_tiles, tl.cdiv(F, BLOCK_N), GROUP_M)
-    expert, row_start, row_end = _expert_row_tile(pid_m, offsets_ptr, num_experts, BLOCK_M)
+    expert, row_start, row_end = _expert_row_tile(pid_m, offsets_ptr, num_experts, BLOCK_M, BLOCK_E)
     if expert < 0:
         return
     rows = row_start + tl.arange(0, BLOCK_M)
     row_mask = rows < row_end
     slots = tl.load(sorted_slots_ptr + tl.minimum(rows, row_end - 1))
     tokens = (slots // top_k).to(tl.int64)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < F
-    cols_ld = tl.minimum(cols, F - 1).to(tl.int64)
+    # B tile column j holds weight row (j // 2) of the gate (j even) or up (j odd) half.
+    j = tl.arange(0, 2 * BLOCK_N)
+    w_rows = tl.minimum(pid_n * BLOCK_N + j // 2, F - 1) + (j % 2) * F
     ks = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + tokens[:, None] * stride_xn + ks[None, :]
-    wg_ptrs = w_ptr + expert.to(tl.int64) * stride_we + cols_ld[None, :] * stride_wf + ks[:, None] * stride_wh
-    wu_ptrs = wg_ptrs + F * stride_wf
-    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    x_ptrs = x_ptr + tokens[:, None] * stride_xn + ks[None, :] * stride_xh
+    w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + w_rows[None, :].to(tl.int64) * stride_wf \
+        + ks[:, None] * stride_wh
+    acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
         if EVEN_K:
             x = tl.load(x_ptrs)
-            wg = tl.load(wg_ptrs)
-            wu = tl.load(wu_ptrs)
+            w = tl.load(w_ptrs)
         else:
             k_mask = ks < H - k0
             x = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
-            wg = tl.load(wg_ptrs, mask=k_mask[:, None], other=0.0)
-            wu = tl.load(wu_ptrs, mask=k_mask[:, None], other=0.0)
-        acc_gate = tl.dot(x, wg, acc_gate, input_precision=INPUT_PRECISION)
-        acc_up = tl.dot(x, wu, acc_up, input_precision=INPUT_PRECISION)
-        x_ptrs += BLOCK_K
-        wg_ptrs += BLOCK_K * stride_wh
-        wu_ptrs += BLOCK_K * stride_wh
+            w = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
+        acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xh
+        w_ptrs += BLOCK_K * stride_wh
+    gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
     out_dtype = gu_ptr.dtype.element_ty
-    gate = acc_gate.to(out_dtype)
-    up = acc_up.to(out_dtype)
-    mask = row_mask[:, None] & col_mask[None, :]
+    gate = gate.to(out_dtype)
+    up = up.to(out_dtype)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = row_mask[:, None] & (cols < F)[None, :]
     gu_ptrs = gu_ptr + rows[:, None].to(tl.int64) * stride_gu + cols[None, :]
     tl.store(gu_ptrs, gate, mask=mask)
     tl.store(gu_ptrs + F, up, mask=mask)
-    # From the rounded pre-activation, so a backward recompute reproduces it bit for bit.
+    # From the rounded pre-activation, in the order _expert_wgrad_kernel recomputes it (bit-identical).
     gate32 = gate.to(tl.float32)
-    act = gate32 * tl.sigmoid(gate32) * up.to(tl.float32)
-    tl.store(act_ptr + rows[:, None].to(tl.int64) * stride_act + cols[None, :], act.to(out_dtype), mask=mask)
+    scale = tl.load(routing_weights_ptr + slots).to(tl.float32)
+    wact = gate32 * tl.sigmoid(gate32) * up.to(tl.float32) * scale[:, None]
+    tl.store(wact_ptr + rows[:, None].to(tl.int64) * stride_wact + cols[None, :], wact.to(out_dtype), mask=mask)
 
 
-@triton.autotune(configs=ROWS_CONFIGS, key=["N", "K", "num_experts", "APPLY_WEIGHT"])
+@triton.autotune(configs=ROWS_CONFIGS, key=["N", "K", "num_experts"])
 @triton.heuristics(_even(K="K", N="N"))
 @triton.jit
 def _rows_gemm_scatter_kernel(
-    a_ptr, w_ptr, sorted_slots_ptr, offsets_ptr, routing_weights_ptr, out_ptr,
+    a_ptr, w_ptr, sorted_slots_ptr, offsets_ptr, out_ptr,
     num_slots, num_experts, N, K,
-    stride_a, stride_we, stride_wn, stride_wk, stride_out,
-    APPLY_WEIGHT: tl.constexpr, INPUT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+    stride_a, stride_ak, stride_we, stride_wn, stride_wk, stride_out,
+    INPUT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """``out[sorted_slots[i], n] = (routing_weight *) sum_k a[i, k] * W[e, n, k]`` (W through strides)."""
+    """``out[sorted_slots[i], n] = sum_k a[i, k] * W[e, n, k]`` (W through strides)."""
     num_row_tiles = tl.cdiv(num_slots, BLOCK_M) + num_experts
     pid_m, pid_n = _swizzle(tl.program_id(0), num_row_tiles, tl.cdiv(N, BLOCK_N), GROUP_M)
-    expert, row_start, row_end = _expert_row_tile(pid_m, offsets_ptr, num_experts, BLOCK_M)
+    expert, row_start, row_end = _expert_row_tile(pid_m, offsets_ptr, num_experts, BLOCK_M, BLOCK_E)
     if expert < 0:
         return
     rows = row_start + tl.arange(0, BLOCK_M)
@@ -195,7 +205,7 @@ def _rows_gemm_scatter_kernel(
     else:
         cols_ld = tl.minimum(cols, N - 1).to(tl.int64)
     ks = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + rows_ld[:, None] * stride_a + ks[None, :]
+    a_ptrs = a_ptr + rows_ld[:, None] * stride_a + ks[None, :] * stride_ak
     w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + cols_ld[None, :] * stride_wn + ks[:, None] * stride_wk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -207,11 +217,9 @@ def _rows_gemm_scatter_kernel(
             a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
         acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
-        a_ptrs += BLOCK_K
+        a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
     slots = tl.load(sorted_slots_ptr + rows_ld)
-    if APPLY_WEIGHT:
-        acc = acc * tl.load(routing_weights_ptr + slots).to(tl.float32)[:, None]
     out_ptrs = out_ptr + slots[:, None].to(tl.int64) * stride_out + cols[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
@@ -222,15 +230,15 @@ def _rows_gemm_scatter_kernel(
 def _down_bwd_swiglu_kernel(
     dout_ptr, w_ptr, gu_ptr, sorted_slots_ptr, offsets_ptr, routing_weights_ptr, dgu_ptr, dweight_part_ptr,
     num_slots, num_experts, top_k, H, F,
-    stride_dout, stride_we, stride_wh, stride_wf, stride_gu, stride_dgu, stride_part,
-    INPUT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+    stride_dout, stride_douth, stride_we, stride_wh, stride_wf, stride_gu, stride_dgu, stride_part,
+    INPUT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """``g[i] = dout[token(i)] @ w_down[e]``; epilogue: the routing-weight grad partial ``<g, act>`` over
     this column tile, then the SwiGLU backward of ``dact = weight * g`` into ``dgu = [dgate | dup]``."""
     num_row_tiles = tl.cdiv(num_slots, BLOCK_M) + num_experts
     pid_m, pid_n = _swizzle(tl.program_id(0), num_row_tiles, tl.cdiv(F, BLOCK_N), GROUP_M)
-    expert, row_start, row_end = _expert_row_tile(pid_m, offsets_ptr, num_experts, BLOCK_M)
+    expert, row_start, row_end = _expert_row_tile(pid_m, offsets_ptr, num_experts, BLOCK_M, BLOCK_E)
     if expert < 0:
         return
     rows = row_start + tl.arange(0, BLOCK_M)
@@ -244,7 +252,7 @@ def _down_bwd_swiglu_kernel(
     else:
         cols_ld = tl.minimum(cols, F - 1)
     ks = tl.arange(0, BLOCK_K)
-    d_ptrs = dout_ptr + tokens[:, None] * stride_dout + ks[None, :]
+    d_ptrs = dout_ptr + tokens[:, None] * stride_dout + ks[None, :] * stride_douth
     w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + ks[:, None].to(tl.int64) * stride_wh \
         + cols_ld[None, :] * stride_wf
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -257,51 +265,57 @@ def _down_bwd_swiglu_kernel(
             d = tl.load(d_ptrs, mask=k_mask[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
         acc = tl.dot(d, w, acc, input_precision=INPUT_PRECISION)
-        d_ptrs += BLOCK_K
+        d_ptrs += BLOCK_K * stride_douth
         w_ptrs += BLOCK_K * stride_wh
+    # Everything that depends on gu only first (one layout), then one meeting with the accumulator:
+    # the compiler converts the accumulator once instead of bouncing each temporary between layouts.
     mask = row_mask[:, None] & col_mask[None, :]
     gu_ptrs = gu_ptr + rows[:, None].to(tl.int64) * stride_gu + cols[None, :]
     gate = tl.load(gu_ptrs, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(gu_ptrs + F, mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(gate)
     silu = gate * sig
-    act = (silu * up).to(gu_ptr.dtype.element_ty).to(tl.float32)  # as rounded in the forward
+    act = (silu * up).to(gu_ptr.dtype.element_ty).to(tl.float32)  # the expert output, rounded as stored
+    scale = tl.load(routing_weights_ptr + slots).to(tl.float32)[:, None]
+    dgate_coef = scale * up * sig * (1.0 + gate * (1.0 - sig))
+    dup_coef = scale * silu
     part = tl.sum(tl.where(mask, acc * act, 0.0), axis=1)
     tl.store(dweight_part_ptr + rows.to(tl.int64) * stride_part + pid_n, part, mask=row_mask)
-    dact = acc * tl.load(routing_weights_ptr + slots).to(tl.float32)[:, None]
-    dgate = dact * up * sig * (1.0 + gate * (1.0 - sig))
-    dup = dact * silu
     dgu_ptrs = dgu_ptr + rows[:, None].to(tl.int64) * stride_dgu + cols[None, :]
     out_dtype = dgu_ptr.dtype.element_ty
-    tl.store(dgu_ptrs, dgate.to(out_dtype), mask=mask)
-    tl.store(dgu_ptrs + F, dup.to(out_dtype), mask=mask)
+    tl.store(dgu_ptrs, (acc * dgate_coef).to(out_dtype), mask=mask)
+    tl.store(dgu_ptrs + F, (acc * dup_coef).to(out_dtype), mask=mask)
 
 
-@triton.autotune(configs=WGRAD_CONFIGS, key=["M", "N", "num_experts", "LHS_GATHER", "RHS_MODE"])
+@triton.autotune(configs=WGRAD_CONFIGS, key=["M", "N", "num_experts", "num_splits", "LHS_GATHER", "RHS_MODE"])
 @triton.heuristics(_even(M="M", N="N"))
 @triton.jit
 def _expert_wgrad_kernel(
     lhs_ptr, rhs_ptr, sorted_slots_ptr, offsets_ptr, routing_weights_ptr, out_ptr,
-    num_experts, top_k, M, N, F,
-    stride_lhs, stride_rhs, stride_oe, stride_om, stride_on,
+    num_experts, num_splits, top_k, M, N, F,
+    stride_lhs, stride_lhsm, stride_rhs, stride_rhsn, stride_os, stride_oe, stride_om, stride_on,
     LHS_GATHER: tl.constexpr, RHS_MODE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """``out[e] = sum over expert e's sorted rows i of L[i]^T R[i]`` -> ``[M, N]`` per expert.
+    """``out[split, e] = sum over rows i of expert e's split-th chunk of L[i]^T R[i]`` -> ``[M, N]``.
 
-    L rows: ``LHS_GATHER`` -> ``routing_weight[s] * lhs[token(i)]`` (dout), else ``lhs[i]`` (dgu).
-    R rows: RHS_MODE 0 -> ``rhs[i]`` (act), 1 -> ``silu(gate) * up`` recomputed from ``rhs = gu [S, 2F]``,
-    2 -> ``rhs[token(i)]`` (x). Rows past the group are clamped on the R side and zeroed on the L side.
-    Experts without rows get zeros.
+    L rows: ``LHS_GATHER`` -> ``lhs[token(i)]`` (dout), else ``lhs[i]`` (dgu).
+    R rows: RHS_MODE 0 -> ``rhs[i]`` (wact), 1 -> ``weight * silu(gate) * up`` recomputed from
+    ``rhs = gu [S, 2F]``, 2 -> ``rhs[token(i)]`` (x). Rows past the chunk are clamped on the R side and
+    zeroed on the L side. Empty experts and empty chunks store zeros.
     """
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     pid = tl.program_id(0)
+    split = tl.program_id(1)
     expert = pid // (num_pid_m * num_pid_n)
     pid_m, pid_n = _swizzle(pid % (num_pid_m * num_pid_n), num_pid_m, num_pid_n, GROUP_M)
-    row_start = tl.load(offsets_ptr + expert).to(tl.int32)
-    row_end = tl.load(offsets_ptr + expert + 1).to(tl.int32)
+    group_start = tl.load(offsets_ptr + expert).to(tl.int32)
+    group_end = tl.load(offsets_ptr + expert + 1).to(tl.int32)
+    chunk = tl.cdiv(tl.cdiv(group_end - group_start, num_splits), BLOCK_K) * BLOCK_K
+    row_start = group_start + split * chunk
+    row_end = tl.minimum(row_start + chunk, group_end)
     ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if EVEN_M:
@@ -312,7 +326,6 @@ def _expert_wgrad_kernel(
         ns_ld = ns
     else:
         ns_ld = tl.minimum(ns, N - 1)
-    in_dtype = lhs_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(row_start, row_end, BLOCK_K):
         rows = r0 + tl.arange(0, BLOCK_K)
@@ -322,25 +335,24 @@ def _expert_wgrad_kernel(
             slots = tl.load(sorted_slots_ptr + rows_ld)
             tokens = (slots // top_k).to(tl.int64)
         if LHS_GATHER:
-            # The routing weight is zeroed past the group, which zeroes those rows' contribution.
-            scale = tl.load(routing_weights_ptr + slots, mask=r_mask, other=0.0).to(tl.float32)
-            lt = tl.load(lhs_ptr + tokens[None, :] * stride_lhs + ms_ld[:, None])
-            lt = (lt.to(tl.float32) * scale[None, :]).to(in_dtype)
+            l_rows = tokens
         else:
-            lt = tl.load(lhs_ptr + rows_ld[None, :].to(tl.int64) * stride_lhs + ms_ld[:, None],
-                         mask=r_mask[None, :], other=0.0)
+            l_rows = rows_ld.to(tl.int64)
+        lt = tl.load(lhs_ptr + l_rows[None, :] * stride_lhs + ms_ld[:, None] * stride_lhsm,
+                     mask=r_mask[None, :], other=0.0)
         if RHS_MODE == 0:
-            r = tl.load(rhs_ptr + rows_ld[:, None].to(tl.int64) * stride_rhs + ns_ld[None, :])
+            r = tl.load(rhs_ptr + rows_ld[:, None].to(tl.int64) * stride_rhs + ns_ld[None, :] * stride_rhsn)
         elif RHS_MODE == 1:
-            gu_ptrs = rhs_ptr + rows_ld[:, None].to(tl.int64) * stride_rhs + ns_ld[None, :]
+            gu_ptrs = rhs_ptr + rows_ld[:, None].to(tl.int64) * stride_rhs + ns_ld[None, :] * stride_rhsn
             gate = tl.load(gu_ptrs).to(tl.float32)
-            up = tl.load(gu_ptrs + F).to(tl.float32)
-            r = (gate * tl.sigmoid(gate) * up).to(in_dtype)
+            up = tl.load(gu_ptrs + F * stride_rhsn).to(tl.float32)
+            scale = tl.load(routing_weights_ptr + tl.load(sorted_slots_ptr + rows_ld)).to(tl.float32)
+            r = (gate * tl.sigmoid(gate) * up * scale[:, None]).to(lt.dtype)  # as _gate_up_swiglu_kernel
         else:
-            r = tl.load(rhs_ptr + tokens[:, None] * stride_rhs + ns_ld[None, :])
+            r = tl.load(rhs_ptr + tokens[:, None] * stride_rhs + ns_ld[None, :] * stride_rhsn)
         acc = tl.dot(lt, r, acc, input_precision=INPUT_PRECISION)
-    out_ptrs = out_ptr + expert.to(tl.int64) * stride_oe + ms[:, None].to(tl.int64) * stride_om \
-        + ns[None, :] * stride_on
+    out_ptrs = out_ptr + split.to(tl.int64) * stride_os + expert.to(tl.int64) * stride_oe \
+        + ms[:, None].to(tl.int64) * stride_om + ns[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(ms < M)[:, None] & (ns < N)[None, :])
 
 
@@ -360,39 +372,38 @@ def _row_tile_grid(num_slots: int, num_experts: int, num_cols: int):
                          * triton.cdiv(num_cols, meta["BLOCK_N"]),)
 
 
-def gate_up_swiglu_forward(x, w_gate_up, sorted_slots, offsets, top_k):
-    """-> (gu [S, 2F] pre-activation, act [S, F] = silu(gate) * up), rows in sorted order."""
+def gate_up_swiglu_forward(x, w_gate_up, sorted_slots, offsets, routing_weights, top_k):
+    """-> (gu [S, 2F] pre-activation, wact [S, F] = routing weight * silu(gate) * up), sorted order."""
     num_experts, two_f, h = w_gate_up.shape
     f = two_f // 2
     num_slots = sorted_slots.numel()
     gu = torch.empty((num_slots, two_f), dtype=x.dtype, device=x.device)
-    act = torch.empty((num_slots, f), dtype=x.dtype, device=x.device)
+    wact = torch.empty((num_slots, f), dtype=x.dtype, device=x.device)
     if num_slots == 0 or f == 0:
-        return gu, act
-    _gate_up_swiglu_kernel[_row_tile_grid(num_slots, num_experts, f)](
-        x, w_gate_up, sorted_slots, offsets, gu, act,
-        num_slots, num_experts, top_k, h, f,
-        x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2), gu.stride(0),
-        act.stride(0),
-        INPUT_PRECISION=_input_precision(x.dtype))
-    return gu, act
+        return gu, wact
+    launch(_gate_up_swiglu_kernel, _row_tile_grid(num_slots, num_experts, f),
+           x, w_gate_up, sorted_slots, offsets, routing_weights, gu, wact,
+           num_slots, num_experts, top_k, h, f,
+           x.stride(0), x.stride(1), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2),
+           gu.stride(0), wact.stride(0),
+           INPUT_PRECISION=_input_precision(x.dtype), BLOCK_E=_block_e(num_experts))
+    return gu, wact
 
 
-def rows_gemm_scatter(a, w, w_n_stride, w_k_stride, num_cols, sorted_slots, offsets, routing_weights=None):
-    """``out[sorted_slots[i]] = (routing_weights[slot] *) a[i] @ W[e]`` with ``W[e][k, n]`` at
-    ``w[e] + n * w_n_stride + k * w_k_stride`` -> ``[S, num_cols]`` in slot order (rows of skipped
-    slots are left unwritten: the combine ignores them)."""
+def rows_gemm_scatter(a, w, w_n_stride, w_k_stride, num_cols, sorted_slots, offsets):
+    """``out[sorted_slots[i]] = a[i] @ W[e]`` with ``W[e][k, n]`` at ``w[e] + n * w_n_stride +
+    k * w_k_stride`` -> ``[S, num_cols]`` in slot order (rows of skipped slots are left unwritten: the
+    combine ignores them)."""
     num_experts = w.shape[0]
     num_slots, depth = a.shape
     out = torch.empty((num_slots, num_cols), dtype=a.dtype, device=a.device)
     if num_slots == 0 or num_cols == 0:
         return out
-    apply_weight = routing_weights is not None
-    _rows_gemm_scatter_kernel[_row_tile_grid(num_slots, num_experts, num_cols)](
-        a, w, sorted_slots, offsets, routing_weights if apply_weight else a, out,
-        num_slots, num_experts, num_cols, depth,
-        a.stride(0), w.stride(0), w_n_stride, w_k_stride, out.stride(0),
-        APPLY_WEIGHT=apply_weight, INPUT_PRECISION=_input_precision(a.dtype))
+    launch(_rows_gemm_scatter_kernel, _row_tile_grid(num_slots, num_experts, num_cols),
+           a, w, sorted_slots, offsets, out,
+           num_slots, num_experts, num_cols, depth,
+           a.stride(0), a.stride(1), w.stride(0), w_n_stride, w_k_stride, out.stride(0),
+           INPUT_PRECISION=_input_precision(a.dtype), BLOCK_E=_block_e(num_experts))
     return out
 
 
@@ -406,29 +417,69 @@ def down_backward_swiglu(dout, w_down, gu, sorted_slots, offsets, routing_weight
     # Per column tile partial sums (deterministic), summed below; sized for the smallest BLOCK_N.
     min_block_n = min(c.kwargs["BLOCK_N"] for c in DOWN_BWD_CONFIGS)
     parts = torch.zeros((num_slots, triton.cdiv(f, min_block_n)), dtype=torch.float32, device=dout.device)
-    _down_bwd_swiglu_kernel[_row_tile_grid(num_slots, num_experts, f)](
-        dout, w_down, gu, sorted_slots, offsets, routing_weights, dgu, parts,
-        num_slots, num_experts, top_k, h, f,
-        dout.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2), gu.stride(0), dgu.stride(0),
-        parts.stride(0), INPUT_PRECISION=_input_precision(dout.dtype))
+    launch(_down_bwd_swiglu_kernel, _row_tile_grid(num_slots, num_experts, f),
+           dout, w_down, gu, sorted_slots, offsets, routing_weights, dgu, parts,
+           num_slots, num_experts, top_k, h, f,
+           dout.stride(0), dout.stride(1), w_down.stride(0), w_down.stride(1), w_down.stride(2), gu.stride(0),
+           dgu.stride(0), parts.stride(0),
+           INPUT_PRECISION=_input_precision(dout.dtype), BLOCK_E=_block_e(num_experts))
     return dgu, parts.sum(dim=1)
 
 
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+WGRAD_SPLIT_MIN_ROWS = 1024  # rows per expert and split, at least
+WGRAD_SPLIT_MAX_BYTES = 1 << 30  # fp32 partial sums of a split weight gradient, at most
+
+
+def wgrad_splits(num_experts: int, m: int, n: int, num_slots: int, device: torch.device) -> int:
+    """Chunks each expert's rows are split into for its weight gradient (split-K). ``1`` unless the
+    ``E x tiles`` grid fills under two waves of the GPU and the experts have rows to spare; from the
+    shapes and the GPU model only, never from the routing, so it is reproducible. The environment
+    variable ``JAI_MOE_WGRAD_SPLIT_K`` overrides it (``1`` = off)."""
+    forced = os.environ.get("JAI_MOE_WGRAD_SPLIT_K")
+    if forced:
+        if not forced.isdigit() or int(forced) < 1:
+            raise ValueError(f"JAI_MOE_WGRAD_SPLIT_K must be a positive integer, got {forced!r}")
+        return int(forced)
+    if device.type != "cuda" or num_experts == 0:
+        return 1
+    tiles = num_experts * triton.cdiv(m, 128) * triton.cdiv(n, 128)
+    sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+    splits = min(8, (2 * sms) // max(tiles, 1), num_slots // (num_experts * WGRAD_SPLIT_MIN_ROWS))
+    while splits > 1 and splits * num_experts * m * n * 4 > WGRAD_SPLIT_MAX_BYTES:
+        splits -= 1
+    return max(splits, 1)
+
+
 def expert_wgrad(lhs, rhs, sorted_slots, offsets, routing_weights, top_k, num_experts, m, n, out_dtype,
-                 lhs_gather, rhs_mode, f=0):
-    """``[E, m, n]``: per expert, the sum over its rows of ``L[i]^T R[i]`` (see the kernel)."""
+                 lhs_gather, rhs_mode, f=0, splits=None):
+    """``[E, m, n]``: per expert, the sum over its rows of ``L[i]^T R[i]`` (see the kernel). Split-K
+    (``splits``, default :func:`wgrad_splits`) writes fp32 partial sums that are added in split order."""
     out = torch.empty((num_experts, m, n), dtype=out_dtype, device=lhs.device)
     if m == 0 or n == 0:
         return out
+    splits = splits or wgrad_splits(num_experts, m, n, sorted_slots.numel(), lhs.device)
+    target = out if splits == 1 else torch.empty((splits, num_experts, m, n), dtype=torch.float32,
+                                                 device=lhs.device)
 
     def grid(meta):
-        return (num_experts * triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+        return (num_experts * triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), splits)
 
-    _expert_wgrad_kernel[grid](
-        lhs, rhs, sorted_slots, offsets, routing_weights if routing_weights is not None else lhs, out,
-        num_experts, top_k, m, n, f,
-        lhs.stride(0), rhs.stride(0), out.stride(0), out.stride(1), out.stride(2),
-        LHS_GATHER=lhs_gather, RHS_MODE=rhs_mode, INPUT_PRECISION=_input_precision(lhs.dtype))
+    launch(_expert_wgrad_kernel, grid,
+           lhs, rhs, sorted_slots, offsets, routing_weights if routing_weights is not None else lhs, target,
+           num_experts, splits, top_k, m, n, f,
+           lhs.stride(0), lhs.stride(1), rhs.stride(0), rhs.stride(1),
+           target.stride(0) if splits > 1 else 0, target.stride(-3), target.stride(-2), target.stride(-1),
+           LHS_GATHER=lhs_gather, RHS_MODE=rhs_mode, INPUT_PRECISION=_input_precision(lhs.dtype))
+    if splits > 1:
+        total = target[0].clone()
+        for part in target[1:]:  # a fixed order: bit-reproducible
+            total += part
+        out.copy_(total)
     return out
 
 
@@ -447,22 +498,22 @@ class GroupedExpertFFN(torch.autograd.Function):
         w_gate_up = w_gate_up.contiguous()
         w_down = w_down.contiguous()
         meta = routing_metadata(expert_ids, num_experts)
-        gu, act = gate_up_swiglu_forward(hidden, w_gate_up, meta.sorted_slots, meta.offsets, top_k)
-        y = rows_gemm_scatter(act, w_down, w_down.stride(1), w_down.stride(2), h, meta.sorted_slots,
-                              meta.offsets, routing_weights=flat_weights)
+        gu, wact = gate_up_swiglu_forward(hidden, w_gate_up, meta.sorted_slots, meta.offsets, flat_weights,
+                                          top_k)
+        y = rows_gemm_scatter(wact, w_down, w_down.stride(1), w_down.stride(2), h, meta.sorted_slots,
+                              meta.offsets)
         out = combine_slots(y, expert_ids, num_experts, hidden.dtype)
-        ctx.recompute_activation = recompute_activation
         ctx.top_k = top_k
         ctx.weights_dtype = weights.dtype
-        saved_act = None if recompute_activation else act
+        saved_wact = None if recompute_activation else wact
         ctx.save_for_backward(hidden, expert_ids, flat_weights, w_gate_up, w_down, meta.sorted_slots,
-                              meta.slot_positions, meta.offsets, gu, saved_act)
+                              meta.slot_positions, meta.offsets, gu, saved_wact)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         (hidden, expert_ids, flat_weights, w_gate_up, w_down, sorted_slots, slot_positions, offsets, gu,
-         act) = ctx.saved_tensors
+         wact) = ctx.saved_tensors
         num_experts, two_f, h = w_gate_up.shape
         f = two_f // 2
         top_k = ctx.top_k
@@ -472,7 +523,7 @@ class GroupedExpertFFN(torch.autograd.Function):
             dout = dout.to(hidden.dtype)
         d_hidden = d_weights = d_w_gate_up = d_w_down = None
         if need_wd:
-            rhs, mode = (gu, 1) if act is None else (act, 0)
+            rhs, mode = (gu, 1) if wact is None else (wact, 0)
             d_w_down = expert_wgrad(dout, rhs, sorted_slots, offsets, flat_weights, top_k, num_experts, h, f,
                                     w_down.dtype, lhs_gather=True, rhs_mode=mode, f=f)
         if need_x or need_rw or need_wgu:
@@ -503,70 +554,60 @@ def grouped_expert_ffn_triton(hidden, expert_ids, weights, w_gate_up, w_down, re
 
 # ---- ahead-of-time compilation check (no GPU needed) ---------------------------------------------
 
-_KERNEL_VARIANTS = (  # (autotuned kernel, constexpr arguments that select a variant)
-    ("_gate_up_swiglu_kernel", {}),
-    ("_rows_gemm_scatter_kernel", {"APPLY_WEIGHT": True}),
-    ("_rows_gemm_scatter_kernel", {"APPLY_WEIGHT": False}),
-    ("_down_bwd_swiglu_kernel", {}),
-    ("_expert_wgrad_kernel", {"LHS_GATHER": True, "RHS_MODE": 0}),
-    ("_expert_wgrad_kernel", {"LHS_GATHER": True, "RHS_MODE": 1}),
-    ("_expert_wgrad_kernel", {"LHS_GATHER": False, "RHS_MODE": 2}),
-)
-_INDEX_ARGS = ("sorted_slots_ptr", "offsets_ptr")
-_FP32_ARGS = ("routing_weights_ptr", "dweight_part_ptr")
-_UNALIGNED_INT_ARGS = ("num_slots", "num_experts", "top_k")
+JAI_75B_LAYER = (8192, 5120, 17920, 4, 2)  # (T, H, F, E, k) of one JAI-75B MoE layer
 
 
-def compile_check(capability: int = 90, dtype: str = "bf16", all_configs: bool = False):
-    """Compile every kernel variant for ``sm_<capability>`` without a GPU (Triton + ptxas only), as the
-    autotuner would for 16-aligned shapes. Returns one dict per compiled kernel (name, variant, config,
-    shared memory, count of Hopper wgmma instructions). Raises on a compile error. Needs the kernels
-    imported *without* ``TRITON_INTERPRET``."""
+def _record_all_launches(shape, dtype):
+    """Run every launch wrapper on ``meta`` tensors of ``shape`` and record the launches."""
+    from megatron_jai.kernels import triton_aot
+
+    t, h, f, e, k = shape
+    s = t * k
+
+    def empty(*size, dt=dtype):
+        return torch.empty(*size, dtype=dt, device="meta")
+
+    x, dout = empty(t, h), empty(t, h)
+    w_gate_up, w_down = empty(e, 2 * f, h), empty(e, h, f)
+    slots, offsets, weights = empty(s, dt=torch.int64), empty(e + 1, dt=torch.int64), empty(s, dt=torch.float32)
+    with triton_aot.recording() as launches:
+        gu, wact = gate_up_swiglu_forward(x, w_gate_up, slots, offsets, weights, k)
+        y = rows_gemm_scatter(wact, w_down, w_down.stride(1), w_down.stride(2), h, slots, offsets)
+        combine_slots(y, empty(t, k, dt=torch.int64), e, dtype)
+        dgu, _ = down_backward_swiglu(dout, w_down, gu, slots, offsets, weights, k)
+        rows_gemm_scatter(dgu, w_gate_up, w_gate_up.stride(2), w_gate_up.stride(1), h, slots, offsets)
+        for rhs, mode in ((wact, 0), (gu, 1)):
+            expert_wgrad(dout, rhs, slots, offsets, weights, k, e, h, f, dtype, lhs_gather=True, rhs_mode=mode, f=f)
+        for splits in (1, 2):  # split-K writes fp32 partial sums: another specialisation
+            expert_wgrad(dgu, x, slots, offsets, None, k, e, 2 * f, h, dtype, lhs_gather=False, rhs_mode=2,
+                         splits=splits)
+    return launches
+
+
+def compile_check(capability: int = 90, dtype: torch.dtype = torch.bfloat16, all_configs: bool = False,
+                  shape=JAI_75B_LAYER):
+    """Compile every kernel launch of one forward + backward of ``shape`` = (T, H, F, E, k) for
+    ``sm_<capability>`` without a GPU (Triton + ptxas), specialised exactly as the launcher would
+    (:mod:`megatron_jai.kernels.triton_aot`). Returns one dict per compiled kernel: name, variant
+    constexprs, config, shared memory, count of Hopper wgmma instructions, and the registers / stack /
+    local (spill) bytes per thread from ``cuobjdump -res-usage``. Raises on a compile error. Needs
+    the kernels imported *without* ``TRITON_INTERPRET``."""
     if INTERPRET:
         raise RuntimeError("compile_check needs the kernels imported without TRITON_INTERPRET=1")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from megatron_jai.kernels import triton_aot
 
     results = []
-    for name, variant in _KERNEL_VARIANTS:
-        autotuned = globals()[name]
-        jit_fn = autotuned
-        while not isinstance(jit_fn, triton.runtime.JITFunction):
-            jit_fn = jit_fn.fn
-        for config in (autotuned.configs if all_configs else autotuned.configs[:1]):
-            constexprs = dict(config.kwargs, INPUT_PRECISION="ieee", **variant)
-            constexprs.update({arg: True for arg in jit_fn.arg_names if arg.startswith("EVEN_")})
-            signature, attrs = {}, {}
-            for i, arg in enumerate(jit_fn.arg_names):
-                if arg in constexprs:
-                    signature[arg] = "constexpr"
-                    continue
-                if arg.endswith("_ptr"):
-                    signature[arg] = ("*i64" if arg in _INDEX_ARGS else "*fp32" if arg in _FP32_ARGS
-                                      else f"*{dtype}")
-                else:
-                    signature[arg] = "i32"
-                if arg not in _UNALIGNED_INT_ARGS:
-                    attrs[(i,)] = [["tt.divisibility", 16]]
-            source = ASTSource(fn=jit_fn, signature=signature, constexprs=constexprs, attrs=attrs)
-            compiled = triton.compile(source, target=GPUTarget("cuda", capability, 64 if capability < 100 else 32),
-                                      options={"num_warps": config.num_warps, "num_stages": config.num_stages})
-            results.append({"kernel": name, "variant": variant, "config": dict(config.kwargs),
-                            "num_warps": config.num_warps, "num_stages": config.num_stages,
-                            "shared_bytes": compiled.metadata.shared,
-                            "wgmma": compiled.asm["ptx"].count("wgmma.mma_async"),
-                            "cubin": compiled.asm["cubin"]})
-    from megatron_jai.kernels import moe_combine
-
-    combine = moe_combine._combine_slots_kernel
-    signature = {arg: ("*i64" if arg == "expert_ids_ptr" else f"*{dtype}") if arg.endswith("_ptr") else "i32"
-                 for arg in combine.arg_names}
-    signature["BLOCK_COLS"] = "constexpr"
-    compiled = triton.compile(ASTSource(fn=combine, signature=signature,
-                                        constexprs={"BLOCK_COLS": moe_combine.BLOCK_COLS}),
-                              target=GPUTarget("cuda", capability, 64 if capability < 100 else 32))
-    results.append({"kernel": "_combine_slots_kernel", "variant": {},
-                    "config": {"BLOCK_COLS": moe_combine.BLOCK_COLS},
-                    "num_warps": compiled.metadata.num_warps, "num_stages": compiled.metadata.num_stages,
-                    "shared_bytes": compiled.metadata.shared, "wgmma": 0, "cubin": compiled.asm["cubin"]})
+    for kernel, args, kwargs in _record_all_launches(shape, dtype):
+        name = triton_aot._jit_function(kernel).__name__
+        variant = {k: v for k, v in kwargs.items() if k in ("LHS_GATHER", "RHS_MODE")}
+        if name == "_expert_wgrad_kernel":
+            variant["splits"] = args[7]
+        for kw, compiled in triton_aot.compile_recorded(kernel, args, kwargs, capability, all_configs):
+            results.append({
+                "kernel": name, "variant": variant,
+                "config": {k: v for k, v in kw.items() if k.startswith("BLOCK_") or k.startswith("EVEN_")},
+                "num_warps": compiled.metadata.num_warps, "num_stages": compiled.metadata.num_stages,
+                "shared_bytes": compiled.metadata.shared,
+                "wgmma": compiled.asm["ptx"].count("wgmma.mma_async"),
+                **triton_aot.resource_usage(compiled.asm["cubin"])})
     return results

@@ -15,6 +15,7 @@ it) for anything the user can fix; :func:`run` turns it into the one line and th
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import signal
@@ -33,6 +34,18 @@ class UserError(ValueError):
     """A problem the user can fix (bad input, a missing file, a wrong flag): one line, exit 2."""
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``--help`` with a flag's default where it says something: not for ``None``/``False``
+    defaults, nor when the help text already names its default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) \
+                or action.option_strings == [] or isinstance(action.default, list):
+            return text
+        return text + " (default: %(default)s)"
+
+
 def quiet_warnings() -> None:
     """Silence the library warnings a user cannot act on (Megatron-Core's TE/apex fallbacks and
     deprecations, torch's ShardedTensor/``load_state_dict`` FutureWarnings, transformers' notices).
@@ -41,6 +54,9 @@ def quiet_warnings() -> None:
         return
     for category in (UserWarning, FutureWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category)
+    if not os.environ.get("PYTHONWARNINGS"):  # the same in worker processes (dist_checkpointing's)
+        os.environ["PYTHONWARNINGS"] = \
+            "ignore::UserWarning,ignore::FutureWarning,ignore::DeprecationWarning"
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     for name in ("megatron", "megatron.core", "transformers", "torch.distributed.checkpoint"):

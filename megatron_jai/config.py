@@ -15,16 +15,9 @@ from typing import Optional
 
 import torch
 
-
-@dataclass(frozen=True)
-class SkipConnection:
-    """DUS.v2 long-range skip: the hidden state entering ``source`` is blended into the input of
-    ``target``: ``h <- alpha * h_saved + (1 - alpha) * h``. alpha 0 turns the skip off."""
-
-    source: int
-    target: int
-    alpha_train: float = 0.9
-    alpha_infer: float = 0.8
+# The skip type and the pipeline split arithmetic live with the DUS plans (the plan module imports
+# nothing from here); re-exported because configs carry skips and validate pipeline splits.
+from megatron_jai.upscale.plan import SkipConnection, get_plan, pipeline_stage_layers  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -136,6 +129,23 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     # ---- Megatron-Core -------------------------------------------------------------------------
+    def check_layout(self, tp: int = 1, pp: int = 1, ep: int = 1,
+                     first_stage_layers: Optional[int] = None,
+                     last_stage_layers: Optional[int] = None) -> None:
+        """``ValueError`` (one line) when this architecture cannot be split over TP/PP/EP; cheap
+        (no Megatron-Core import), so tools can check a layout before any work."""
+        if self.num_attention_heads % tp or self.num_query_groups % tp:
+            raise ValueError(
+                f"tensor parallel size {tp} must divide the attention heads "
+                f"({self.num_attention_heads}) and the key/value heads ({self.num_query_groups})"
+            )
+        pipeline_stage_layers(self.num_layers, pp, first_stage_layers, last_stage_layers)
+        if self.is_moe and self.num_experts % ep:
+            raise ValueError(f"expert parallel size {ep} must divide num_experts {self.num_experts}")
+        if self.padded_vocab_size % tp:
+            raise ValueError(f"tensor parallel size {tp} must divide the padded vocabulary "
+                             f"{self.padded_vocab_size}")
+
     def transformer_config(
         self,
         tp: int = 1,
@@ -147,26 +157,14 @@ class ModelConfig:
         last_stage_layers: Optional[int] = None,
         **overrides,
     ):
-        """The Megatron-Core ``TransformerConfig`` for this architecture on a TP/PP/EP layout.
+        """The Megatron-Core ``TransformerConfig`` for this architecture on a TP/PP/EP layout
+        (checked by :meth:`check_layout` first).
 
         ``first_stage_layers`` / ``last_stage_layers`` give an uneven pipeline split (Megatron's
         ``num_layers_in_first/last_pipeline_stage``); the other stages share the rest evenly."""
         from megatron.core.transformer.transformer_config import TransformerConfig
 
-        if self.num_attention_heads % tp or self.num_query_groups % tp:
-            raise ValueError(
-                f"tensor parallel size {tp} must divide the attention heads "
-                f"({self.num_attention_heads}) and the key/value heads ({self.num_query_groups})"
-            )
-        pipeline_stage_layers(self.num_layers, pp, first_stage_layers, last_stage_layers)
-        if self.is_moe and self.num_experts % ep:
-            raise ValueError(f"expert parallel size {ep} must divide num_experts {self.num_experts}")
-        if self.is_moe and sequence_parallel and tp > 1:
-            raise ValueError("sequence parallelism is not supported with MoE layers yet "
-                             "(run MoE models without --sequence-parallel)")
-        if self.padded_vocab_size % tp:
-            raise ValueError(f"tensor parallel size {tp} must divide the padded vocabulary "
-                             f"{self.padded_vocab_size}")
+        self.check_layout(tp, pp, ep, first_stage_layers, last_stage_layers)
         on_gpu = torch.cuda.is_available()
         kwargs = dict(
             num_layers=self.num_layers,
@@ -189,7 +187,7 @@ class ModelConfig:
             num_layers_in_first_pipeline_stage=first_stage_layers,
             num_layers_in_last_pipeline_stage=last_stage_layers,
             expert_model_parallel_size=ep,
-            sequence_parallel=sequence_parallel and tp > 1,
+            sequence_parallel=sequence_parallel and tp > 1,  # no effect at TP=1 (Megatron-LM)
             params_dtype=params_dtype,
             pipeline_dtype=params_dtype,
             bf16=params_dtype == torch.bfloat16,
@@ -219,40 +217,6 @@ class ModelConfig:
         return TransformerConfig(**kwargs)
 
 
-def pipeline_stage_layers(num_layers: int, pp: int, first: Optional[int] = None,
-                          last: Optional[int] = None) -> list:
-    """Decoder layers of each of the ``pp`` pipeline stages, Megatron's split: ``first`` / ``last``
-    layers on the first / last stage when given, the rest shared evenly by the other stages.
-    Raises ``ValueError`` (one clear line) for a split Megatron cannot build."""
-    if pp < 1:
-        raise ValueError(f"pipeline parallel size must be >= 1, got {pp}")
-    for what, n in (("first", first), ("last", last)):
-        if n is not None and not 0 < n < num_layers:
-            raise ValueError(f"layers in the {what} pipeline stage must be between 1 and "
-                             f"{num_layers - 1} (the model has {num_layers}), got {n}")
-    uneven = first is not None or last is not None
-    if uneven and pp == 1:
-        raise ValueError("first/last pipeline stage layer counts need pipeline parallel size >= 2")
-    if not uneven:
-        if num_layers % pp:
-            raise ValueError(f"pipeline parallel size {pp} must divide num_layers {num_layers} "
-                             f"(or give the first/last stage layer counts for an uneven split)")
-        return [num_layers // pp] * pp
-    middle_stages = pp - (first is not None) - (last is not None)
-    middle_layers = num_layers - (first or 0) - (last or 0)
-    split = f"{num_layers} layers over PP={pp} with {first or '-'}/{last or '-'} layers on the " \
-            f"first/last stage"
-    if middle_stages == 0:
-        if middle_layers:
-            raise ValueError(f"pipeline split of {split}: first + last must equal {num_layers} "
-                             f"when PP={pp}")
-    elif middle_layers < middle_stages or middle_layers % middle_stages:
-        raise ValueError(f"pipeline split of {split}: the {max(middle_layers, 0)} remaining layers "
-                         f"must divide evenly over the {middle_stages} other stage(s)")
-    sizes = [middle_layers // middle_stages] * middle_stages if middle_stages else []
-    return ([first] if first is not None else []) + sizes + ([last] if last is not None else [])
-
-
 # Phi-3-medium-4k (microsoft/Phi-3-medium-4k-instruct config.json).
 PHI3_MEDIUM = ModelConfig(
     name="phi3-medium",
@@ -268,22 +232,15 @@ PHI3_MEDIUM = ModelConfig(
 )
 
 
-def _jai_75b_skips() -> tuple:
-    # Solar-Pro layout on Phi-3-medium: the DUS plan is the one source of truth for the skips
-    # (12->16, 20->24, 20->28, 32->36, 32->40, 44->48). Imported here, not at the top, because
-    # the plan module uses SkipConnection from this one.
-    from megatron_jai.upscale.plan import get_plan
-
-    return get_plan("phi3-medium-jai").skip_connections
-
-
 JAI_75B = PHI3_MEDIUM.replace(
     name="jai-75b",
     num_layers=64,
     vocab_size=64000,
     num_experts=4,
     moe_top_k=2,
-    skip_connections=_jai_75b_skips(),
+    # Solar-Pro layout on Phi-3-medium: the DUS plan is the one source of truth for the skips
+    # (12->16, 20->24, 20->28, 32->36, 32->40, 44->48).
+    skip_connections=get_plan("phi3-medium-jai").skip_connections,
 )
 
 # Tiny presets for CPU tests and the demo (same shape rules as Phi-3: GQA, SwiGLU, RMSNorm).

@@ -1,6 +1,7 @@
 """Shared test helpers: launching torchrun on CPU (gloo) and locating shared/ data."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import subprocess
@@ -46,6 +47,27 @@ def torchrun(nproc: int, script, *args, **kw) -> subprocess.CompletedProcess:
     return run_cmd(cmd, **kw)
 
 
+def load_tool(name: str):
+    """``tools/NAME.py`` as a module, to run in-process (no interpreter start-up per call)."""
+    spec = importlib.util.spec_from_file_location(f"tool_{name}",
+                                                  os.path.join(REPO_ROOT, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_tool(capsys, name: str, *args, expect_rc: int = 0):
+    """``tools/NAME.py ARGS`` in-process through ``cli.run`` (the exit codes and one-line errors
+    of the real command line); returns (stdout, stderr); fails on an unexpected exit code."""
+    from megatron_jai import cli
+
+    capsys.readouterr()
+    rc = cli.run(f"{name}.py", load_tool(name).main, [str(a) for a in args])
+    out, err = capsys.readouterr()
+    assert rc == expect_rc, f"{name}.py {' '.join(map(str, args))} returned {rc}\n{out}\n{err}"
+    return out, err
+
+
 @pytest.fixture(scope="session")
 def shared_dir():
     from megatron_jai.paths import shared_dir as _shared
@@ -54,3 +76,17 @@ def shared_dir():
     if not os.path.isdir(d):
         pytest.skip(f"shared data directory {d} not found (set JAI_SHARED_DIR)")
     return d
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need CUDA: skipped where torch sees no GPU (scripts/gpu_check.sh runs them)."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (scripts/gpu_check.sh runs the gpu tests)")
+    for item in gpu_items:
+        item.add_marker(skip)

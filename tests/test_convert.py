@@ -1,5 +1,4 @@
 """HF Phi-3 <-> Megatron-Core conversion: layouts, logits at TP=1/TP=2/PP=2, round trip, bad input."""
-import importlib.util
 import json
 import os
 import shutil
@@ -8,7 +7,9 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO_ROOT, run_cmd, torchrun
+from conftest import REPO_ROOT, load_tool, run_cmd, torchrun
+from export_helpers import tiny_tokenizer
+from megatron_jai import cli
 from megatron_jai.checkpoint.hf_phi3 import (
     ConversionError,
     hf_config_from_model_config,
@@ -23,10 +24,9 @@ COMPARE = os.path.join(REPO_ROOT, "tools", "compare_logits.py")
 
 
 def _tool_main():
-    spec = importlib.util.spec_from_file_location("convert_checkpoint_tool", CONVERT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    """``tools/convert_checkpoint.py`` in-process, with the command line's exit codes."""
+    main = load_tool("convert_checkpoint").main
+    return lambda argv: cli.run("convert_checkpoint.py", main, argv)
 
 
 def make_tiny_phi3(path, max_shard_size=None, seed=0):
@@ -150,7 +150,7 @@ def test_compare_logits_catches_plain_qkv_copy(tiny, tmp_path):
                 t = r.read_layer(key, i)
                 w.write_layer(key, i, layers, qkv_mcore_to_hf(r.config, t) if "linear_qkv.weight" in key else t)
     res = torchrun(1, COMPARE, "--hf-dir", tiny / "hf", "--mcore-dir", bad, check=False)
-    assert res.returncode != 0, res.stdout
+    assert res.returncode == 1, res.stdout  # the check failed (not bad input: 2)
     assert float(res.stdout.strip().splitlines()[-1].split()[1]) > 1e-2, res.stdout
 
 
@@ -162,10 +162,10 @@ def test_round_trip_bit_identical(tiny, tmp_path):
         mc, back = tmp_path / f"{hf.name}_mc", tmp_path / f"{hf.name}_back"
         assert tool(["hf-to-mcore", "--hf-dir", str(hf), "--out", str(mc), "--no-progress"]) == 0
         (mc / "tokenizer").mkdir()  # as vocabulary surgery leaves it: travels to the HF side
-        (mc / "tokenizer" / "tokenizer.model").write_bytes(b"extended " + hf.name.encode())
+        shutil.copy(tiny_tokenizer(str(tmp_path / "tok")), mc / "tokenizer" / "tokenizer.model")
         assert tool(["mcore-to-hf", "--mcore-dir", str(mc), "--out", str(back), "--no-progress",
                      "--max-shard-size", max_shard]) == 0
-        assert (back / "tokenizer.model").read_bytes() == b"extended " + hf.name.encode()
+        assert (back / "tokenizer.model").read_bytes() == (mc / "tokenizer" / "tokenizer.model").read_bytes()
         a, b = _safetensors(hf), _safetensors(back)
         assert sorted(a) == sorted(b)
         for k in a:
@@ -186,7 +186,7 @@ def _expect_failure(args, match, out, capsys):
     rc = _tool_main()(args)
     err = capsys.readouterr().err.strip().splitlines()
     assert rc != 0
-    assert len(err) == 1 and err[0].startswith("convert_checkpoint: error:") and match in err[0], err
+    assert len(err) == 1 and err[0].startswith("convert_checkpoint.py: error:") and match in err[0], err
     after = sorted(os.listdir(parent)) if os.path.isdir(parent) else []
     assert after == before, "something was written"
 
@@ -239,8 +239,8 @@ def test_cli_error_has_no_traceback(tiny, tmp_path):
                    str(tmp_path / "m")], check=False)
     assert res.returncode != 0 and "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines() == [
-        "convert_checkpoint: error: config.json has model_type 'llama'; only 'phi3' (Phi-3) "
-        "and 'mixtral' (MoE) checkpoints are supported"], res.stderr
+        "convert_checkpoint.py: error: config.json has model_type 'llama'; only 'phi3' (Phi-3), "
+        "'mixtral' (MoE) and 'jai' (exported by this toolkit) checkpoints are supported"], res.stderr
     assert not os.path.exists(tmp_path / "m")
 
 
@@ -257,7 +257,7 @@ def test_compare_logits_refuses_different_models(tiny, tmp_path):
                    str(tmp_path / "mc")], check=False)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines() == [
-        f"compare_logits: error: {other} and {tmp_path / 'mc'} are different models (HF vs "
+        f"compare_logits.py: error: {other} and {tmp_path / 'mc'} are different models (HF vs "
         f"Megatron: num_layers 2 vs 4)"], res.stderr
 
 
@@ -267,7 +267,8 @@ def test_exported_config_names_the_stored_dtype(tiny, tmp_path):
     from megatron_jai.checkpoint.convert import hf_to_mcore, mcore_to_hf
 
     hf_to_mcore(str(tiny / "hf"), str(tmp_path / "mc"), dtype=torch.bfloat16, progress=False)
-    mcore_to_hf(str(tmp_path / "mc"), str(tmp_path / "back"), progress=False)
+    mcore_to_hf(str(tmp_path / "mc"), str(tmp_path / "back"), progress=False,
+                tokenizer=tiny_tokenizer(str(tmp_path / "tok")))
     assert json.load(open(tiny / "hf" / "config.json"))["dtype"] == "float32"
     assert json.load(open(tmp_path / "back" / "config.json"))["dtype"] == "bfloat16"
     assert {t.dtype for t in _safetensors(tmp_path / "back").values()} == {torch.bfloat16}

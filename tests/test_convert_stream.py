@@ -91,11 +91,13 @@ def test_reader_writer_with_megatron_models(tmp_path):
     # A checkpoint saved by save_checkpoint (no original HF config) exports to a loadable Phi-3.
     from transformers import AutoModelForCausalLM
 
+    from export_helpers import tiny_tokenizer
     from megatron_jai.checkpoint.convert import mcore_to_hf
     from megatron_jai.checkpoint.hf_phi3 import qkv_mcore_to_hf
 
     reader = CheckpointReader(str(tmp_path / "saved"))
-    mcore_to_hf(str(tmp_path / "saved"), str(tmp_path / "hf"), progress=False)
+    mcore_to_hf(str(tmp_path / "saved"), str(tmp_path / "hf"), progress=False,
+                tokenizer=tiny_tokenizer(str(tmp_path / "tok")))
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))
     cfg = reader.config
     assert model.config.vocab_size == cfg.vocab_size == 200

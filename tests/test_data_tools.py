@@ -10,7 +10,7 @@ import pytest
 
 from conftest import REPO_ROOT, run_cmd
 from megatron_jai.config import JAI_75B, PRESETS
-from megatron_jai.data.memory_estimate import GiB, check_layout, estimate
+from megatron_jai.training.memory_estimate import GiB, check_layout, estimate
 
 PLOT = os.path.join(REPO_ROOT, "tools", "plot_training.py")
 SBATCH = os.path.join(REPO_ROOT, "examples", "slurm", "pretrain_jai_75b.sbatch")
@@ -53,9 +53,56 @@ def test_plot_training_bad_input(tmp_path):
     for args in ([str(tmp_path / "missing.jsonl")], [str(bad)], [str(all_nan)]):
         proc = run_cmd([sys.executable, PLOT, *args, "--out", str(tmp_path / "x.png")],
                        check=False)
-        assert proc.returncode == 1 and proc.stderr.startswith("error: ")
+        assert proc.returncode == 2 and proc.stderr.startswith("plot_training.py: error: ")
         assert "Traceback" not in proc.stderr
     assert not os.path.exists(tmp_path / "x.png")
+
+
+def _record(step, **extra):
+    return {"step": step, "loss": 5.0 - 0.01 * step, "lr": 1e-3, "grad_norm": 1.0,
+            "tokens_per_s": 1000.0, **extra}
+
+
+def test_metrics_mark_resumes_and_router_stats_on_step_lines(tmp_path, capsys):
+    """A resumed run cuts the file back to its checkpoint and marks its first record; MoE step
+    lines carry a router summary; the plot draws a router panel, marks resume points, and keeps
+    the newest line of descent when steps go back in an uncut file (a roll-back)."""
+    from megatron_jai.training.metrics import MetricsLogger, format_record
+    from megatron_jai.training.plots import plot_runs, read_metrics, summarize
+
+    router = {"moe/aux_loss": 0.0102, "moe/z_loss": 0.001, "moe/entropy": 1.3801,
+              "moe/dropped_fraction": 0.0125, "moe/max_load": 1.2345}
+    line = format_record(_record(1, phase="p", **router))
+    assert line.endswith("| router load max 1.23x entropy 1.380 dropped 1.2%"), line
+    assert "router" not in format_record(_record(1, phase="p"))
+
+    path = tmp_path / "m.jsonl"
+    logger = MetricsLogger(True, metrics_file=str(path))
+    for step in range(1, 7):
+        logger.log(_record(step, **router))
+    logger.close()
+    logger = MetricsLogger(True, metrics_file=str(path), resume_step=4)  # steps 5, 6 were lost
+    for step in (5, 6, 7):
+        logger.log(_record(step, **router))
+    logger.close()
+    records = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 8))  # every line is still a step record
+    assert [r.get("resumed_from") for r in records] == [None] * 4 + [4, None, None]
+    run = read_metrics(str(path))
+    assert run.resumes == [4] and summarize(run).endswith("resumed at step 4")
+
+    # a roll-back written into an uncut file: 1..6, then again from 3 (resumed at 2) to 4
+    uncut = tmp_path / "uncut.jsonl"
+    steps = [1, 2, 3, 4, 5, 6, 3, 4]
+    uncut.write_text("".join(json.dumps(_record(s, resumed_from=2) if i == 6 else _record(s)) + "\n"
+                             for i, s in enumerate(steps)))
+    rolled = read_metrics(str(uncut))
+    assert [r["step"] for r in rolled.records] == [1, 2, 3, 4] and rolled.resumes == [2]
+    capsys.readouterr()
+    assert plot_runs([run, rolled], str(tmp_path / "p.png")) == \
+        ["loss", "throughput", "lr", "router"]
+    assert plot_runs([rolled], str(tmp_path / "dense.png")) == ["loss", "throughput", "lr"]
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
 
 
 # ---- memory arithmetic ---------------------------------------------------------------------------
@@ -120,18 +167,29 @@ def _fake_slurm(tmp_path):
     return bin_dir
 
 
+def _toy_config(tmp_path):
+    """A run config of a 64-layer MoE the size of a toy: the 75B's layouts pass the script's dry
+    run in seconds."""
+    from megatron_jai.config import TINY_MOE
+
+    TINY_MOE.replace(name="toy-64", num_layers=64).save(str(tmp_path / "toy64.json"))
+    config = tmp_path / "jai.yaml"
+    config.write_text("model: toy64.json\nseq_length: 4096\nmicro_batch_size: 1\n"
+                      "global_batch_size: 64\n")
+    return config
+
+
 def _run_sbatch(tmp_path, nodes, *args, config=None, **env):
     bin_dir = _fake_slurm(tmp_path) if not (tmp_path / "bin").exists() else tmp_path / "bin"
-    if config is None:
-        config = tmp_path / "jai.yaml"
-        config.write_text("seq_length: 4096\n")
+    config = config or _toy_config(tmp_path)
     out = tmp_path / "srun_args.txt"
     if out.exists():
         out.unlink()
     full_env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_NNODES": str(nodes),
                 "SLURM_JOB_NODELIST": f"node-[17-{16 + nodes}]", "SLURM_JOB_ID": "4242",
                 "FAKE_SRUN_OUT": str(out), "CONFIG": str(config), "RUN_DIR": str(tmp_path / "run"),
-                "JAI_REPO": REPO_ROOT, **env}
+                "JAI_REPO": REPO_ROOT, "PYTHON": sys.executable,
+                "DRY_RUN_ARGS": "--no-file-checks", **env}
     proc = run_cmd(["bash", SBATCH, *args], env=full_env, check=False)
     argv = out.read_text().splitlines() if out.exists() else None
     return proc, argv
@@ -193,15 +251,14 @@ def test_sbatch_time_limit_checkpoints_and_requeues(tmp_path):
     (bin_dir / "scontrol").write_text(
         '#!/bin/bash\nif [ "$1 $2" = "show hostnames" ]; then printf "node-17\\n"; '
         'else echo "scontrol $*" >> "$LOG"; fi\n')
-    config = tmp_path / "jai.yaml"
-    config.write_text("seq_length: 4096\n")
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
            "SLURM_NNODES": "8", "SLURM_JOB_NODELIST": "node-17", "SLURM_JOB_ID": "4242",
-           "FAKE_SRUN_OUT": str(tmp_path / "started"), "LOG": str(log), "CONFIG": str(config),
-           "RUN_DIR": str(tmp_path / "run"), "JAI_REPO": REPO_ROOT}
+           "FAKE_SRUN_OUT": str(tmp_path / "started"), "LOG": str(log),
+           "CONFIG": str(_toy_config(tmp_path)), "RUN_DIR": str(tmp_path / "run"),
+           "JAI_REPO": REPO_ROOT, "PYTHON": sys.executable, "DRY_RUN_ARGS": "--no-file-checks"}
     proc = subprocess.Popen(["bash", SBATCH], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 20
+    deadline = time.time() + 120  # the dry run comes first
     while not (tmp_path / "started").exists() and time.time() < deadline:
         time.sleep(0.05)
     assert (tmp_path / "started").exists(), "srun was not launched"

@@ -261,19 +261,19 @@ def test_dus_duplication_layer_order_and_pp2(base_checkpoint, tmp_path, capsys):
 
 def test_dus_cli_errors(base_checkpoint, tmp_path, capsys):
     err = upscale(capsys, "dus", "--in", base_checkpoint, "--plan", "phi3-medium-jai",
-                  "--out", tmp_path / "x", expect_rc=1)[1]
+                  "--out", tmp_path / "x", expect_rc=2)[1]
     assert "40-layer base model" in err and not os.path.exists(tmp_path / "x")
     err = upscale(capsys, "dus", "--in", tmp_path / "nothing", "--out", tmp_path / "y",
-                  expect_rc=1)[1]
+                  expect_rc=2)[1]
     assert "does not exist" in err
     err = upscale(capsys, "dus", "--in", base_checkpoint, "--plan", "block_size: 2",
-                  "--out", tmp_path / "z", expect_rc=1)[1]
+                  "--out", tmp_path / "z", expect_rc=2)[1]
     assert "neither a built-in plan" in err
-    # the real command line: exit status 1, one line on stderr, no traceback
+    # the real command line: exit status 2, one line on stderr, no traceback
     p = subprocess.run([sys.executable, UPSCALE, "dus", "--in", base_checkpoint, "--plan", "phi3-medium-jai",
                         "--out", base_checkpoint], capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": REPO_ROOT})
-    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
     assert "dus --help" not in p.stderr and p.stderr.strip().splitlines()[-1].startswith(
-        "upscale.py dus: error:")
+        "upscale.py: error:")
     assert "--plan" in run_cmd([sys.executable, UPSCALE, "dus", "--help"]).stdout

@@ -40,9 +40,9 @@ def test_nan_steps_are_skipped_counted_and_abort_when_in_a_row(common):
     # Step 3: skipped (no update: the LR schedule did not move, later losses stay finite).
     assert records[3]["skipped"] and records[3]["skipped_total"] == 1
     assert records[3]["loss"] == "nan"
-    assert records[3]["lr"] == records[2]["lr"]
+    assert records[4]["lr"] == records[3]["lr"] != records[2]["lr"]
     assert not records[4]["skipped"] and isinstance(records[4]["loss"], float)
-    assert records[4]["lr"] != records[3]["lr"]
+    assert records[5]["lr"] != records[4]["lr"]
     # Steps 5, 6, 7 in a row > --max-skipped-steps 2: a clear one-line abort, exit code 2.
     assert records[7]["skipped_total"] == 4 and 8 not in records
     assert proc.returncode == 2, proc.stdout + proc.stderr
@@ -133,7 +133,7 @@ def test_load_without_a_checkpoint_is_refused(common, tmp_path):
 def test_vocabulary_mismatch_is_refused(common, shared_dir, tmp_path):
     from megatron_jai.config import TINY
     from megatron_jai.training.faults import TrainingError
-    from megatron_jai.training.loop import check_vocabulary
+    from megatron_jai.training.data_loading import check_vocabulary
     from megatron_jai.training.phases import Phase
 
     _, corpus, args = common

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT, run_cmd, run_python, torchrun
+from export_helpers import tiny_tokenizer
 
 CONVERT = os.path.join(REPO_ROOT, "tools", "convert_checkpoint.py")
 COMPARE = os.path.join(REPO_ROOT, "tools", "compare_logits.py")
@@ -78,7 +79,7 @@ def test_mixtral_round_trip_is_bit_identical(mixtral, tmp_path):
     from safetensors import safe_open
 
     run_python(CONVERT, "mcore-to-hf", "--mcore-dir", mixtral / "mcore", "--out", tmp_path / "hf2",
-               "--no-progress")
+               "--no-progress", "--tokenizer", tiny_tokenizer(str(tmp_path / "tok")))
     with open(mixtral / "hf" / "config.json") as a, open(tmp_path / "hf2" / "config.json") as b:
         assert json.load(a) == json.load(b)
     with safe_open(str(mixtral / "hf" / "model.safetensors"), "pt") as a, \
@@ -124,7 +125,7 @@ def test_bad_expert_layouts_and_configs_fail_cleanly(mixtral, tmp_path):
                    "--out", str(tmp_path / "m"), "--ep", "3"], check=False)
     assert res.returncode != 0 and "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines() == [
-        "convert_checkpoint: error: expert parallel size 3 must divide num_experts 4"], res.stderr
+        "convert_checkpoint.py: error: expert parallel size 3 must divide num_experts 4"], res.stderr
     assert not os.path.exists(tmp_path / "m")
 
     with open(mixtral / "hf" / "config.json") as f:

@@ -74,12 +74,14 @@ def _outputs_and_grads(fn, hidden, ids, weights, w_gate_up, w_down, grad_out, **
 
 # (N, H, F, E, k, empty experts, single-token expert, recompute): odd sizes that are not multiples of
 # the 16-wide tiles, H/F multiples of the tile (the unmasked EVEN_K path), empty experts, an expert
-# with one token, skipped slots, k = 1..3, and both SwiGLU storage modes.
+# with one token, skipped slots, k = 1..3, both SwiGLU storage modes, and more experts than the
+# 16 lanes of the vectorised expert search (19 -> 32 lanes, the last expert empty).
 CASES = [
     (23, 40, 24, 4, 2, (3,), None, False),
     (37, 32, 16, 5, 3, (), 1, True),
     (1, 17, 9, 3, 1, (), None, False),
     (50, 33, 20, 6, 2, (0, 4), 2, True),
+    (21, 24, 20, 19, 2, (1, 5, 18), 7, False),
 ]
 
 
@@ -105,6 +107,55 @@ def test_triton_matches_reference(n, h, f, e, k, empty, single, recompute):
     assert torch.all(grads[1][skipped] == 0)
     for expert in empty:  # experts without tokens get exactly zero weight gradients
         assert torch.all(grads[2][expert] == 0) and torch.all(grads[3][expert] == 0)
+
+
+def test_split_k_weight_gradients(monkeypatch):
+    """Split-K weight gradients (each expert's rows in 3 chunks, fp32 partial sums added in order) equal
+    the reference, with the SwiGLU recompute (its routing weight is loaded per chunk)."""
+    kernels = _kernels()
+    hidden, ids, weights, w_gate_up, w_down = _inputs(53, 24, 20, 3, 2, seed=12, empty_experts=(1,))
+    grad_out = torch.randn(53, 24, generator=torch.Generator().manual_seed(2))
+    monkeypatch.setenv("JAI_MOE_WGRAD_SPLIT_K", "3")
+    assert kernels.wgrad_splits(3, 40, 24, 106, torch.device("cpu")) == 3
+    _, grads = _outputs_and_grads(kernels.grouped_expert_ffn_triton, hidden, ids, weights, w_gate_up, w_down,
+                                  grad_out, recompute_activation=True)
+    _, ref_grads = _outputs_and_grads(grouped_expert_ffn_reference, hidden, ids, weights, w_gate_up, w_down,
+                                      grad_out)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert torch.all(grads[2][1] == 0) and torch.all(grads[3][1] == 0)  # the empty expert
+    monkeypatch.setenv("JAI_MOE_WGRAD_SPLIT_K", "0")
+    with pytest.raises(ValueError, match="JAI_MOE_WGRAD_SPLIT_K"):
+        kernels.wgrad_splits(3, 40, 24, 106, torch.device("cpu"))
+    monkeypatch.delenv("JAI_MOE_WGRAD_SPLIT_K")
+    assert kernels.wgrad_splits(3, 40, 24, 106, torch.device("cpu")) == 1  # automatic: CUDA only
+
+
+def test_recomputed_activation_is_bit_identical():
+    """The weight gradient from the recomputed weighted activation equals the stored one bit for bit."""
+    kernels = _kernels()
+    hidden, ids, weights, w_gate_up, w_down = _inputs(29, 20, 12, 3, 2, seed=13)
+    grad_out = torch.randn(29, 20, generator=torch.Generator().manual_seed(3))
+    stored, recomputed = (_outputs_and_grads(kernels.grouped_expert_ffn_triton, hidden, ids, weights, w_gate_up,
+                                             w_down, grad_out, recompute_activation=r) for r in (False, True))
+    assert torch.equal(stored[0], recomputed[0])
+    assert all(torch.equal(a, b) for a, b in zip(stored[1], recomputed[1]))
+
+
+def test_row_errors_find_a_corrupted_row():
+    from megatron_jai.moe.reference import row_errors
+
+    want = torch.randn(2000, 64, generator=torch.Generator().manual_seed(0))
+    got = want * (1 + 4e-3 * torch.randn(2000, 64, generator=torch.Generator().manual_seed(1)))
+    got[1234] = 0.0  # one dropped row
+    frobenius = float((got - want).norm() / want.norm())
+    assert frobenius < 5e-2  # what the old check accepted
+    errors = row_errors(got, want)
+    assert int(errors.argmax()) == 1234 and errors[1234] > 0.9 and int((errors > 5e-2).sum()) == 1
+    zeros = torch.zeros(3, 8)
+    assert torch.all(row_errors(zeros, zeros) == 0)  # all-zero rows are no error
+    with pytest.raises(ValueError, match="shapes"):
+        row_errors(zeros, torch.zeros(3, 9))
 
 
 def test_all_slots_skipped_gives_zeros():
@@ -208,24 +259,28 @@ def test_rectangular_interpreter_tiles():
 
 
 def test_kernels_compile_for_sm90(tmp_path):
-    """Every kernel variant compiles to sm_90 (Triton + ptxas, no GPU) and uses Hopper wgmma."""
+    """Every kernel launch of a JAI-75B layer's forward + backward compiles to sm_90 (Triton + ptxas, no
+    GPU), specialised as the launcher does (unit strides are constants), uses Hopper wgmma, and the
+    first (JAI_MOE_AUTOTUNE=0) configurations neither spill nor use a stack."""
     script = ("from megatron_jai.kernels.moe_grouped_gemm import compile_check\n"
               "rows = compile_check(90)\n"
-              "for r in rows: print(r['kernel'], r['variant'], r['shared_bytes'], r['wgmma'])\n"
+              "for r in rows: print(r['kernel'], r['variant'], r['config'], r['shared_bytes'], r['wgmma'], "
+              "r.get('reg'), r.get('stack'), r.get('local'))\n"
               "gemms = [r for r in rows if r['kernel'] != '_combine_slots_kernel']\n"
               "assert all(r['wgmma'] > 0 for r in gemms), 'a GEMM kernel does not use wgmma'\n"
+              "assert all(r.get('stack', 0) == 0 and r.get('local', 0) == 0 for r in rows), 'spills'\n"
               "print('compiled', len(rows))\n")
     # A fresh Triton cache, so the kernels really go through Triton's compiler and ptxas here.
     proc = run_cmd([sys.executable, "-c", script], timeout=600,
                    env={"TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path / "triton-cache")})
-    assert "compiled 8" in proc.stdout, proc.stdout
+    assert "compiled 9" in proc.stdout, proc.stdout
 
 
 def test_bench_smoke_and_cpu_refusal():
     bench = os.path.join(REPO_ROOT, "tools", "bench_moe.py")
     proc = run_cmd([sys.executable, bench, "--smoke"], env={"TRITON_INTERPRET": "1"}, timeout=600)
-    assert "smoke" in proc.stdout and "max |diff|" in proc.stdout, proc.stdout
-    assert "check routing op (cpu): matches the reference" in proc.stdout, proc.stdout
+    assert "smoke" in proc.stdout and "ours vs fp32 d w_down: worst row" in proc.stdout, proc.stdout
+    assert "check routing op (cpu): bit-identical to the C++ op" in proc.stdout, proc.stdout
     refused = run_cmd([sys.executable, bench], env={"TRITON_INTERPRET": "0"}, check=False, timeout=300)
     assert refused.returncode != 0
     assert "CUDA" in refused.stderr and "Traceback" not in refused.stderr

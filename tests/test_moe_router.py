@@ -12,9 +12,11 @@ The fixture routes 4 tokens over 4 experts (top-2) with router probabilities cho
 slots per expert f*8 = [2, 3, 2, 1]; summed probabilities = [1.4, 1.25, 0.8, 0.55].
 """
 import math
+import os
 
 import pytest
 import torch
+from conftest import REPO_ROOT
 
 from megatron_jai.moe.router import (
     RouterOptions,
@@ -222,11 +224,17 @@ def test_options_are_validated():
         RouterOptions(num_experts=4, drop_policy="random")
 
 
-def test_moe_config_refuses_sequence_parallelism_and_bad_ep():
-    from megatron_jai.config import TINY_MOE
+def test_moe_config_takes_sequence_parallelism_and_refuses_bad_layouts():
+    from megatron_jai.config import TINY_MOE, load_model_config
+    from megatron_jai.training.arguments import parse_args
 
-    with pytest.raises(ValueError, match="sequence parallelism is not supported with MoE"):
-        TINY_MOE.transformer_config(tp=2, sequence_parallel=True)
+    # The flagship job's layout (examples/jai_75b.yaml: TP=2 with sequence parallelism, EP=4).
+    args = parse_args(["--config", os.path.join(REPO_ROOT, "examples", "jai_75b.yaml")])
+    assert args.sequence_parallel and (args.tp, args.pp, args.ep) == (2, 8, 4)
+    tcfg = load_model_config(args.model).transformer_config(
+        tp=args.tp, pp=args.pp, ep=args.ep, sequence_parallel=True, params_dtype=torch.bfloat16)
+    assert tcfg.sequence_parallel and tcfg.num_moe_experts == 4
+    assert not TINY_MOE.transformer_config(tp=1, sequence_parallel=True).sequence_parallel
     with pytest.raises(ValueError, match="must divide num_experts"):
         TINY_MOE.transformer_config(ep=3)
     # top-k weights renormalised = Megatron's "not pre-softmax"

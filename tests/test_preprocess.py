@@ -2,13 +2,12 @@
 import gzip
 import json
 import os
-import runpy
 import sys
 
 import numpy
 import pytest
 
-from conftest import REPO_ROOT, run_cmd
+from conftest import REPO_ROOT, run_cmd, run_tool
 from megatron_jai.data import PreprocessError, TokenizerError, load_tokenizer, preprocess, read_meta
 from megatron_jai.data.demo import ensure_demo_data, generate_documents
 
@@ -68,7 +67,8 @@ def test_good_and_bad_lines_exact_counts(tmp_path, demo):
     expected_bad = _write_mixed(src, docs)
     out = tmp_path / "out" / "mixed"
     proc = run_cmd([sys.executable, TOOL, "--input", str(src), "--output-prefix", str(out),
-                    "--tokenizer", demo.tokenizer_path, "--json-key", "body", "--workers", "2"])
+                    "--tokenizer", demo.tokenizer_path, "--json-key", "body", "--workers", "2",
+                    "--max-bad-fraction", "0.2"])
     tok = load_tokenizer(demo.tokenizer_path)
     expected = [tok.encode(d) + [tok.eod] for d in docs]
     n_tokens = sum(map(len, expected))
@@ -89,7 +89,7 @@ def test_good_and_bad_lines_exact_counts(tmp_path, demo):
 
     # one worker in-process writes the same bytes as two worker processes
     stats = preprocess([str(src)], str(tmp_path / "serial"), demo.tokenizer_path, text_key="body",
-                       workers=1, progress=False, log=lambda m: None)
+                       workers=1, progress=False, log=lambda m: None, max_bad_fraction=0.2)
     assert (stats.documents, stats.tokens, stats.num_bad_lines) == \
         (len(docs), n_tokens, len(expected_bad))
     for ext in (".bin", ".idx"):
@@ -118,12 +118,11 @@ def test_truncated_gzip_leaves_nothing(tmp_path, demo, capsys):
     full = gzip.compress("".join(json.dumps({"text": d}) + "\n" for d in docs).encode())
     src = tmp_path / "cut.jsonl.gz"
     src.write_bytes(full[: int(len(full) * 0.8)])
-    cli = runpy.run_path(TOOL, run_name="preprocess_data")  # in-process: no second interpreter
-    assert cli["main"](["--input", str(src), "--output-prefix", str(tmp_path / "cut"),
-                        "--tokenizer", demo.tokenizer_path, "--workers", "1",
-                        "--no-progress"]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and "truncated or corrupt" in err[0], err
+    err = run_tool(capsys, "preprocess_data", "--input", src, "--output-prefix", tmp_path / "cut",
+                   "--tokenizer", demo.tokenizer_path, "--workers", "1", "--no-progress",
+                   expect_rc=2)[1].strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("preprocess_data.py: error: ") and \
+        "truncated or corrupt" in err[0], err
     assert sorted(os.listdir(tmp_path)) == ["cut.jsonl.gz"]
 
 
@@ -154,3 +153,52 @@ def test_user_errors_are_one_line_and_write_nothing(tmp_path, demo):
                    progress=False, log=lambda m: None)
     assert (tmp_path / "keep.bin").read_bytes() == before
     assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
+
+
+def test_writer_matches_megatron_builder(tmp_path):
+    """The .bin/.idx written without megatron.core are Megatron-Core's own bytes (both dtypes)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from megatron_jai.data.preprocess import _IndexedDatasetWriter, index_dtype
+
+    rng = numpy.random.default_rng(0)
+    for vocab in (1000, 70000):
+        dtype = index_dtype(vocab)
+        docs = [rng.integers(0, vocab, rng.integers(1, 50)).astype(dtype) for _ in range(30)]
+        ours, ref = tmp_path / f"ours{vocab}", tmp_path / f"ref{vocab}"
+        writer = _IndexedDatasetWriter(f"{ours}.bin", dtype)
+        builder = IndexedDatasetBuilder(f"{ref}.bin", dtype=dtype)
+        for doc in docs:
+            writer.add_document(doc)
+            builder.add_document(doc, [doc.size])
+        writer.finalize(f"{ours}.idx")
+        builder.finalize(f"{ref}.idx")
+        for ext in (".bin", ".idx"):
+            assert (tmp_path / f"ours{vocab}{ext}").read_bytes() == \
+                (tmp_path / f"ref{vocab}{ext}").read_bytes(), (vocab, ext)
+        assert _read_documents(str(ours)) == [d.tolist() for d in docs]
+
+
+def test_killed_worker_fails_cleanly_and_too_many_bad_lines(tmp_path, demo, capsys):
+    """A worker killed mid-run (as by the OOM killer) fails the run with one line instead of
+    hanging; more bad lines than --max-bad-fraction (default 1%) is exit 2. No output either way."""
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in _good_docs(700, seed=5)))
+    proc = run_cmd([sys.executable, TOOL, "--input", src, "--output-prefix", tmp_path / "killed",
+                    "--tokenizer", demo.tokenizer_path, "--workers", "2", "--no-progress"],
+                   env={"JAI_TEST_KILL_WORKER_AT": "300"}, check=False, timeout=120)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1, proc.stderr
+    assert err[0].startswith("preprocess_data.py: error: a tokenizer worker process died"), err
+    # 8 bad lines in 708 = 1.1%: refused by default, accepted with a higher limit
+    with open(src, "a") as f:
+        f.write("not json\n" * 8)
+    args = ["--input", src, "--tokenizer", demo.tokenizer_path, "--workers", "1", "--no-progress"]
+    err = run_tool(capsys, "preprocess_data", *args, "--output-prefix", tmp_path / "bad",
+                   expect_rc=2)[1].strip().splitlines()
+    assert err[-1].startswith("preprocess_data.py: error: 8 of 708 lines are bad (1.1%: not_json "
+                              "8), more than the allowed 1.0%"), err
+    assert sorted(os.listdir(tmp_path)) == ["docs.jsonl"]
+    out = run_tool(capsys, "preprocess_data", *args, "--output-prefix", tmp_path / "ok",
+                   "--max-bad-fraction", "0.02")[0]
+    assert "preprocessed 700 documents" in out

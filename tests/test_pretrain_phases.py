@@ -94,9 +94,10 @@ def test_phase_switch_1_2_3_on_thai_and_english(shared_dir, tmp_path):
         + ["context-extension"] * 3
     assert [r["seq_length"] for r in records] == [32] * 6 + [64] * 3
     assert all(isinstance(r["loss"], float) for r in records)
-    # Each phase restarts its schedule (warm-up 1 step: peak LR at its first step); phase 3 peaks
-    # at phase3_lr_scale 0.5 of the run's LR.
-    assert [records[i]["lr"] for i in (0, 3, 6)] == pytest.approx([3e-3, 3e-3, 1.5e-3])
+    # Each phase restarts its schedule (a record's lr is the rate its update used; warm-up 1 step:
+    # 0 at a phase's first step, its peak at the second); phase 3 peaks at phase3_lr_scale 0.5.
+    assert [records[i]["lr"] for i in (0, 3, 6)] == [0.0, 0.0, 0.0]
+    assert [records[i]["lr"] for i in (1, 4, 7)] == pytest.approx([3e-3, 3e-3, 1.5e-3])
     assert "loss/thai" not in records[0] and {"loss/english", "loss/thai"} <= set(records[4])
     assert "RoPE base 40000, position interpolation 2" in proc.stdout
     with open(tmp_path / "full_ckpt" / "model_config.json") as f:

@@ -4,12 +4,13 @@ import gzip
 import json
 import os
 import sys
+import time
 
 import pytest
 import torch
 
-from conftest import REPO_ROOT, run_cmd, torchrun
-from upscale_cli import upscale
+from conftest import REPO_ROOT, load_tool, run_cmd, torchrun
+from upscale_cli import upscale, upscale_tool
 
 from megatron_jai.upscale.recipe import STAGES
 
@@ -72,18 +73,43 @@ def test_recipe_then_train_ep2(shared_dir, tmp_path, capsys):
     emb, base_emb = r.read("embedding.word_embeddings.weight"), base.read("embedding.word_embeddings.weight")
     assert torch.equal(emb[:32011], base_emb[:32011])  # every base id keeps its row
 
-    # an existing output is refused; a rerun on the same work directory reuses the finished
-    # stages, unless they were made with other settings
+    # the recipe trains its Thai BPE with the options of the README's separate steps
+    readme = open(os.path.join(REPO_ROOT, "README.md")).read()
+    step = next(line.split("tools/train_tokenizer.py", 1)[1].split()
+                for line in readme.splitlines() if "tools/train_tokenizer.py --input" in line)
+    separate = vars(load_tool("train_tokenizer").build_parser().parse_args(step))
+    trained = json.loads((tmp_path / "M.work" / "thai-bpe" / "train_args.json").read_text())
+    for key in ("clean", "json_key", "max_sentences", "character_coverage", "max_piece_length",
+                "max_sentence_chars"):
+        assert trained[key] == separate[key], (key, trained[key], separate[key])
+    recipe_defaults = upscale_tool.build_parser().parse_args(
+        ["recipe", "jai", "--hf-dir", "H", "--out", "O"])
+    assert recipe_defaults.thai_vocab == separate["vocab_size"]
+
+    # an existing output is refused, and so is a plan deeper than the base model: before any stage
     args = ["recipe", "jai", "--hf-dir", hf, "--thai-corpus", corpus, "--thai-vocab", 1000,
             "--target-vocab", 32300, "--plan", plan, "--threads", 1, "--work-dir", tmp_path / "M.work",
             "--keep-work"]
-    assert "already exists" in upscale(capsys, *args, "--out", out, expect_rc=1)[1]
+    assert "already exists" in upscale(capsys, *args, "--out", out, expect_rc=2)[1]
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("block_size: 2\nmultiplicities: [1, 2, 1]\n")  # a 6-layer base model
+    t0 = time.time()
+    stdout, err = upscale(capsys, "recipe", "jai", "--hf-dir", hf, "--thai-corpus", corpus,
+                          "--plan", deep, "--out", tmp_path / "D", expect_rc=2)
+    assert time.time() - t0 < 10 and "[1/" not in stdout, stdout
+    assert "is for a 6-layer base model, but the checkpoint has 4 layers" in err, err
+    assert not os.path.exists(tmp_path / "D.work")
+    # a rerun reuses the stages whose inputs are unchanged: new experts redo only moe, a new
+    # plan only dus and moe
     again, _ = upscale(capsys, *args, "--experts", 2, "--top-k", 1, "--out", tmp_path / "M2")
     assert all(f"[{i}/5] {s}: reusing" in again for i, s in enumerate(STAGES[:4], 1)), again
     assert "2 experts top-1" in again.strip().splitlines()[-1]
-    args[args.index("--thai-vocab") + 1] = 900
-    err = upscale(capsys, *args, "--out", tmp_path / "M3", expect_rc=1)[1]
-    assert "other settings (thai_vocab)" in err, err
+    args[args.index("--plan") + 1] = tmp_path / "tiny6.yaml"
+    (tmp_path / "tiny6.yaml").write_text("block_size: 1\nmultiplicities: [1, 2, 2, 1]\n")
+    replanned, _ = upscale(capsys, *args, "--out", tmp_path / "M3")
+    assert all(f"[{i}/5] {s}: reusing" in replanned for i, s in enumerate(STAGES[:3], 1))
+    assert "[4/5] dus: plan tiny6" in replanned and "[5/5] moe: 4 experts" in replanned, replanned
+    assert CheckpointReader(str(tmp_path / "M3")).config.num_layers == 6
 
     # a few training steps of the upscaled MoE model under expert parallelism
     prefix = tmp_path / "thai"

@@ -57,7 +57,9 @@ def test_tp2_loss_finite_and_falling(reference):
     assert all(r["tokens_per_s"] > 0 and r["tflops_per_gpu"] > 0 for r in records)
     assert {"loss/english", "loss/thai"} <= set(records[-1])
     assert sorted(os.listdir(root)) == ["iter_0000004", "iter_0000008",
-                                        "latest_checkpointed_iteration.txt", "model_config.json"]
+                                        "latest_checkpointed_iteration.txt", "model_config.json",
+                                        "tokenizer"]
+    assert os.listdir(root / "tokenizer") == ["tokenizer.model"]  # the run's, for exports
 
 
 def test_exact_resume_tp2(run, reference):

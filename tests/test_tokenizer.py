@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import REPO_ROOT, run_cmd
+from conftest import REPO_ROOT, run_cmd, run_tool
 from megatron_jai.upscale import tokenizer as T
 
 TOOLS = os.path.join(REPO_ROOT, "tools")
@@ -165,29 +165,26 @@ def test_merge_drops_unreachable_pieces(shared_dir):
         T.merge_pieces(base, cands, 5, threads=1)
 
 
-def test_cli_errors(tmp_path, tiny_tok, shared_dir):
+def test_cli_errors(tmp_path, tiny_tok, shared_dir, capsys):
     bpe, ext = tiny_tok
     bad_jsonl = tmp_path / "bad.jsonl"
     bad_jsonl.write_text('{"text": "ok"}\nnot json\n')
     cases = [
-        ([os.path.join(TOOLS, "train_tokenizer.py"), "--input", str(tmp_path / "nope.jsonl"),
-          "--vocab-size", "500", "--out", str(tmp_path / "o1")], "no such file", tmp_path / "o1"),
-        ([os.path.join(TOOLS, "extend_tokenizer.py"), "--add", bpe, "--target-vocab", "32000",
-          "--out", str(tmp_path / "o2")], "must exceed the base vocabulary", tmp_path / "o2"),
-        ([os.path.join(TOOLS, "extend_tokenizer.py"), "--add", bpe, "--target-vocab", "40000",
-          "--out", str(tmp_path / "o3")], "usable new pieces", tmp_path / "o3"),
-        ([os.path.join(TOOLS, "extend_tokenizer.py"), "--add", bpe, "--target-vocab", "32100",
-          "--out", ext], "exists", None),
-        ([os.path.join(TOOLS, "tokens_per_char.py"), "--tokenizer", str(tmp_path), "--text",
+        (["train_tokenizer", "--input", tmp_path / "nope.jsonl", "--vocab-size", "500", "--out",
+          tmp_path / "o1"], "no such file", tmp_path / "o1"),
+        (["extend_tokenizer", "--add", bpe, "--target-vocab", "32000", "--out", tmp_path / "o2"],
+         "must exceed the base vocabulary", tmp_path / "o2"),
+        (["extend_tokenizer", "--add", bpe, "--target-vocab", "40000", "--out", tmp_path / "o3"],
+         "usable new pieces", tmp_path / "o3"),
+        (["extend_tokenizer", "--add", bpe, "--target-vocab", "32100", "--out", ext], "exists", None),
+        (["tokens_per_char", "--tokenizer", tmp_path, "--text",
           os.path.join(shared_dir, "data", "eval", "ntrex128.eng.txt")], "no tokenizer.json", None),
-        ([os.path.join(TOOLS, "tokens_per_char.py"), "--tokenizer", "phi3", "--text", str(bad_jsonl)],
-         "bad.jsonl:2: not JSON", None),
+        (["tokens_per_char", "--tokenizer", "phi3", "--text", bad_jsonl], "bad.jsonl:2: not JSON",
+         None),
     ]
-    for args, message, out in cases:
-        proc = run_cmd([sys.executable, *args], check=False)
-        assert proc.returncode == 1, proc.stderr
-        err = proc.stderr.strip().splitlines()
-        assert message in err[-1] and "Traceback" not in proc.stderr, proc.stderr
+    for (tool, *args), message, out in cases:
+        err = run_tool(capsys, tool, *args, expect_rc=2)[1].strip().splitlines()
+        assert err[-1].startswith(f"{tool}.py: error:") and message in err[-1], err
         if out is not None:
             assert not os.path.exists(out)
     assert sorted(os.listdir(tmp_path)) == ["bad.jsonl"], "output left behind"

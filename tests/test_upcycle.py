@@ -140,7 +140,7 @@ def test_upcycle_under_expert_parallelism(dense_checkpoints, tmp_path, capsys):
 
 def test_upcycle_errors(dense_checkpoints, tmp_path, capsys):
     def fails(*args):
-        return upscale(capsys, "moe", *args, expect_rc=1)[1]
+        return upscale(capsys, "moe", *args, expect_rc=2)[1]
 
     moe = tmp_path / "m"
     _upcycle(capsys, "--in", dense_checkpoints[0], "--experts", 2, "--out", moe)
@@ -150,11 +150,11 @@ def test_upcycle_errors(dense_checkpoints, tmp_path, capsys):
     assert "--top-k" in fails("--in", dense_checkpoints[0], "--top-k", 5, "--out", tmp_path / "z")
     assert "already exists" in fails("--in", dense_checkpoints[0], "--out", moe)
     assert not any(os.path.exists(tmp_path / n) for n in "xyz")
-    # the real command line: one clear line on stderr, no traceback, exit status 1
+    # the real command line: one clear line on stderr, no traceback, exit status 2
     import subprocess
 
     p = subprocess.run([sys.executable, UPSCALE, "moe", "--in", str(moe), "--out", str(tmp_path / "w")],
                        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": REPO_ROOT})
-    assert p.returncode == 1 and "Traceback" not in p.stderr
-    assert p.stderr.strip().splitlines()[-1].startswith("upscale.py moe: error: model"), p.stderr
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith("upscale.py: error: model"), p.stderr
     assert "--noise-std" in run_cmd([sys.executable, UPSCALE, "moe", "--help"]).stdout

@@ -108,10 +108,10 @@ def test_errors_leave_nothing(fake_ckpt, ext_tok, tmp_path, shared_dir):
         with pytest.raises((ValueError, OSError), match=message):
             V.extend_vocab(**kwargs, progress=False)
     assert sorted(os.listdir(tmp_path)) == [], "no output may be left behind"
-    # through the CLI: one line on stderr, exit status 1
+    # through the CLI: one line on stderr, exit status 2
     proc = run_cmd([sys.executable, UPSCALE, "vocab", "--in", src, "--tokenizer", str(tmp_path),
                     "--out", str(tmp_path / "o4")], check=False)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("upscale.py vocab: error: ") and \
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("upscale.py: error: ") and \
         "no vocab_map.json" in proc.stderr, proc.stderr
     assert not os.path.exists(tmp_path / "o4")

@@ -39,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int, default=1, help="tensor parallel size")
     p.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
     p.add_argument("--ep", type=int, default=1, help="expert parallel size")
+    p.add_argument("--first-stage-layers", type=int, default=None,
+                   help="layers on the first pipeline stage (uneven split, PP >= 2)")
+    p.add_argument("--last-stage-layers", type=int, default=None,
+                   help="layers on the last pipeline stage (uneven split, PP >= 2)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--check", type=float, default=None, metavar="X",
@@ -60,20 +64,22 @@ def main(argv=None) -> int:
         if getattr(args, name) < 1:
             raise cli.UserError(f"--{name.replace('_', '-')} must be >= 1")
     dtype = args.dtype or default_dtype()
+    split = dict(first_stage_layers=args.first_stage_layers, last_stage_layers=args.last_stage_layers)
+    reader = None
     if args.load:
-        reader, _ = check_megatron_layout(args.load, args.tp, args.pp, args.ep)
+        reader, _ = check_megatron_layout(args.load, args.tp, args.pp, args.ep, **split)
         cfg = reader.config
     else:
         try:
             cfg = bench_small() if args.model == "small" else load_model_config(args.model)
+            cfg.check_layout(tp=args.tp, pp=args.pp, ep=args.ep, **split)
         except ValueError as err:
             raise cli.UserError(str(err)) from None
     total = args.prompt_tokens + args.new_tokens
     if total > cfg.max_position_embeddings:
         raise cli.UserError(f"prompt + new tokens = {total} exceed the model's context "
                             f"{cfg.max_position_embeddings}")
-    model = megatron_model(cfg, args.tp, args.pp, args.ep, DTYPES[dtype],
-                           reader if args.load else None)
+    model = megatron_model(cfg, args.tp, args.pp, args.ep, DTYPES[dtype], reader, **split)
     prompt = torch.randint(0, cfg.vocab_size, (args.prompt_tokens,),
                            generator=torch.Generator().manual_seed(0)).tolist()
     params = SamplingParams(max_new_tokens=args.new_tokens)

@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int, default=1, help="tensor parallel size (checkpoints)")
     p.add_argument("--pp", type=int, default=1, help="pipeline parallel size (checkpoints)")
     p.add_argument("--ep", type=int, default=1, help="expert parallel size (checkpoints)")
+    p.add_argument("--first-stage-layers", type=int, default=None,
+                   help="layers on the first pipeline stage (uneven split, PP >= 2)")
+    p.add_argument("--last-stage-layers", type=int, default=None,
+                   help="layers on the last pipeline stage (uneven split, PP >= 2)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="compute dtype (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -103,7 +107,8 @@ def main(argv=None) -> int:
         _check_output(args.output)
     start = time.time()
     lm = load_language_model(args.model, args.tokenizer, tp=args.tp, pp=args.pp, ep=args.ep,
-                             dtype=args.dtype)
+                             dtype=args.dtype, first_stage_layers=args.first_stage_layers,
+                             last_stage_layers=args.last_stage_layers)
     try:
         results = {t.name: run_task(lm, t, opts) for t in tasks}
         if lm.is_main:

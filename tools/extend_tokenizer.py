@@ -19,6 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_jai import cli  # noqa: E402
 from megatron_jai.paths import shared_path  # noqa: E402
 from megatron_jai.upscale.tokenizer import PIECE_FILTERS, extend_tokenizer  # noqa: E402
 
@@ -35,17 +36,13 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     args = p.parse_args(argv)
-    try:
-        r = extend_tokenizer(args.base, args.add, args.target_vocab, args.out, pieces=args.pieces,
-                             threads=args.threads, force=args.force,
-                             log=lambda s: print(f"extend_tokenizer: {s}", file=sys.stderr))
-    except (ValueError, OSError) as e:
-        print(f"extend_tokenizer: error: {e}", file=sys.stderr)
-        return 1
+    r = extend_tokenizer(args.base, args.add, args.target_vocab, args.out, pieces=args.pieces,
+                         threads=args.threads, force=args.force,
+                         log=lambda s: print(f"extend_tokenizer: {s}", file=sys.stderr))
     print(f"extend_tokenizer: base {r.base_vocab} ids + {r.added} new pieces = {r.vocab_size} ids "
           f"({r.dropped_unreachable} unreachable candidates replaced, {r.rounds} rounds) -> {r.out_dir}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run("extend_tokenizer.py", main))

@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int, default=1, help="tensor parallel size")
     p.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
     p.add_argument("--ep", type=int, default=1, help="expert parallel size")
+    p.add_argument("--first-stage-layers", type=int, default=None,
+                   help="layers on the first pipeline stage (uneven split, PP >= 2)")
+    p.add_argument("--last-stage-layers", type=int, default=None,
+                   help="layers on the last pipeline stage (uneven split, PP >= 2)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="compute dtype (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--output", default=None,
@@ -122,7 +126,8 @@ def main(argv=None) -> int:
                             f"does not exist")
     use_cache = not args.no_kv_cache
     lm = load_language_model(args.load, args.tokenizer, tp=args.tp, pp=args.pp, ep=args.ep,
-                             dtype=args.dtype)
+                             dtype=args.dtype, first_stage_layers=args.first_stage_layers,
+                             last_stage_layers=args.last_stage_layers)
     try:
         stop = StopCondition(stop_token_ids(lm.tokenizer))
         history: list = []

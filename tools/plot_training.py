@@ -11,6 +11,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_jai import cli  # noqa: E402
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
@@ -26,16 +28,12 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from megatron_jai.data.training_plots import plot_runs, read_metrics, summarize
+    from megatron_jai.training.plots import plot_runs, read_metrics, summarize
 
-    try:
-        if args.smooth < 1:
-            raise ValueError(f"--smooth must be >= 1, got {args.smooth}")
-        runs = [read_metrics(path) for path in args.metrics]
-        plot_runs(runs, args.out, title=args.title, smooth=args.smooth)
-    except ValueError as err:  # MetricsError: user errors, one line
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    if args.smooth < 1:
+        raise cli.UserError(f"--smooth must be >= 1, got {args.smooth}")
+    runs = [read_metrics(path) for path in args.metrics]
+    plot_runs(runs, args.out, title=args.title, smooth=args.smooth)
     for run in runs:
         if run.skipped_lines:
             print(f"warning: {run.path}: skipped {run.skipped_lines} unreadable lines",
@@ -46,4 +44,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run("plot_training.py", main))

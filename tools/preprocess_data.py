@@ -5,16 +5,18 @@ Example:
   python tools/preprocess_data.py --input ../shared/data/thai/thaigov_v2.train.jsonl.gz \
       --output-prefix data/thai_train --tokenizer ../shared/tokenizers/phi3 --workers 2
 
-Bad lines (not JSON, missing field, non-string or empty text) are counted, reported and skipped.
-Output is written under temporary names and renamed at the end: an error or an interrupt never
+Bad lines (not JSON, missing field, non-string or empty text) are counted, reported and skipped;
+more than --max-bad-fraction of them (default 1%) fails the run (exit 2). A worker process that
+dies (e.g. killed by the OOM killer) fails it too, with one line. Output is written under temporary names and renamed at the end: an error or an interrupt never
 leaves a partial .bin/.idx behind.
 """
 import argparse
 import os
-import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_jai import cli  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -34,6 +36,9 @@ def parse_args(argv=None):
                    help="tokenizer processes (default: CPU cores - 1)")
     p.add_argument("--no-append-eod", dest="append_eod", action="store_false",
                    help="do not append the end-of-document token to each document")
+    p.add_argument("--max-bad-fraction", type=float, default=0.01, metavar="F",
+                   help="fail (exit 2, nothing written) when more than this fraction of the lines "
+                        "is bad (default: %(default)s; 1 accepts any number of bad lines)")
     p.add_argument("--force", action="store_true", help="replace an existing PREFIX.bin/.idx")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar")
@@ -42,31 +47,14 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    terminated = []
-
-    def on_sigterm(*_):  # Slurm / kill: unwind like Ctrl-C so the temporary outputs are removed
-        terminated.append(True)
-        raise KeyboardInterrupt
-
-    previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
     from megatron_jai.data.preprocess import preprocess
 
-    try:
-        stats = preprocess(args.input, args.output_prefix, args.tokenizer,
-                           text_key=args.json_key, workers=args.workers,
-                           append_eod=args.append_eod, overwrite=args.force,
-                           progress=args.progress)
-    except ValueError as err:  # PreprocessError, TokenizerError: user errors, one line
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted; no output written", file=sys.stderr)
-        return 143 if terminated else 130
-    finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+    stats = preprocess(args.input, args.output_prefix, args.tokenizer, text_key=args.json_key,
+                       workers=args.workers, append_eod=args.append_eod, overwrite=args.force,
+                       progress=args.progress, max_bad_fraction=args.max_bad_fraction)
     print(stats.summary())
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run("preprocess_data.py", main))

@@ -19,6 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_jai import cli  # noqa: E402
 from megatron_jai.upscale.tokenizer import (  # noqa: E402
     fertility_table, iter_lines, load_text_encoder, measure_fertility)
 
@@ -33,25 +34,21 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from tqdm import tqdm
 
-    try:
-        texts = []
-        for path in args.text:
-            lines = []
-            for line in iter_lines(path, args.json_key):
-                lines.append(line)
-                if args.max_lines and len(lines) >= args.max_lines:
-                    break
-            if not lines:
-                raise ValueError(f"{path}: no text")
-            texts.append((os.path.basename(path), lines))
-        results = []
-        for spec in tqdm(args.tokenizer, desc="tokenizers", unit=" tok"):
-            enc = load_text_encoder(spec)
-            for name, lines in texts:
-                results.append(measure_fertility(enc, lines, name))
-    except (ValueError, OSError) as e:
-        print(f"tokens_per_char: error: {e}", file=sys.stderr)
-        return 1
+    texts = []
+    for path in args.text:
+        lines = []
+        for line in iter_lines(path, args.json_key):
+            lines.append(line)
+            if args.max_lines and len(lines) >= args.max_lines:
+                break
+        if not lines:
+            raise cli.UserError(f"{path}: no text")
+        texts.append((os.path.basename(path), lines))
+    results = []
+    for spec in tqdm(args.tokenizer, desc="tokenizers", unit=" tokenizer"):
+        enc = load_text_encoder(spec)
+        for name, lines in texts:
+            results.append(measure_fertility(enc, lines, name))
     print(fertility_table(results))
     if args.json:
         tmp = args.json + ".tmp"
@@ -65,4 +62,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run("tokens_per_char.py", main))

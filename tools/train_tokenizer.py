@@ -14,10 +14,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_jai import cli  # noqa: E402
 from megatron_jai.upscale.tokenizer import CLEANERS, train_bpe  # noqa: E402
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", action="append", required=True, metavar="FILE",
                    help="jsonl(.gz) (one JSON document per line) or plain text; repeatable")
@@ -36,19 +37,16 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--quiet", action="store_true", help="no sentencepiece log, no progress bar")
-    args = p.parse_args(argv)
-    if args.vocab_size < 300:
-        p.error("--vocab-size must be at least 300 (byte fallback alone takes 259 pieces)")
-    try:
-        r = train_bpe(args.input, args.vocab_size, args.out, json_key=args.json_key,
-                      max_sentences=args.max_sentences, threads=args.threads,
-                      character_coverage=args.character_coverage, max_piece_length=args.max_piece_length,
-                      clean=args.clean, max_sentence_chars=args.max_sentence_chars, seed=args.seed,
-                      force=args.force,
-                      progress=not args.quiet, verbose=not args.quiet)
-    except (ValueError, OSError, RuntimeError) as e:
-        print(f"train_tokenizer: error: {e}", file=sys.stderr)
-        return 1
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    r = train_bpe(args.input, args.vocab_size, args.out, json_key=args.json_key,
+                  max_sentences=args.max_sentences, threads=args.threads,
+                  character_coverage=args.character_coverage, max_piece_length=args.max_piece_length,
+                  clean=args.clean, max_sentence_chars=args.max_sentence_chars, seed=args.seed,
+                  force=args.force, progress=not args.quiet, verbose=not args.quiet)
     print(f"train_tokenizer: BPE vocab {r.vocab_size} trained on {r.sentences:,} sentences "
           f"({r.characters:,} characters, at most {args.max_sentences:,} sampled) in {r.seconds:.0f} s "
           f"-> {r.model_path}")
@@ -56,4 +54,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run("train_tokenizer.py", main))

@@ -19,6 +19,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_jai import cli  # noqa: E402
 from megatron_jai.checkpoint.convert import peak_rss_bytes  # noqa: E402
 from megatron_jai.upscale.recipe import human_count  # noqa: E402
 
@@ -134,16 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from megatron_jai.checkpoint.stream import CheckpointFormatError
-
     args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, OSError, CheckpointFormatError, KeyError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"upscale.py {args.command}: error: {msg}", file=sys.stderr)
-        return 1
+    return int(args.func(args) or 0)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run("upscale.py", main))

@@ -1,11 +1,15 @@
 """Logit comparison: the same token ids through ``transformers`` and through our Megatron-Core model.
 
 Run under torchrun (see ``tools/compare_logits.py``). Every rank builds its part of the Megatron model
-(:func:`~megatron_jai.model.build_model`) and loads the checkpoint
-(:func:`~megatron_jai.checkpoint.dist.load_checkpoint`); with PP > 1 the forward pass goes through
-Megatron-Core's forward-only pipeline schedule. The last pipeline stage gathers the TP vocabulary
-shards; its first rank runs the Hugging Face model (fp32, eager attention) on the same ids and
-compares the logits of the real (unpadded) vocabulary.
+(:func:`~megatron_jai.model.build_model`, any TP/PP/EP, uneven pipeline splits) and loads the
+checkpoint (:func:`~megatron_jai.checkpoint.dist.load_checkpoint`) through
+:func:`~megatron_jai.inference.lm.megatron_model`; the forward pass is
+:func:`~megatron_jai.inference.forward.forward_logits` (Megatron-Core's forward-only pipeline schedule
+when PP > 1; DUS skip states crossing a stage travel with the activations). The last pipeline stage
+gathers the TP vocabulary shards; its first rank runs the Hugging Face model (fp32, eager attention, ``trust_remote_code`` for JAI exports) on the same ids
+and compares the logits of the real (unpadded) vocabulary. Both models are in eval mode: DUS skips
+blend with their inference alphas. The HF model routes every token to its experts; inference on
+the Megatron side is dropless too (``megatron_model``).
 """
 from __future__ import annotations
 
@@ -25,9 +29,11 @@ class LogitComparison:
 
 def compare_logits(hf_dir: str, mcore_dir: str, tp: int = 1, pp: int = 1, seq_len: int = 32,
                    batch: int = 2, seed: int = 0, hf_device: str | None = None,
-                   ep: int = 1) -> LogitComparison:
+                   ep: int = 1, first_stage_layers: int | None = None,
+                   last_stage_layers: int | None = None) -> LogitComparison:
     """Collective over all ranks; every rank returns the same comparison. ``hf_device`` places the
-    reference model (default: the Megatron model's device; "cpu" when the GPU cannot hold both)."""
+    reference model (default: the Megatron model's device; "cpu" when the GPU cannot hold both);
+    ``first_stage_layers`` / ``last_stage_layers`` give an uneven pipeline split."""
     from megatron.core import parallel_state
 
     from megatron_jai.checkpoint.stream import CheckpointReader
@@ -36,7 +42,8 @@ def compare_logits(hf_dir: str, mcore_dir: str, tp: int = 1, pp: int = 1, seq_le
 
     reader = CheckpointReader(mcore_dir)  # a checkpoint root or one of its iter_* directories
     cfg = reader.config
-    model = megatron_model(cfg, tp, pp, ep, torch.float32, reader, seed)
+    model = megatron_model(cfg, tp, pp, ep, torch.float32, reader, seed,
+                           first_stage_layers=first_stage_layers, last_stage_layers=last_stage_layers)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len), generator=gen).to(device)
@@ -50,7 +57,8 @@ def compare_logits(hf_dir: str, mcore_dir: str, tp: int = 1, pp: int = 1, seq_le
         from transformers import AutoModelForCausalLM
 
         hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32,
-                                                        attn_implementation="eager")
+                                                        attn_implementation="eager",
+                                                        trust_remote_code=True)
         hf_model = hf_model.to(hf_device or device).eval()
         with torch.no_grad():
             ref = hf_model(input_ids=tokens.to(hf_model.device)).logits.float().to(device)

@@ -1,4 +1,4 @@
-"""Hugging Face Phi-3 <-> Megatron-Core distributed checkpoint conversion, streaming.
+"""Hugging Face (Phi-3, Mixtral, JAI) <-> Megatron-Core distributed checkpoint conversion, streaming.
 
 ``hf_to_mcore`` reads the safetensors files tensor by tensor (``safe_open`` maps the file and reads
 only the tensor asked for) and writes each tensor, or each layer of a stacked tensor, as soon as it
@@ -7,9 +7,14 @@ layer of one tensor at a time and holds at most one output safetensors shard. Th
 the table of :mod:`megatron_jai.checkpoint.hf_phi3`.
 
 The Megatron checkpoint is layout-free (global shapes): TP/PP given at conversion are only checked
-against the architecture; any valid TP/PP loads it. The original HF ``config.json``,
-``generation_config.json`` and tokenizer files are kept in ``M/hf/`` so that the way back
-reproduces them.
+against the architecture; any valid TP/PP loads it. The original HF ``config.json`` and
+``generation_config.json`` are kept in ``M/hf/`` and its tokenizer files in ``M/tokenizer/`` (which
+up-scaling and training carry along), so that the way back reproduces them.
+
+An export picks its Hugging Face architecture with
+:func:`~megatron_jai.checkpoint.hf_phi3.hf_layout`: Phi-3 or Mixtral when they express the model,
+else the JAI layout with its modeling code (:mod:`megatron_jai.hf`). Every export carries a
+tokenizer, its special-token ids and a generation config (:mod:`megatron_jai.hf.tokenizer`).
 """
 from __future__ import annotations
 
@@ -26,23 +31,23 @@ from typing import Iterator, Optional
 import torch
 
 from megatron_jai.checkpoint.hf_phi3 import (
+    JAI_MODEL_TYPE,
     ConversionError,
-    hf_config_from_model_config,
+    hf_config_for_layout,
+    hf_layout,
     hf_name_index,
     model_config_from_hf,
     tensor_map,
 )
-from megatron_jai.checkpoint.dist import TOKENIZER_SUBDIR
+from megatron_jai.checkpoint.dist import TOKENIZER_SUBDIR, tokenizer_files
 from megatron_jai.checkpoint.stream import CheckpointReader, CheckpointWriter
 from megatron_jai.config import ModelConfig
 
 HF_SUBDIR = "hf"  # inside a Megatron checkpoint root: the HF files the way back needs
 HF_CONFIG = "config.json"
+GENERATION_CONFIG = "generation_config.json"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
-# Copied along in both directions when present.
-HF_SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
-                 "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
 # Buffers some HF checkpoints carry that are recomputed, never converted.
 IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -82,15 +87,18 @@ def parse_size(text: str) -> int:
     return value
 
 
-def validate_layout(cfg: ModelConfig, tp: int, pp: int, ep: int = 1) -> None:
-    """TP must divide the heads and KV heads (and the padded vocabulary), PP the layers, EP the
-    experts (MoE models only)."""
+def validate_layout(cfg: ModelConfig, tp: int, pp: int, ep: int = 1,
+                    first_stage_layers: Optional[int] = None,
+                    last_stage_layers: Optional[int] = None) -> None:
+    """TP must divide the heads and KV heads (and the padded vocabulary), PP the layers (or fit
+    the uneven split), EP the experts (MoE models only)."""
     if tp < 1 or pp < 1 or ep < 1:
         raise ConversionError(f"TP, PP and EP must be >= 1 (got TP={tp}, PP={pp}, EP={ep})")
     if ep > 1 and not cfg.is_moe:
         raise ConversionError(f"expert parallelism (EP={ep}) needs an MoE model; this one is dense")
     try:
-        cfg.transformer_config(tp=tp, pp=pp, ep=ep)
+        cfg.check_layout(tp=tp, pp=pp, ep=ep, first_stage_layers=first_stage_layers,
+                         last_stage_layers=last_stage_layers)
     except ValueError as e:
         raise ConversionError(str(e)) from None
 
@@ -195,7 +203,7 @@ def hf_to_mcore(hf_dir: str, out: str, tp: int = 1, pp: int = 1, force: bool = F
         notes.append(f"config.json has sliding_window={window}; the Megatron model attends over the "
                      f"whole context, so outputs agree for sequences up to {window} tokens")
     located = safetensors_tensor_files(hf_dir)
-    rows = tensor_map(cfg)
+    rows = tensor_map(cfg, hf_config["model_type"])
     expected = hf_name_index(cfg, rows)
     present = {k for k in located if not k.endswith(IGNORED_HF_SUFFIXES)}
     missing, unexpected = sorted(set(expected) - present), sorted(present - set(expected))
@@ -203,8 +211,8 @@ def hf_to_mcore(hf_dir: str, out: str, tp: int = 1, pp: int = 1, force: bool = F
         raise ConversionError(f"{len(missing)} tensors missing from the safetensors files, "
                               f"e.g. {missing[0]}")
     if unexpected:
-        raise ConversionError(f"{len(unexpected)} tensors a Phi-3 model does not have, "
-                              f"e.g. {unexpected[0]}")
+        raise ConversionError(f"{len(unexpected)} tensors a {hf_config['model_type']} model with "
+                              f"this config does not have, e.g. {unexpected[0]}")
 
     by_file: dict[str, list[str]] = {}
     for hf_name in expected:
@@ -212,10 +220,11 @@ def hf_to_mcore(hf_dir: str, out: str, tp: int = 1, pp: int = 1, force: bool = F
     pending: dict[tuple, dict] = {}  # (mcore key, layer) -> {position: tensor} until complete
     n_out = 0
     with CheckpointWriter(out, cfg, iteration=0, force=force) as writer:
-        for fname in [HF_CONFIG, *HF_SIDE_FILES]:
-            src = os.path.join(hf_dir, fname)
-            if os.path.isfile(src):
-                shutil.copyfile(src, writer.path(os.path.join(HF_SUBDIR, fname)))
+        for fname in (HF_CONFIG, GENERATION_CONFIG):
+            if os.path.isfile(os.path.join(hf_dir, fname)):
+                shutil.copyfile(os.path.join(hf_dir, fname), writer.path(os.path.join(HF_SUBDIR, fname)))
+        for fname, src in tokenizer_files(hf_dir).items():
+            shutil.copyfile(src, writer.path(os.path.join(TOKENIZER_SUBDIR, fname)))
         with _progress(len(expected), "hf-to-mcore", progress) as bar:
             for path in sorted(by_file):
                 with safe_open(path, framework="pt") as f:
@@ -304,21 +313,29 @@ def _hf_order(cfg: ModelConfig, rows) -> Iterator[tuple]:
 
 
 def mcore_to_hf(mcore_dir: str, out: str, force: bool = False, max_shard_size: str = "5GB",
-                dtype: Optional[torch.dtype] = None, progress: bool = True) -> ConversionSummary:
-    """Convert a Megatron-Core checkpoint (root or iteration directory) to an HF Phi-3 directory."""
+                dtype: Optional[torch.dtype] = None, progress: bool = True,
+                tokenizer: Optional[str] = None, hf_format: str = "auto") -> ConversionSummary:
+    """Convert a Megatron-Core checkpoint (root or iteration directory) to a Hugging Face directory
+    (Phi-3, Mixtral or JAI: :func:`~megatron_jai.checkpoint.hf_phi3.hf_layout`; ``hf_format="jai"``
+    forces the JAI layout) with its tokenizer (``tokenizer``, else the checkpoint's own)."""
+    from megatron_jai.hf import MODEL_CODE_FILES, model_code_path
+    from megatron_jai.hf.tokenizer import export_tokenizer, find_tokenizer
+
     start = time.time()
     out = os.path.abspath(out)
     _check_output(out, force)
     max_shard_bytes = parse_size(max_shard_size)
     reader = CheckpointReader(mcore_dir)
     cfg = reader.config
+    layout = hf_layout(cfg, hf_format)
+    tokenizer_src = find_tokenizer(reader.root, tokenizer)
     hf_side = os.path.join(reader.root, HF_SUBDIR)
     base = None
     if os.path.isfile(os.path.join(hf_side, HF_CONFIG)):
         with open(os.path.join(hf_side, HF_CONFIG)) as f:
             base = json.load(f)
-    hf_config = hf_config_from_model_config(cfg, base)
-    rows = tensor_map(cfg)
+    hf_config = hf_config_for_layout(cfg, layout, base)
+    rows = tensor_map(cfg, layout)
     for row in rows:
         if row.mcore not in reader:
             raise ConversionError(f"checkpoint {reader.iter_dir} has no tensor {row.mcore}")
@@ -334,7 +351,21 @@ def mcore_to_hf(mcore_dir: str, out: str, force: bool = False, max_shard_size: s
         hf_config[key] = stored
     order = list(_hf_order(cfg, rows))
     n_tensors = sum(len(row.hf) for row, _ in order)
+    notes = []
+    if cfg.moe_capacity_factor is not None:
+        notes.append(f"the model was trained with expert capacity factor {cfg.moe_capacity_factor}; "
+                     f"the exported model routes every token (dropless)")
     with atomic_directory(out, force) as tmp:
+        tok = export_tokenizer(tokenizer_src, tmp, cfg.vocab_size, cfg.max_position_embeddings)
+        notes += tok.notes
+        # Token ids: the original HF config's when there is one (a round trip reproduces it), else
+        # the tokenizer's (a config made from scratch: up-scaled or trained models).
+        for key, value in tok.token_ids().items():
+            if base is None:
+                hf_config[key] = value
+            elif key in base and base[key] != value:
+                notes.append(f"{key} {base[key]} of the original config.json kept; the tokenizer "
+                             f"says {value}")
         shards = _ShardedSafetensorsWriter(tmp, max_shard_bytes)
         with _progress(n_tensors, "mcore-to-hf", progress) as bar:
             for row, layer in order:
@@ -349,17 +380,25 @@ def mcore_to_hf(mcore_dir: str, out: str, force: bool = False, max_shard_size: s
                     bar.update(1)
                 del tensor, converted
         shards.close()
-        if base is not None and hf_config == base:
-            shutil.copyfile(os.path.join(hf_side, HF_CONFIG), os.path.join(tmp, HF_CONFIG))
+        _write_json_or_copy(hf_config, base, os.path.join(hf_side, HF_CONFIG), os.path.join(tmp, HF_CONFIG))
+        generation = os.path.join(hf_side, GENERATION_CONFIG)
+        if os.path.isfile(generation):  # the original model's, unchanged
+            shutil.copyfile(generation, os.path.join(tmp, GENERATION_CONFIG))
         else:
-            with open(os.path.join(tmp, HF_CONFIG), "w") as f:
-                f.write(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")  # as transformers does
-        # The original HF files, then a tokenizer that vocabulary surgery stored with the checkpoint
-        # (megatron_jai.upscale.vocab), which replaces the original one.
-        for side in (hf_side, os.path.join(reader.root, TOKENIZER_SUBDIR)):
-            for fname in HF_SIDE_FILES:
-                if os.path.isfile(os.path.join(side, fname)):
-                    shutil.copyfile(os.path.join(side, fname), os.path.join(tmp, fname))
+            _write_json_or_copy(tok.generation_config(), None, None, os.path.join(tmp, GENERATION_CONFIG))
+        if layout == JAI_MODEL_TYPE:
+            for name in MODEL_CODE_FILES:
+                shutil.copyfile(model_code_path(name), os.path.join(tmp, name))
         nbytes = shards.total_bytes
-    return ConversionSummary("mcore-to-hf", out, n_tensors, nbytes, time.time() - start,
-                             peak_rss_bytes())
+    return ConversionSummary(f"mcore-to-hf ({layout})", out, n_tensors, nbytes, time.time() - start,
+                             peak_rss_bytes(), tuple(notes))
+
+
+def _write_json_or_copy(obj: dict, original: Optional[dict], original_path: Optional[str],
+                        path: str) -> None:
+    """``original_path`` byte for byte when ``obj`` equals its content, else ``obj`` as JSON."""
+    if original is not None and obj == original:
+        shutil.copyfile(original_path, path)
+        return
+    with open(path, "w") as f:
+        f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")  # as transformers does

@@ -1,41 +1,152 @@
 """Megatron-Core distributed checkpoints (``dist_checkpointing``, torch_dist format).
 
-Layout of a checkpoint root ``M/`` (Megatron-LM's, plus the architecture)::
+Layout of a checkpoint root ``M/`` (Megatron-LM's, plus the architecture and the tokenizer)::
 
-    M/model_config.json                  the ModelConfig
-    M/latest_checkpointed_iteration.txt  the newest complete iteration
+    M/model_config.json                  the ModelConfig of the tracked iteration
+    M/latest_checkpointed_iteration.txt  the newest complete iteration (the tracker)
     M/iter_0000100/                      one dist_checkpointing directory per saved iteration
+    M/tokenizer/                         the tokenizer the model was trained with (if known)
 
-An iteration directory is written under a temporary name and renamed when every rank has
-finished, so a crash mid-save never leaves a directory that looks complete.
+Nothing is ever lost to a crash:
+
+* an iteration is written to ``iter_N.tmp`` and renamed when every rank has finished, so a
+  directory named ``iter_N`` is always complete;
+* re-saving an existing iteration moves the old directory aside (``iter_N.old``), renames the new
+  one in, updates the tracker, and only then deletes the old one; a crash in between is repaired by
+  :func:`recover_interrupted_commit` (the old directory comes back);
+* the tracker is written to a temporary file, fsynced and renamed, and its directory fsynced;
+* a full disk is a one-line error naming the path; the partial ``.tmp`` is removed and the
+  previous checkpoint stays as it was.
+
 Sharded tensors are stored in their global shape, so any TP/PP/EP can load them.
 """
 from __future__ import annotations
 
+import errno
 import os
+import re
 import shutil
 from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
+from megatron_jai.cli import UserError
 from megatron_jai.config import ModelConfig
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 CONFIG_FILE = "model_config.json"
-TOKENIZER_SUBDIR = "tokenizer"  # the tokenizer a vocabulary surgery gave the model, if any
+TOKENIZER_SUBDIR = "tokenizer"  # the tokenizer the model was trained with / a vocab surgery gave it
+_ITER_DIR = re.compile(r"^iter_(\d{7})$")
+_OLD_SUFFIX = ".old"  # an iteration directory moved aside while its replacement is renamed in
+_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                    "special_tokens_map.json", "added_tokens.json", "vocab_map.json",
+                    "vocab.json", "merges.txt", "chat_template.jinja")
+
+
+class CheckpointError(UserError):
+    """A checkpoint root that cannot be used as it is (one line, names what to do)."""
 
 
 def iteration_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
 
 
+def complete_iterations(root: str) -> list:
+    """Iterations with a complete directory under ``root`` (found by scanning), ascending."""
+    if not root or not os.path.isdir(root):
+        return []
+    return sorted(int(m.group(1)) for m in map(_ITER_DIR.match, os.listdir(root)) if m)
+
+
 def latest_iteration(root: str) -> Optional[int]:
+    """The tracked iteration, None without a tracker. An empty or unreadable tracker is a
+    :class:`CheckpointError` naming the newest complete iteration found by scanning."""
     path = os.path.join(root, TRACKER_FILE)
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return int(f.read().strip())
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+        return int(text)
+    except (OSError, ValueError, UnicodeDecodeError):
+        found = complete_iterations(root)
+        hint = (f"the newest complete iteration found by scanning is {found[-1]} (resume it with "
+                f"--load-iteration {found[-1]}, or write {found[-1]} into the tracker)"
+                if found else "no complete iteration directory was found either")
+        raise CheckpointError(f"{path} is empty or unreadable; {hint}") from None
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems (e.g. network ones) refuse fsync on directories
+    finally:
+        os.close(fd)
+
+
+def write_tracker(root: str, iteration: int) -> None:
+    """Atomically point the tracker at ``iteration`` (fsync file, rename, fsync directory)."""
+    tmp = os.path.join(root, TRACKER_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(f"{iteration}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(root, TRACKER_FILE))
+    _fsync_dir(root)
+
+
+def recover_interrupted_commit(root: str) -> list:
+    """Repair what a crash in the middle of :func:`commit_iteration` left: an ``iter_N.old``
+    without ``iter_N`` is put back; one beside a complete ``iter_N`` is deleted. Returns the
+    repaired iterations. Rank 0 only."""
+    if not os.path.isdir(root):
+        return []
+    repaired = []
+    for name in sorted(os.listdir(root)):
+        if not (name.startswith("iter_") and name.endswith(_OLD_SUFFIX)):
+            continue
+        old = os.path.join(root, name)
+        final = old[: -len(_OLD_SUFFIX)]
+        if os.path.isdir(final):
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, final)
+            repaired.append(int(os.path.basename(final)[5:]))
+    if repaired:
+        _fsync_dir(root)
+    return repaired
+
+
+def commit_iteration(root: str, iteration: int, tmp: str, cfg: Optional[ModelConfig] = None,
+                     between: Optional[Callable[[str], None]] = None) -> str:
+    """Make the complete ``tmp`` directory iteration ``iteration`` of ``root`` and track it.
+
+    An existing ``iter_N`` is moved aside first and deleted only once the new one is in place and
+    tracked. ``between(stage)`` is a test hook called at each stage. Rank 0 only."""
+    final = iteration_dir(root, iteration)
+    old = final + _OLD_SUFFIX
+    recover_interrupted_commit(root)
+    if os.path.exists(final):
+        os.replace(final, old)
+        if between:
+            between("moved-aside")
+    os.replace(tmp, final)
+    if between:
+        between("renamed")
+    # The root's config describes the tracked iteration: written with it, not before the data
+    # (a save killed half-way must not leave a newer config, e.g. another RoPE, behind).
+    if cfg is not None:
+        cfg.save(os.path.join(root, CONFIG_FILE))
+    write_tracker(root, iteration)
+    if os.path.exists(old):
+        shutil.rmtree(old)
+    return final
 
 
 def _rank() -> int:
@@ -51,6 +162,27 @@ def _model_sharded_state_dict(model_chunks: Sequence[torch.nn.Module]) -> dict:
     if len(model_chunks) == 1:
         return {"model": model_chunks[0].sharded_state_dict()}
     return {f"model{i}": m.sharded_state_dict() for i, m in enumerate(model_chunks)}
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """Whether ``err`` (or what it wraps: dist_checkpointing and torch.distributed.checkpoint
+    re-raise writer failures) is ENOSPC / EDQUOT."""
+    seen, todo = set(), [err]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
+            return True
+        todo += [e.__cause__, e.__context__]
+        todo += [a for a in getattr(e, "args", ()) if isinstance(a, BaseException)]
+        failures = getattr(e, "failures", None)  # torch.distributed.checkpoint.CheckpointException
+        if isinstance(failures, dict):
+            todo += [v for v in failures.values() if isinstance(v, BaseException)]
+    return False
 
 
 def save_checkpoint(root: str, model_chunks: Sequence[torch.nn.Module], cfg: ModelConfig,
@@ -78,23 +210,77 @@ def save_checkpoint(root: str, model_chunks: Sequence[torch.nn.Module], cfg: Mod
     state = _model_sharded_state_dict(model_chunks)
     state.update(extra_sharded or {})
     state.update(common or {})
-    dist_checkpointing.save(state, tmp)
-    if before_commit is not None:
-        before_commit(tmp)
+    try:
+        dist_checkpointing.save(state, tmp)
+        if before_commit is not None:
+            before_commit(tmp)
+    except Exception as err:  # noqa: BLE001 - classified below; anything else propagates
+        if not is_disk_full(err):
+            raise
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_iteration(root) if os.path.isdir(root) else None
+        raise CheckpointError(
+            f"no space left on device while writing checkpoint {tmp} (partial checkpoint removed; "
+            + (f"the previous checkpoint, iteration {previous}, is intact)" if previous is not None
+               else "there is no earlier checkpoint)")) from None
     _barrier()
     if _rank() == 0:
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        # The root's config describes the tracked iteration: written with it, not before the data
-        # (a save killed half-way must not leave a newer config, e.g. another RoPE, behind).
-        cfg.save(os.path.join(root, CONFIG_FILE))
-        tracker_tmp = os.path.join(root, TRACKER_FILE + ".tmp")
-        with open(tracker_tmp, "w") as f:
-            f.write(f"{iteration}\n")
-        os.replace(tracker_tmp, os.path.join(root, TRACKER_FILE))
+        commit_iteration(root, iteration, tmp, cfg)
     _barrier()
     return final
+
+
+def store_tokenizer(root: str, tokenizer_path: Optional[str]) -> Optional[str]:
+    """Copy the tokenizer files of ``tokenizer_path`` (a sentencepiece ``.model`` file with its
+    sidecar files, or a tokenizer directory) into ``root/tokenizer`` unless the same files are
+    already there. Atomic (temporary directory, then rename). Returns the stored directory."""
+    if not tokenizer_path or not os.path.exists(tokenizer_path):
+        return None
+    dest = os.path.join(root, TOKENIZER_SUBDIR)
+    if os.path.abspath(tokenizer_path).rstrip("/") in (os.path.abspath(dest),
+                                                       os.path.join(os.path.abspath(dest),
+                                                                    "tokenizer.model")):
+        return dest
+    files = tokenizer_files(tokenizer_path)
+    if not files:
+        return None
+    if os.path.isdir(dest) and all(_same_file(src, os.path.join(dest, name))
+                                   for name, src in files.items()) \
+            and set(os.listdir(dest)) == set(files):
+        return dest
+    tmp = dest + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for name, src in files.items():
+        shutil.copyfile(src, os.path.join(tmp, name))
+    old = dest + _OLD_SUFFIX
+    if os.path.exists(dest):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
+    return dest
+
+
+def tokenizer_files(path: str) -> dict:
+    """``{name in the checkpoint: source path}`` of a tokenizer given as a file or directory."""
+    if os.path.isdir(path):
+        return {name: os.path.join(path, name) for name in _TOKENIZER_FILES
+                if os.path.isfile(os.path.join(path, name))}
+    directory = os.path.dirname(os.path.abspath(path))
+    files = {"tokenizer.model": path}
+    for name in ("added_tokens.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if os.path.isfile(os.path.join(directory, name)):
+            files[name] = os.path.join(directory, name)
+    return files
+
+
+def _same_file(a: str, b: str) -> bool:
+    if not os.path.isfile(b) or os.path.getsize(a) != os.path.getsize(b):
+        return False
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        return fa.read() == fb.read()
 
 
 def load_checkpoint(root: str, model_chunks: Sequence[torch.nn.Module],
@@ -113,7 +299,10 @@ def load_checkpoint(root: str, model_chunks: Sequence[torch.nn.Module],
             raise FileNotFoundError(f"no complete checkpoint in {root} (missing {TRACKER_FILE})")
     path = iteration_dir(root, iteration)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+        found = complete_iterations(root)
+        raise FileNotFoundError(
+            f"checkpoint directory {path} does not exist"
+            + (f" (complete iterations found by scanning: {found})" if found else ""))
     state = _model_sharded_state_dict(model_chunks)
     state.update(extra_sharded or {})
     loaded = dist_checkpointing.load(

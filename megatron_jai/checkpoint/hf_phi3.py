@@ -22,12 +22,15 @@ from typing import Callable, Optional
 
 import torch
 
+from megatron_jai.cli import UserError
 from megatron_jai.config import ModelConfig
 
 MODEL_TYPE = "phi3"
+JAI_MODEL_TYPE = "jai"  # the layout of megatron_jai.checkpoint.hf_jai
+HF_LAYOUTS = ("phi3", "mixtral", "jai")
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError):
     """Input that cannot be converted (reported to the user as one line)."""
 
 
@@ -45,9 +48,14 @@ def model_config_from_hf(hf: dict, name: str = "phi3") -> ModelConfig:
     model_type = hf.get("model_type")
     if model_type == MIXTRAL_MODEL_TYPE:  # MoE checkpoints: see the Mixtral section below
         return model_config_from_mixtral(hf, name)
+    if model_type == JAI_MODEL_TYPE:  # skips, experts, ... (megatron_jai.checkpoint.hf_jai)
+        from megatron_jai.checkpoint.hf_jai import model_config_from_jai
+
+        return model_config_from_jai(hf, name)
     if model_type != MODEL_TYPE:
         raise ConversionError(f"config.json has model_type {model_type!r}; only {MODEL_TYPE!r} "
-                              f"(Phi-3) and {MIXTRAL_MODEL_TYPE!r} (MoE) checkpoints are supported")
+                              f"(Phi-3), {MIXTRAL_MODEL_TYPE!r} (MoE) and {JAI_MODEL_TYPE!r} "
+                              f"(exported by this toolkit) checkpoints are supported")
     rope_params = hf.get("rope_parameters") or {}
     if hf.get("rope_scaling") or rope_params.get("rope_type", "default") != "default":
         kind = (hf.get("rope_scaling") or {}).get("type") or rope_params.get("rope_type")
@@ -94,6 +102,30 @@ _HF_TEMPLATE = {
     "eos_token_id": None,
     "pad_token_id": None,
 }
+
+
+def hf_layout(cfg: ModelConfig, requested: str = "auto") -> str:
+    """The Hugging Face architecture an export of ``cfg`` uses: plain Phi-3 for a dense model and
+    Mixtral for an MoE model with Mixtral's router, when they express the model exactly; the JAI
+    layout (our own modeling code) for everything else -- DUS skips, RoPE position interpolation,
+    an expert bias or un-renormalised top-k weights -- or when ``requested == "jai"``."""
+    if requested not in ("auto", JAI_MODEL_TYPE):
+        raise ConversionError(f"unknown export format {requested!r}; choose 'auto' or 'jai'")
+    plain = not (cfg.skip_connections or cfg.rotary_interpolation_factor)
+    if cfg.is_moe:
+        plain = plain and cfg.moe_normalize_topk and not cfg.moe_expert_bias
+    if requested == JAI_MODEL_TYPE or not plain:
+        return JAI_MODEL_TYPE
+    return MIXTRAL_MODEL_TYPE if cfg.is_moe else MODEL_TYPE
+
+
+def hf_config_for_layout(cfg: ModelConfig, layout: str, base: Optional[dict] = None) -> dict:
+    """The ``config.json`` dict of ``cfg`` in ``layout`` (see :func:`hf_layout`)."""
+    if layout == JAI_MODEL_TYPE:
+        from megatron_jai.checkpoint.hf_jai import jai_hf_config_from_model_config
+
+        return jai_hf_config_from_model_config(cfg, base)
+    return hf_config_from_model_config(cfg, base)
 
 
 def hf_config_from_model_config(cfg: ModelConfig, base: Optional[dict] = None) -> dict:
@@ -227,12 +259,22 @@ def dense_mlp_tensor_map(cfg: ModelConfig) -> list[TensorMapping]:
     ]
 
 
-def tensor_map(cfg: ModelConfig) -> list[TensorMapping]:
-    """Every tensor of a model with this config, in Hugging Face order."""
+def tensor_map(cfg: ModelConfig, layout: Optional[str] = None) -> list[TensorMapping]:
+    """Every tensor of a model with this config, in Hugging Face order, in ``layout`` (default:
+    Mixtral for MoE configs, else Phi-3)."""
+    layout = layout or (MIXTRAL_MODEL_TYPE if cfg.is_moe else MODEL_TYPE)
+    if layout not in HF_LAYOUTS:
+        raise ConversionError(f"unknown Hugging Face layout {layout!r}")
     rows = [TensorMapping("embedding.word_embeddings.weight", ("model.embed_tokens.weight",),
                           pad_vocab, unpad_vocab)]
-    rows += mixtral_attention_tensor_map(cfg) if cfg.is_moe else attention_tensor_map(cfg)
-    rows += moe_mlp_tensor_map(cfg) if cfg.is_moe else dense_mlp_tensor_map(cfg)
+    if layout == JAI_MODEL_TYPE:
+        from megatron_jai.checkpoint.hf_jai import jai_tensor_map
+
+        rows += jai_tensor_map(cfg)
+    elif layout == MIXTRAL_MODEL_TYPE:
+        rows += mixtral_attention_tensor_map(cfg) + moe_mlp_tensor_map(cfg)
+    else:
+        rows += attention_tensor_map(cfg) + dense_mlp_tensor_map(cfg)
     rows.append(TensorMapping("decoder.final_layernorm.weight", ("model.norm.weight",)))
     if not cfg.tie_embeddings:
         rows.append(TensorMapping("output_layer.weight", ("lm_head.weight",), pad_vocab, unpad_vocab))

@@ -48,6 +48,7 @@ off. ``finalize`` checks that every stacked tensor got all its layers.
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import shutil
@@ -66,6 +67,7 @@ from torch.distributed.checkpoint.metadata import (
 )
 
 from megatron_jai.checkpoint.dist import CONFIG_FILE, TRACKER_FILE, iteration_dir, latest_iteration
+from megatron_jai.cli import UserError
 from megatron_jai.config import ModelConfig
 
 try:  # private in torch; the dataclass DCP's FileSystemReader expects in storage_data
@@ -80,7 +82,14 @@ STACKED_PREFIX = "decoder.layers."
 EXTRA_STATE = "_extra_state"
 
 
-class CheckpointFormatError(ValueError):
+# Megatron-Core's backend description (``dist_checkpointing.core.CheckpointingConfig``), written
+# directly: importing megatron.core (~5 s) is most of a streaming tool's start-up otherwise.
+MEGATRON_CONFIG_FILE = "metadata.json"
+MEGATRON_CONFIG = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+                   "common_backend": "torch", "common_backend_version": 1}
+
+
+class CheckpointFormatError(UserError):
     """The directory is not a (complete, readable) checkpoint of our format."""
 
 
@@ -401,8 +410,6 @@ class CheckpointWriter:
     # ---- finish -------------------------------------------------------------------------------
     def finalize(self, common: Optional[dict] = None) -> str:
         """Write the metadata and move the checkpoint into place. Returns the checkpoint root."""
-        from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
-
         if self.finalized:
             return self.root
         try:
@@ -419,7 +426,8 @@ class CheckpointWriter:
             with open(os.path.join(self.tmp_iter, METADATA_FILE), "wb") as f:
                 pickle.dump(metadata, f)
             torch.save(common or {}, os.path.join(self.tmp_iter, COMMON_FILE))
-            save_config(CheckpointingConfig("torch_dist"), self.tmp_iter)
+            with open(os.path.join(self.tmp_iter, MEGATRON_CONFIG_FILE), "w") as f:
+                json.dump(MEGATRON_CONFIG, f)
             self.cfg.save(os.path.join(self.tmp_root, CONFIG_FILE))
             with open(os.path.join(self.tmp_root, TRACKER_FILE), "w") as f:
                 f.write(f"{self.iteration}\n")

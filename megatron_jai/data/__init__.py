@@ -1,5 +1,5 @@
 """Data: tokenizer loading, JSON-lines preprocessing to Megatron-Core indexed datasets, blended
-GPT datasets, the embedded demo corpus, and metrics plotting. See docs/data.md."""
+GPT datasets and the embedded demo corpus. See docs/data.md."""
 from megatron_jai.data.datasets import (DatasetError, blend_prefixes, build_datasets, max_token_id,
                                         normalize_blend, sample_shares, token_shares)
 from megatron_jai.data.demo import DemoData, ensure_demo_data

@@ -34,6 +34,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy
 
+from megatron_jai.cli import UserError
 from megatron_jai.data.files import default_cache_dir
 from megatron_jai.data.preprocess import output_paths, read_meta
 
@@ -41,7 +42,7 @@ Blend = Union[str, Sequence, Dict[str, float]]
 RATIO_TOLERANCE = 1e-3
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """A blend or dataset that cannot be used (one-line message, meant for the user)."""
 
 

@@ -23,8 +23,10 @@ import json
 import os
 from typing import Dict, List, Optional, Sequence
 
+from megatron_jai.cli import UserError
 
-class TokenizerError(ValueError):
+
+class TokenizerError(UserError):
     """A tokenizer path that cannot be loaded (one-line message, meant for the user)."""
 
 

@@ -8,7 +8,7 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
 from megatron_jai.config import ModelConfig
-from megatron_jai.model.spec import layer_spec
+from megatron_jai.model.spec import decoder_spec
 
 
 class JaiGPTModel(GPTModel):
@@ -22,7 +22,7 @@ class JaiGPTModel(GPTModel):
                  use_te: Optional[bool] = None, vp_stage: Optional[int] = None):
         super().__init__(
             config=transformer_config,
-            transformer_layer_spec=layer_spec(cfg, use_te),
+            transformer_layer_spec=decoder_spec(cfg, transformer_config, use_te, vp_stage),
             vocab_size=cfg.padded_vocab_size,
             max_sequence_length=cfg.max_position_embeddings,
             pre_process=pre_process,

@@ -30,6 +30,7 @@ skip inside one chunk are fine).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Sequence
 
@@ -74,6 +75,7 @@ class DusTransformerBlock(TransformerBlock):
         return sorted(s for s in starts if 0 < s < self.config.num_layers)
 
     def _setup_skips(self, skips: tuple) -> None:
+        self.alpha_mode = None  # None: follow self.training; "train" / "inference": forced
         num_layers = self.config.num_layers
         for s in skips:
             if not 0 <= s.source < s.target < num_layers:
@@ -126,7 +128,8 @@ class DusTransformerBlock(TransformerBlock):
         """Blend the incoming skips into ``h`` (the input of global layer ``layer_index``) and
         save the result when the layer is a source; returns the layer's new input."""
         for s in incoming:
-            alpha = s.alpha_train if self.training else s.alpha_infer
+            mode = self.alpha_mode or ("train" if self.training else "inference")
+            alpha = s.alpha_train if mode == "train" else s.alpha_infer
             if alpha:
                 if s.source not in self._saved:
                     raise RuntimeError(f"DUS skip {s.source}->{s.target}: no saved state for layer "
@@ -243,3 +246,18 @@ class DusTransformerBlock(TransformerBlock):
         finally:
             self._saved = {}
         return out
+
+
+@contextlib.contextmanager
+def skip_alphas(model, mode: str):
+    """Run ``model``'s DUS skips with ``mode`` ("train" or "inference") alphas, whatever its
+    train/eval mode (e.g. a validation loss comparable with the training loss)."""
+    blocks = [m for m in model.modules() if isinstance(m, DusTransformerBlock)]
+    previous = [b.alpha_mode for b in blocks]
+    for b in blocks:
+        b.alpha_mode = mode
+    try:
+        yield
+    finally:
+        for b, p in zip(blocks, previous):
+            b.alpha_mode = p

@@ -21,13 +21,15 @@ checkpoint saved at any EP/TP loads at any other::
 ``apply_swiglu_sharded_factory`` for ``linear_fc1``, on the F axis after the experts axis): each TP
 rank stores its gate rows at ``t*F_tp`` and its up rows at ``F + t*F_tp``. Expert parameters carry
 ``allreduce = False`` (Megatron-Core's marker): their gradients are reduced over the
-expert-data-parallel group, not the data-parallel group.
+expert-data-parallel group, not the data-parallel group; and ``tensor_model_parallel = True``
+(split over TP along ``partition_dim``), so the gradient norm counts the shards of every TP rank.
 """
 from __future__ import annotations
 
 import torch
 from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_jai.moe.functional import grouped_expert_ffn
@@ -66,8 +68,10 @@ class GroupedExperts(MegatronModule):
             self.num_local_experts, hidden, self.local_ffn, dtype=config.params_dtype, device=device))
         if config.perform_initialization:
             self._initialize(config)
-        for p in (self.weight_gate_up, self.weight_down):
+        for p, dim in ((self.weight_gate_up, 1), (self.weight_down, 2)):
             p.allreduce = False  # reduced over the expert-data-parallel group
+            # Split over TP, not a TP replica: the gradient norm (clipping) counts every shard.
+            set_tensor_model_parallel_attributes(p, True, dim, 1)
 
     def local_slices(self, full_gate_up: torch.Tensor, full_down: torch.Tensor):
         """This rank's slices of full weights ``[E, 2F, H]``, ``[E, H, F]`` (all experts)."""

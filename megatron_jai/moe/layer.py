@@ -15,9 +15,21 @@ loop needs nothing MoE-specific for them. Two helpers for training loops:
   when the config has ``moe_expert_bias``.
 
 Experts are split over tensor parallelism along their FFN dimension (expert TP = TP; see
-:mod:`megatron_jai.moe.experts`): the expert input rows and the routing weights enter through
-``copy_to_tensor_model_parallel_region`` and the output is summed with
-``reduce_from_tensor_model_parallel_region``; the router is replicated over TP.
+:mod:`megatron_jai.moe.experts`), so every TP rank routes the same tokens and computes a partial
+output (its F columns):
+
+* without sequence parallelism the tokens are replicated over TP: the expert input rows and the
+  routing weights enter through ``copy_to_tensor_model_parallel_region`` (their gradients are
+  partial, all-reduced in backward) and the output is summed with
+  ``reduce_from_tensor_model_parallel_region``; the router gradient is complete on every rank;
+* with sequence parallelism (``config.sequence_parallel``) the layer's input and output are
+  ``[s/TP, b, H]``: the tokens are gathered along the sequence over TP before routing
+  (``gather_from_sequence_parallel_region``, reduce-scatter in backward) and the partial outputs
+  are reduce-scattered back (``reduce_scatter_to_sequence_parallel_region``). Every gradient inside
+  is then partial per TP rank, the router's too: its weight carries Megatron's
+  ``sequence_parallel`` marker, so ``finalize_model_grads`` sums it over TP like the layer norms',
+  and each rank attaches 1/TP of the load-balancing and z losses. Routing, capacity and the losses
+  see the whole sequence, exactly as at TP = 1.
 
 Checkpoint keys (global shapes; the experts axis is split over EP ranks, F over TP ranks)::
 
@@ -36,26 +48,26 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import (
     copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
     reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
 )
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_jai.moe.dispatcher import AllToAllDispatcher
 from megatron_jai.moe.experts import GroupedExperts
-from megatron_jai.moe.router import RouterOptions, TopKRouter
+from megatron_jai.moe.router import RouterOptions, RouterStats, TopKRouter
 
 
 class JaiMoELayer(MegatronModule):
     """Router + expert-parallel dispatcher + grouped experts. ``forward(hidden [s, b, H],
-    padding_mask [b, s] (True = padding) = None) -> (output [s, b, H], None)``."""
+    padding_mask [b, s] (True = padding) = None) -> (output [s, b, H], None)``; with sequence
+    parallelism ``s`` is this rank's ``s/TP`` (the padding mask may be local or whole)."""
 
     def __init__(self, config, options: RouterOptions, ffn_hidden_size: int,
                  recompute_activation: bool = False):
         super().__init__(config)
-        if config.sequence_parallel:
-            raise ValueError("sequence parallelism is not supported with MoE layers yet "
-                             "(run MoE models without --sequence-parallel)")
         self.options = options
         self.layer_number = None
         # Megatron's selective recompute of the MoE activation ("moe_act") maps onto the kernels'
@@ -76,26 +88,35 @@ class JaiMoELayer(MegatronModule):
 
     def forward(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
                 **unused):
+        tp = self.experts.tp_size
+        sequence_parallel = self.config.sequence_parallel and tp > 1
+        if sequence_parallel:
+            local_seq = hidden_states.shape[0]
+            hidden_states = gather_from_sequence_parallel_region(hidden_states)
+            if padding_mask is not None and padding_mask.shape[1] == local_seq:
+                # GPTModel scatters the mask along the sequence too (first pipeline stage only).
+                padding_mask = gather_from_sequence_parallel_region(
+                    padding_mask.t().to(torch.uint8).contiguous()).t().bool()
         seq, batch, hidden = hidden_states.shape
         tokens = hidden_states.reshape(-1, hidden)
         token_mask = None
         if padding_mask is not None:  # [b, s] True = padding -> [s * b] True = real token
             token_mask = ~padding_mask.transpose(0, 1).reshape(-1).bool()
-        routing = self.router(tokens, token_mask)
+        routing = self.router(tokens, token_mask, tp_replicas=tp if sequence_parallel else 1)
         expert_in, weights = tokens, routing.weights
-        if self.experts.tp_size > 1:
-            # Experts are split over TP along F: every TP rank holds the same tokens and routing
-            # (replicated, no sequence parallelism) and computes a partial output, so the
-            # gradients of the expert input rows and of the routing weights are partial too
-            # (all-reduced in backward), and the outputs are summed over TP.
+        if tp > 1 and not sequence_parallel:
+            # Replicated tokens, partial outputs: the gradients of the expert input rows and of the
+            # routing weights are partial too (all-reduced in backward).
             expert_in = copy_to_tensor_model_parallel_region(tokens)
             weights = copy_to_tensor_model_parallel_region(weights)
         dispatched = self.dispatcher.dispatch(expert_in, routing.expert_ids, weights)
         expert_out = self.experts(dispatched.hidden, dispatched.expert_ids, dispatched.weights)
-        out = self.dispatcher.combine(expert_out, dispatched)
-        if self.experts.tp_size > 1:
+        out = self.dispatcher.combine(expert_out, dispatched).view(seq, batch, hidden)
+        if sequence_parallel:
+            out = reduce_scatter_to_sequence_parallel_region(out)
+        elif tp > 1:
             out = reduce_from_tensor_model_parallel_region(out)
-        return out.view(seq, batch, hidden), None
+        return out, None
 
 
 def router_options(cfg) -> RouterOptions:
@@ -148,31 +169,39 @@ def _routers(model: Union[torch.nn.Module, Iterable[torch.nn.Module]]) -> list:
     return sorted(routers, key=lambda r: r.layer_number or 0)
 
 
-def collect_router_stats(model, reset: bool = True) -> dict:
-    """Routing statistics of this rank's MoE layers since the last call, as a flat dict of floats
-    (empty when the model has no MoE layer or nothing was routed):
-
-    * ``moe/aux_loss``, ``moe/z_loss`` -- mean over layers and forward passes (coefficient included;
-      only training forwards compute them);
-    * ``moe/entropy`` -- mean routing entropy (nats; ln E = uniform);
-    * ``moe/dropped_fraction`` -- dropped slots / routed slots (0 when dropless);
-    * ``moe/max_load`` -- max over layers and experts of load / mean load (1 = perfectly balanced);
-    * per layer ``moe/layer{NN}/load_e{e}`` (fraction of the layer's slots that expert e took),
-      ``moe/layer{NN}/entropy``, ``moe/layer{NN}/dropped_fraction``.
-
-    Local to this rank (no communication). ``model``: a module or a list of model chunks.
-    """
-    out, layers = {}, []
-    for router in _routers(model):
-        s = router.stats.read()
+def router_stat_table(model, num_layers: int, reset: bool = True) -> tuple:
+    """This rank's routing sums since the last reset as one tensor ``[num_layers, F + E]`` (row =
+    global layer; ``F`` = :attr:`RouterStats.FIELDS`, then tokens per expert; zero rows for
+    layers elsewhere), plus top-k. Summing it over ranks (all-reduce) gives the whole model's."""
+    routers = _routers(model)
+    top_k = routers[0].options.top_k if routers else 1
+    num_experts = routers[0].options.num_experts if routers else 0
+    n_fields = len(RouterStats.FIELDS)
+    device = routers[0].weight.device if routers else "cpu"
+    table = torch.zeros(num_layers, n_fields + num_experts, dtype=torch.float64, device=device)
+    for router in routers:
+        stats = router.stats
+        if stats.sums is not None:
+            row = (router.layer_number or 1) - 1
+            table[row, :n_fields] += stats.sums
+            table[row, n_fields:] += stats.tokens_per_expert
         if reset:
-            router.stats.reset()
-        if s is None:
+            stats.reset()
+    return table, top_k
+
+
+def summarize_router_table(table: torch.Tensor, top_k: int) -> dict:
+    """Routing statistics from a :func:`router_stat_table` (see :func:`collect_router_stats`)."""
+    out, layers = {}, []
+    n_fields = len(RouterStats.FIELDS)
+    for row, values in enumerate(table.tolist()):
+        s = dict(zip(RouterStats.FIELDS, values[:n_fields]))
+        if not s["calls"]:
             continue
-        counts = torch.tensor(s["tokens_per_expert"], dtype=torch.float64)
-        slots = s["tokens"] * router.options.top_k
+        counts = torch.tensor(values[n_fields:], dtype=torch.float64)
+        slots = s["tokens"] * top_k
         kept = float(counts.sum())
-        name = f"moe/layer{router.layer_number or 0:02d}"
+        name = f"moe/layer{row + 1:02d}"
         for e, c in enumerate(counts.tolist()):
             out[f"{name}/load_e{e}"] = c / kept if kept else 0.0
         out[f"{name}/entropy"] = s["entropy_sum"] / s["calls"]
@@ -188,8 +217,34 @@ def collect_router_stats(model, reset: bool = True) -> dict:
                                        if all_slots else 0.0)
         out["moe/max_load"] = max(float(c.max() / c.mean()) if c.sum() > 0 else 0.0
                                   for _, c, _ in layers)
+        # Tokens routed per layer of the table (summed over forward calls): the global batch's
+        # tokens when every stage and data-parallel rank contributed.
+        out["moe/tokens_per_layer"] = sum(s["tokens"] for s, _, _ in layers) / table.shape[0]
     return out
 
+
+def collect_router_stats(model, reset: bool = True) -> dict:
+    """Routing statistics of this rank's MoE layers since the last call, as a flat dict of floats
+    (empty when the model has no MoE layer or nothing was routed):
+
+    * ``moe/aux_loss``, ``moe/z_loss`` -- mean over layers and forward passes (coefficient included;
+      only training forwards compute them);
+    * ``moe/entropy`` -- mean routing entropy (nats; ln E = uniform);
+    * ``moe/dropped_fraction`` -- dropped slots / routed slots (0 when dropless);
+    * ``moe/max_load`` -- max over layers and experts of load / mean load (1 = perfectly balanced);
+    * ``moe/tokens_per_layer`` -- tokens routed per layer (of the layers up to the last seen);
+    * per layer ``moe/layer{NN}/load_e{e}`` (fraction of the layer's slots that expert e took),
+      ``moe/layer{NN}/entropy``, ``moe/layer{NN}/dropped_fraction``.
+
+    Local to this rank (no communication; the training loop sums :func:`router_stat_table` over
+    every stage and rank instead). ``model``: a module or a list of model chunks.
+    """
+    routers = _routers(model)
+    if not routers:
+        return {}
+    num_layers = max(r.layer_number or 1 for r in routers)
+    table, top_k = router_stat_table(model, num_layers, reset)
+    return summarize_router_table(table.cpu(), top_k)
 
 @torch.no_grad()
 def update_expert_biases(model, group: Optional[dist.ProcessGroup] = None) -> int:

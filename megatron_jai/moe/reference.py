@@ -155,3 +155,20 @@ def moe_ffn_reference(
                          f"got shape {tuple(router_logits.shape)}")
     weights, expert_ids = topk_routing(router_logits, top_k, normalize_topk)
     return grouped_expert_ffn_reference(hidden, expert_ids, weights, w_gate_up, w_down)
+
+
+def row_errors(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    """Per-row error of a low-precision result: each row's (last dimension's) max ``|got - want|``
+    over the row's scale, its max ``|want|`` floored at the median scale of the non-zero rows (rows
+    that are nearly zero are not judged against their own tiny magnitude). One value per row, fp32. A relative
+    Frobenius error over the whole tensor hides a few corrupted rows; the worst row does not."""
+    if got.shape != want.shape:
+        raise ValueError(f"shapes differ: {tuple(got.shape)} vs {tuple(want.shape)}")
+    if got.numel() == 0:
+        return torch.zeros(0)
+    width = got.shape[-1] if got.dim() else 1
+    a, b = got.detach().float().reshape(-1, width), want.detach().float().reshape(-1, width)
+    scale = b.abs().amax(dim=1)
+    nonzero = scale[scale > 0]
+    floor = nonzero.median() if nonzero.numel() else torch.tensor(torch.finfo(torch.float32).tiny)
+    return ((a - b).abs().amax(dim=1) / torch.maximum(scale, floor)).nan_to_num(float("inf"))

@@ -14,7 +14,9 @@ Per token ``t`` with hidden state ``x_t`` (``T`` tokens, ``E`` experts, ``k`` ch
   ``MoEAuxLossAutoScaler`` so they join the main loss without the training loop doing anything:
   load balancing (Switch/GShard) ``aux = coeff * E / (k * T^2) * sum_e count_e * sum_t probs[t, e]``
   (``count_e`` = slots chosen for expert ``e`` before capacity dropping) and router z-loss
-  ``z = coeff * mean_t logsumexp(logits_t)^2``.
+  ``z = coeff * mean_t logsumexp(logits_t)^2``. With sequence parallelism the TP ranks route the
+  same gathered tokens and their router gradients are summed over TP, so each attaches
+  ``1 / tp_replicas`` of the losses (the statistics keep the whole values).
 
 Statistics (tokens per expert, dropped slots, routing entropy, loss values) are accumulated per
 router and read (and reset) by :func:`megatron_jai.moe.layer.collect_router_stats`.
@@ -178,6 +180,8 @@ class RouterStats:
 
 class TopKRouter(MegatronModule):
     """Linear gate ``weight`` ``[E, H]`` (replicated), routing in fp32 (see the module docstring).
+    Under sequence parallelism the weight carries Megatron's ``sequence_parallel`` marker, so
+    ``finalize_model_grads`` sums its (partial) gradient over TP.
 
     Buffers: ``expert_bias`` ``[E]`` (persistent, in checkpoints, only with ``expert_bias=True``) and
     ``local_tokens_per_expert`` ``[E]`` (slots counted since the last bias update; not saved).
@@ -193,6 +197,7 @@ class TopKRouter(MegatronModule):
             # The default generator is seeded identically on every rank, so replicas agree.
             config.init_method(self.weight)
         self.weight.data = self.weight.data.to(config.params_dtype)
+        self.weight.sequence_parallel = config.sequence_parallel
         if options.expert_bias:
             self.register_buffer("expert_bias", torch.zeros(options.num_experts, dtype=torch.float32))
             self.register_buffer("local_tokens_per_expert",
@@ -213,9 +218,12 @@ class TopKRouter(MegatronModule):
     def set_layer_number(self, layer_number: int):
         self.layer_number = layer_number
 
-    def forward(self, hidden: torch.Tensor, token_mask: Optional[torch.Tensor] = None) -> Routing:
+    def forward(self, hidden: torch.Tensor, token_mask: Optional[torch.Tensor] = None,
+                tp_replicas: int = 1) -> Routing:
         """hidden ``[T, H]`` (any dtype); ``token_mask`` ``[T]`` bool, True = real token (padding is
-        routed but excluded from losses and statistics)."""
+        routed but excluded from losses and statistics); ``tp_replicas``: TP ranks that route these
+        same tokens and sum their router gradients (sequence parallelism): each attaches that
+        share of the losses."""
         opt = self.options
         logits = torch.nn.functional.linear(hidden.float(), self.weight.float())
         with_losses = self.training and torch.is_grad_enabled()
@@ -223,7 +231,7 @@ class TopKRouter(MegatronModule):
         if with_losses and opt.z_loss_coeff > 0:
             # Attached before the softmax, so every use of the routing carries its gradient.
             zl = z_loss(logits, opt.z_loss_coeff, token_mask)
-            logits = MoEAuxLossAutoScaler.apply(logits, zl)
+            logits = MoEAuxLossAutoScaler.apply(logits, zl / tp_replicas)
         probs = torch.softmax(logits, dim=-1)
         scores = probs
         if opt.expert_bias:
@@ -242,7 +250,7 @@ class TopKRouter(MegatronModule):
         aux = None
         if with_losses and opt.aux_loss_coeff > 0:
             aux = load_balancing_loss(probs, chosen_ids, opt.top_k, opt.aux_loss_coeff, token_mask)
-            weights = MoEAuxLossAutoScaler.apply(weights, aux)
+            weights = MoEAuxLossAutoScaler.apply(weights, aux / tp_replicas)
         self._record(probs, chosen_ids, expert_ids, token_mask, aux, zl)
         return Routing(expert_ids, weights, logits, probs)
 

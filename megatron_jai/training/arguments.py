@@ -11,6 +11,7 @@ project's demo corpus, 2 CPU processes under torchrun, loss falling from ~7 to w
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from typing import Optional
 
@@ -20,21 +21,38 @@ from megatron_jai.training.faults import TrainingError
 from megatron_jai.training.phases import Phase, build_phases, normalise_blend, validate_phase
 
 # Keys of the YAML file that are not flags.
-CONFIG_ONLY_KEYS = ("data", "phases", "plan")
+CONFIG_ONLY_KEYS = ("data", "valid_data", "phases", "plan")
 # Settings holding paths: in a config file they are relative to the file (``model`` only when it is
 # not a preset name).
 PATH_SETTINGS = ("model", "tokenizer", "data_cache_dir", "load", "init_from", "save",
                  "metrics_file", "tensorboard_dir")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="pretrain_jai.py",
-        description="Pretrain a JAI/Phi-3 model on Megatron-Core (TP/PP/EP/DP). Run under torchrun; "
-                    "with no arguments it trains the tiny model on the demo corpus.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser(prog: str = "pretrain_jai.py", description: Optional[str] = None,
+                 parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
+    """The training flags (every entry point of the one loop shares them); ``parser``: add them
+    to an existing (sub)parser."""
+    from megatron_jai.cli import HelpFormatter
+
+    p = parser or argparse.ArgumentParser(
+        prog=prog,
+        description=description or "Pretrain a JAI/Phi-3 model on Megatron-Core (TP/PP/EP/DP). "
+                                   "Run under torchrun; with no arguments it trains the tiny "
+                                   "model on the demo corpus.",
+        formatter_class=HelpFormatter)
     a = p.add_argument
     a("--config", help="YAML run config; flags on the command line override it")
+    a("--dry-run", action="store_true",
+      help="one CPU process, no GPU: resolve the config as a launch would, check every layout "
+           "and divisibility rule, print the stage layout, parameters and memory per GPU and the "
+           "phase plan; exit non-zero on anything that would fail at launch")
+    a("--world-size", type=int, default=None,
+      help="with --dry-run: the number of GPUs of the planned launch")
+    a("--no-file-checks", dest="file_checks", action="store_false",
+      help="with --dry-run: skip the checks of data, tokenizer and checkpoint files (planning "
+           "away from the cluster's filesystem)")
+    a("--gpu-memory-gib", type=float, default=None,
+      help="with --dry-run: memory of one GPU; a larger estimate is a problem (default 80, H100)")
 
     g = p.add_argument_group("model and layout")
     g.add_argument("--model", default=None,
@@ -62,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shard optimizer state over DP (default on GPU; not available on CPU)")
     g.add_argument("--no-distributed-optimizer", dest="use_distributed_optimizer",
                    action="store_false")
+    g.add_argument("--moe-aux-loss-coeff", type=float, default=None,
+                   help="MoE load-balancing loss coefficient (default: the model config's)")
+    g.add_argument("--moe-z-loss-coeff", type=float, default=None,
+                   help="MoE router z-loss coefficient (default: the model config's)")
     g.add_argument("--recompute-activations", action="store_true",
                    help="full activation recomputation (saves memory at long sequence lengths)")
 
@@ -81,6 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decay length (default: the phase length)")
     g.add_argument("--lr-decay-style", default="cosine",
                    choices=["cosine", "linear", "constant", "inverse-square-root", "WSD"])
+    g.add_argument("--lr-wsd-decay-iters", type=int, default=None,
+                   help="WSD: steps of the final decay (required with --lr-decay-style WSD)")
+    g.add_argument("--lr-wsd-decay-style", default="exponential",
+                   choices=["linear", "cosine", "exponential", "minus_sqrt"],
+                   help="WSD: shape of the final decay")
+    g.add_argument("--use-checkpoint-schedule", action="store_true",
+                   help="on resume, keep the checkpoint's LR schedule where this run's differs "
+                        "(default: this run's flags win; the differences are printed)")
     g.add_argument("--weight-decay", type=float, default=0.1)
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.95)
@@ -98,9 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where index caches / the demo corpus go (default <repo>/.cache)")
     g.add_argument("--num-workers", type=int, default=None,
                    help="data loader worker processes (default 2 on GPU, 0 on CPU)")
+    g.add_argument("--valid-data-path", nargs="+", default=None,
+                   help="validation data, a prefix or a blend like --data-path (for every phase; "
+                        "a config's phases may give their own valid_blend, or valid_data: for "
+                        "the jai plan)")
     g.add_argument("--eval-interval", type=int, default=0,
-                   help="validation loss every N steps (0 = off)")
+                   help="validation loss every N steps (0 = off; needs validation data)")
     g.add_argument("--eval-iters", type=int, default=2, help="validation batches per evaluation")
+    g.add_argument("--eval-only", action="store_true",
+                   help="evaluate the (--load / --init-from) model on every phase's validation "
+                        "data once and exit: no training, nothing saved")
 
     g = p.add_argument_group("checkpoints")
     g.add_argument("--load", default=None, help="resume from the latest complete checkpoint here")
@@ -132,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TESTING: save and stop after this step, as if pre-empted")
     g.add_argument("--kill-during-save-at-step", type=int, default=None,
                    help="TESTING: die (SIGKILL) in the middle of writing this step's checkpoint")
+    g.add_argument("--sigterm-during-save-at-step", type=int, default=None,
+                   help="TESTING: receive SIGTERM in the middle of writing this step's checkpoint")
+    g.add_argument("--full-disk-at-step", type=int, default=None,
+                   help="TESTING: the disk fills up while this step's checkpoint is written")
     return p
 
 
@@ -150,9 +191,10 @@ def _load_yaml(path: str) -> dict:
     return data
 
 
-def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
+def parse_args(argv: Optional[list] = None,
+               parser: Optional[argparse.ArgumentParser] = None) -> argparse.Namespace:
     """Flags + YAML -> one namespace; ``args.phases`` is the resolved list of :class:`Phase`."""
-    parser = build_parser()
+    parser = parser or build_parser()
     config_path = _find_config(argv)
     config = _load_yaml(config_path) if config_path else {}
     flags = {a.dest for a in parser._actions}
@@ -173,15 +215,23 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.config_path = config_path
     args.no_arguments = not argv
-    datasets = config.get("data") or {}
-    if not isinstance(datasets, dict):
-        raise TrainingError("config data: must map dataset names to indexed-dataset prefixes")
-    if config_path:
-        base = os.path.dirname(os.path.abspath(config_path))
-        datasets = {k: _expand(v, base) for k, v in datasets.items()}
-    args.datasets = datasets
-    args.phases = build_phases(config.get("phases"), config.get("plan"), datasets)
+    sections = {}
+    for key in ("data", "valid_data"):
+        named = config.get(key) or {}
+        if not isinstance(named, dict):
+            raise TrainingError(f"config {key}: must map dataset names to indexed-dataset prefixes")
+        if config_path:
+            base = os.path.dirname(os.path.abspath(config_path))
+            named = {k: _expand(v, base) for k, v in named.items()}
+        sections[key] = named
+    args.datasets, args.valid_datasets = sections["data"], sections["valid_data"]
+    args.phases = build_phases(config.get("phases"), config.get("plan"), args.datasets,
+                               args.valid_datasets)
     _validate(args)
+    if args.phases is not None and args.valid_data_path:
+        valid, labels = _blend_from_flag(args.valid_data_path, args.valid_datasets, "--valid-data-path")
+        args.phases = [dataclasses.replace(p, valid_blend=valid, valid_dataset_names=labels)
+                       for p in args.phases]
     return args
 
 
@@ -205,6 +255,10 @@ def _validate(args) -> None:
             raise TrainingError(f"--{name.replace('_', '-')} must be a positive integer")
     if args.dp is not None and args.dp < 1:
         raise TrainingError("--dp must be a positive integer")
+    if args.world_size is not None and not args.dry_run:
+        raise TrainingError("--world-size is for --dry-run (a launch takes it from torchrun)")
+    if args.dry_run and (args.world_size is None or args.world_size < 1):
+        raise TrainingError("--dry-run needs --world-size N (the number of GPUs of the launch)")
     for name in ("first_stage_layers", "last_stage_layers"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise TrainingError(f"--{name.replace('_', '-')} must be a positive integer")
@@ -224,21 +278,31 @@ def _validate(args) -> None:
             raise TrainingError("give --train-iters or --train-tokens")
 
 
-def flag_phase(args, demo_prefix: Optional[str] = None) -> Phase:
+def _blend_from_flag(spec: list, datasets: dict, flag: str) -> tuple:
+    """``PREFIX`` or ``W1 PREFIX1 W2 PREFIX2 ...`` -> normalised blend entries and labels."""
+    if len(spec) == 1:
+        blend = spec[0]
+    else:
+        if len(spec) % 2:
+            raise TrainingError(f"{flag} blend must be pairs: W1 PREFIX1 W2 PREFIX2 ...")
+        blend = [[spec[i], spec[i + 1]] for i in range(0, len(spec), 2)]
+    return normalise_blend(blend, datasets, flag)
+
+
+def flag_phase(args, demo_prefix: Optional[str] = None, name: str = "pretrain") -> Phase:
     """The single phase described by plain flags (no phases/plan in the config)."""
     spec = args.data_path
     if not spec:
         if demo_prefix is None:
             raise TrainingError("no --data-path given")
-        blend = demo_prefix
-    elif len(spec) == 1:
-        blend = spec[0]
-    else:
-        if len(spec) % 2:
-            raise TrainingError("--data-path blend must be pairs: W1 PREFIX1 W2 PREFIX2 ...")
-        blend = [[spec[i], spec[i + 1]] for i in range(0, len(spec), 2)]
-    entries, labels = normalise_blend(blend, args.datasets, "--data-path")
-    phase = Phase(name="pretrain", blend=entries, dataset_names=labels, seq_length=args.seq_length,
-                  train_iters=args.train_iters, train_tokens=args.train_tokens)
+        spec = [demo_prefix]
+    entries, labels = _blend_from_flag(spec, args.datasets, "--data-path")
+    valid, valid_labels = ((), ())
+    if args.valid_data_path:
+        valid, valid_labels = _blend_from_flag(args.valid_data_path, args.valid_datasets,
+                                               "--valid-data-path")
+    phase = Phase(name=name, blend=entries, dataset_names=labels, seq_length=args.seq_length,
+                  train_iters=args.train_iters, train_tokens=args.train_tokens,
+                  valid_blend=valid, valid_dataset_names=valid_labels)
     validate_phase(phase, "--data-path")
     return phase

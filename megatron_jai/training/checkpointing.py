@@ -10,16 +10,25 @@ One iteration directory holds everything needed to continue bit-exactly:
   phase, consumed tokens, skipped-step count, the LR scheduler, the layout and the run's flags.
 
 Writes go to ``iter_N.tmp`` and are renamed when complete (``dist.save_checkpoint``), so a process
-killed mid-save leaves the previous checkpoint as the latest; the newest ``keep_last`` are kept.
+killed mid-save leaves the previous checkpoint as the latest.
+
+What a save root keeps (docs/training.md, "Checkpoints"):
+
+* ``--keep-last K``: the newest K iterations of the current line of descent, plus the tracked one,
+  plus the iteration this run resumed from (never deleted by the run that resumed from it);
+* a rollback (``--load R --save R --load-iteration M`` with newer iterations in R): once every
+  check has passed, the newer iterations of the abandoned line are moved, untouched, to
+  ``R/abandoned/after_iter_M_<UTC time>/`` and the tracker points at M;
+* ``--overwrite-save``: the previous run's iterations are deleted only after this run's first
+  checkpoint is complete, and never when ``--save`` is the ``--load``/``--init-from`` checkpoint.
 """
 from __future__ import annotations
 
 import os
 import random
-import re
 import shutil
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy
 import torch
@@ -28,7 +37,7 @@ import torch.distributed as dist
 from megatron_jai.checkpoint import dist as dist_ckpt
 from megatron_jai.training.faults import TrainingError
 
-_ITER_DIR = re.compile(r"^iter_(\d{7})$")
+ABANDONED_SUBDIR = "abandoned"
 
 
 @dataclass
@@ -44,6 +53,38 @@ class TrainState:
     scheduler: Optional[dict] = None
     layout: dict = field(default_factory=dict)  # tp/pp/dp/ep of the run that saved it
     phase_name: str = ""
+    # One entry per finished phase: name, steps, consumed_samples and its final scheduler state
+    # (a later run may extend the last one: --train-iters raised after the run ended).
+    finished_phases: list = field(default_factory=list)
+
+    def finish_phase(self, name: str, scheduler: Optional[dict]) -> None:
+        self.finished_phases.append({"name": name, "steps": self.phase_step,
+                                     "consumed_samples": self.phase_consumed_samples,
+                                     "scheduler": scheduler})
+        self.phase_index += 1
+        self.phase_step = self.phase_consumed_samples = 0
+        self.scheduler = None
+
+
+def extend_finished_phase(state: TrainState, phases: list, global_batch: Callable) -> list:
+    """Reopen the checkpoint's last finished phase when this run gives it more steps and the next
+    phase has not started. Returns the lines to print."""
+    if state.phase_step or not state.finished_phases:
+        return []
+    index = state.phase_index - 1
+    last = state.finished_phases[-1]
+    if not 0 <= index < len(phases) or phases[index].name != last["name"]:
+        return []
+    iters = phases[index].iterations(global_batch(phases[index]))
+    if iters <= last["steps"]:
+        return []
+    state.finished_phases.pop()
+    state.phase_index = index
+    state.phase_step = last["steps"]
+    state.phase_consumed_samples = last["consumed_samples"]
+    state.scheduler = last["scheduler"]
+    return [f"phase {last['name']}: extended from {last['steps']} to {iters} steps (this run's "
+            f"budget; the checkpoint's run ended it at step {last['steps']})"]
 
 
 def layout() -> dict:
@@ -94,40 +135,114 @@ def _optimizer_sharded(model, optimizer, is_loading: bool) -> dict:
 
 def save(root: str, model, optimizer, state: TrainState, keep_last: int,
          args_snapshot: Optional[dict] = None,
-         before_commit: Optional[Callable[[str], None]] = None) -> str:
-    """Save the full training state of ``state.iteration``. Collective (every rank)."""
+         before_commit: Optional[Callable[[str], None]] = None, tokenizer: Optional[str] = None,
+         protect: Optional[int] = None, stale: Sequence[int] = ()) -> str:
+    """Save the full training state of ``state.iteration``. Collective (every rank).
+
+    ``tokenizer``: stored in ``root/tokenizer`` (exports and evaluation read it); ``protect``:
+    an iteration pruning never deletes (the resume point); ``stale``: iterations of an
+    overwritten run, deleted once this checkpoint is complete."""
     extra = _optimizer_sharded(model, optimizer, is_loading=False)
     extra.update(_rng_sharded(_rng_state()))
     state.layout = layout()
     # The root's model_config.json is the newest; each iteration keeps its own (RoPE changes).
     common = {"train_state": asdict(state), "args": args_snapshot or {},
               "model_config": model.jai_config.to_dict()}
-    path = dist_ckpt.save_checkpoint(root, [model], model.jai_config, state.iteration,
-                                     extra_sharded=extra, common=common,
-                                     before_commit=before_commit)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        prune(root, keep_last)
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if rank0 and tokenizer:
+        os.makedirs(root, exist_ok=True)
+        dist_ckpt.store_tokenizer(root, tokenizer)
+    try:
+        path = dist_ckpt.save_checkpoint(root, [model], model.jai_config, state.iteration,
+                                         extra_sharded=extra, common=common,
+                                         before_commit=before_commit)
+    except dist_ckpt.CheckpointError as err:
+        raise TrainingError(str(err)) from None
+    if rank0:
+        for it in stale:
+            if it != state.iteration:
+                shutil.rmtree(dist_ckpt.iteration_dir(root, it), ignore_errors=True)
+        prune(root, keep_last, protect)
     if dist.is_initialized():
         dist.barrier()
     return path
 
 
-def complete_iterations(root: str) -> list[int]:
-    if not os.path.isdir(root):
-        return []
-    return sorted(int(m.group(1)) for m in map(_ITER_DIR.match, os.listdir(root)) if m)
+complete_iterations = dist_ckpt.complete_iterations
 
 
-def prune(root: str, keep_last: int) -> None:
-    """Keep the newest ``keep_last`` complete checkpoints (never the tracked latest); drop
-    temporaries left behind by saves that were killed."""
+def prune(root: str, keep_last: int, protect: Optional[int] = None) -> None:
+    """Keep the newest ``keep_last`` complete checkpoints, the tracked latest and ``protect``;
+    repair an interrupted commit, then drop temporaries left behind by saves that were killed."""
+    dist_ckpt.recover_interrupted_commit(root)
     latest = dist_ckpt.latest_iteration(root)
     for it in complete_iterations(root)[:-keep_last]:
-        if it != latest:
+        if it not in (latest, protect):
             shutil.rmtree(dist_ckpt.iteration_dir(root, it), ignore_errors=True)
     for name in os.listdir(root):
         if name.startswith("iter_") and name.endswith(".tmp"):
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+@dataclass
+class SavePlan:
+    stale_iterations: list  # an overwritten run's: deleted after the first new checkpoint
+    abandoned: list  # a rollback's newer iterations: moved aside
+
+
+def _same_path(a: Optional[str], b: Optional[str]) -> bool:
+    return bool(a) and bool(b) and os.path.realpath(a) == os.path.realpath(b)
+
+
+def _inside(path: Optional[str], root: str) -> bool:
+    if not path:
+        return False
+    path, root = os.path.realpath(path), os.path.realpath(root)
+    return path == root or path.startswith(root + os.sep)
+
+
+def plan_save_dir(save: Optional[str], load: Optional[str], resume_iteration: Optional[int],
+                  init_from: Optional[str], overwrite: bool) -> SavePlan:
+    """What the save root needs before this run writes to it; refuses (TrainingError) what
+    would mix two runs or destroy a checkpoint this run starts from. Reads only."""
+    if not save:
+        return SavePlan([], [])
+    existing = complete_iterations(save)
+    if _same_path(save, load):
+        return SavePlan([], [it for it in existing if it > resume_iteration])
+    if not existing and not os.path.isfile(os.path.join(save, dist_ckpt.TRACKER_FILE)):
+        return SavePlan([], [])
+    if not overwrite:
+        raise TrainingError(f"--save {save} already holds checkpoints of another run; resume "
+                            f"with --load {save}, or pass --overwrite-save")
+    for flag, path in (("--init-from", init_from), ("--load", load)):
+        if _inside(path, save):
+            raise TrainingError(f"--overwrite-save would delete the {flag} checkpoint {path} "
+                                f"(it is --save {save}); save to another directory")
+    return SavePlan(existing, [])
+
+
+def set_aside_abandoned(root: str, resume_iteration: int, iterations: Sequence[int]) -> str:
+    """Move the iterations newer than the resume point into ``root/abandoned/after_iter_M_<UTC>``
+    (nothing is deleted) and point the tracker at the resume point. Rank 0 only."""
+    import time
+
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    dest = os.path.join(root, ABANDONED_SUBDIR, f"after_iter_{resume_iteration:07d}_{stamp}")
+    os.makedirs(dest, exist_ok=True)
+    for it in iterations:
+        src = dist_ckpt.iteration_dir(root, it)
+        os.replace(src, os.path.join(dest, os.path.basename(src)))
+    dist_ckpt.write_tracker(root, resume_iteration)
+    return dest
+
+
+def checkpoint_tokenizer(root: Optional[str]) -> Optional[str]:
+    """The tokenizer stored in a checkpoint root, if any."""
+    if not root:
+        return None
+    path = os.path.join(root, dist_ckpt.TOKENIZER_SUBDIR)
+    return path if os.path.isdir(path) else None
 
 
 def saved_model_config(root: str, iteration: Optional[int] = None):
@@ -146,7 +261,10 @@ def saved_model_config(root: str, iteration: Optional[int] = None):
 
 
 def has_checkpoint(root: Optional[str]) -> bool:
-    return bool(root) and dist_ckpt.latest_iteration(root) is not None
+    try:
+        return bool(root) and dist_ckpt.latest_iteration(root) is not None
+    except dist_ckpt.CheckpointError as err:
+        raise TrainingError(str(err)) from None
 
 
 def load(root: str, model, optimizer, load_optimizer: bool = True,

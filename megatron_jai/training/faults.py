@@ -1,7 +1,8 @@
 """Fault handling for long runs: user-facing errors, SIGTERM (pre-emption) and non-finite steps.
 
 * :class:`TrainingError` is an error the user can fix (bad config, vocabulary mismatch, a run that
-  keeps producing NaNs). ``pretrain_jai.py`` prints it as one line and exits non-zero.
+  keeps producing NaNs): a :class:`megatron_jai.cli.UserError` (and, as before, a RuntimeError).
+  ``pretrain_jai.py`` prints it as one line and exits 2.
 * :class:`PreemptionHandler` turns SIGTERM (Slurm pre-emption, ``scancel``) into a flag; the loop
   finishes the current step, agrees across ranks that a signal arrived, saves and exits 0.
 * :class:`SkipTracker` counts steps skipped for a NaN/Inf loss or gradient and aborts after too many
@@ -12,8 +13,10 @@ from __future__ import annotations
 import signal
 from typing import Optional
 
+from megatron_jai.cli import UserError
 
-class TrainingError(RuntimeError):
+
+class TrainingError(UserError, RuntimeError):
     """A problem the user must fix; reported as one line without a traceback.
 
     ``rank_specific``: only some ranks see it (e.g. a bad token id in one data-parallel shard), so

@@ -1,23 +1,27 @@
-"""The pretraining program behind ``pretrain_jai.py``, on Megatron-Core's training pieces.
+"""The one training loop behind ``pretrain_jai.py`` and ``posttrain_jai.py``, on Megatron-Core.
 
 * model: :func:`megatron_jai.model.build_model` (this rank's pipeline stage), ``Float16Module`` for
   bf16, Megatron-Core ``DistributedDataParallel`` (gradient buffers, DP all-reduce);
 * optimizer: ``get_megatron_optimizer`` (Adam; the distributed optimizer on GPU, the plain one on
   CPU where Megatron-Core's distributed optimizer insists on CUDA tensors) and
-  ``OptimizerParamScheduler`` (warm-up + cosine decay, one schedule per phase);
+  ``OptimizerParamScheduler`` (:mod:`~.schedule`: one schedule per phase);
 * schedules: ``get_forward_backward_func`` (1F1B for PP > 1);
-* data: :func:`megatron_jai.data.datasets.build_datasets` (GPTDataset / BlendedDataset), read in a
-  fixed global order from the phase's consumed-sample count, so resuming is exact;
-* checkpoints: :mod:`megatron_jai.training.checkpointing`; faults: :mod:`~.faults`; metrics:
-  :mod:`~.metrics`; phases: :mod:`~.phases`.
+* what a batch is and what loss it gives: an :class:`~.objectives.Objective` (pretraining, SFT,
+  DPO); the loop itself never changes;
+* data: read in a fixed global order from the phase's consumed-sample count, so resuming is exact
+  (:mod:`~.data_loading`);
+* checkpoints: :mod:`~.checkpointing`; faults: :mod:`~.faults`; metrics: :mod:`~.metrics`;
+  phases: :mod:`~.phases`.
+
+A run is :meth:`Trainer.setup` then :meth:`Trainer.train`, whose steps are the named methods
+below (``enter_phase``, ``train_step``, ``step_record``, ``evaluate``, ``after_step``).
 """
 from __future__ import annotations
 
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
-from functools import partial
+from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 import torch
@@ -26,101 +30,16 @@ import torch.distributed as dist
 from megatron_jai.training import checkpointing
 from megatron_jai.training.arguments import flag_phase
 from megatron_jai.training.checkpointing import TrainState
+from megatron_jai.training.data_loading import data_iterator
 from megatron_jai.training.faults import PreemptionHandler, SkipTracker, TrainingError
 from megatron_jai.training.metrics import H100_BF16_PEAK_TFLOPS, MetricsLogger, throughput
+from megatron_jai.training.objectives import Objective, make_loss_func, sums_by_name
 from megatron_jai.training.phases import Phase, apply_rope
+from megatron_jai.training.schedule import build_scheduler, phase_schedule, restore_scheduler
 
 DEMO_RUN_DIR = "runs/tiny_demo"
 
 
-# ---- data ----------------------------------------------------------------------------------
-class MicroBatchSampler:
-    """Sample indices of this DP rank's micro-batches, in a global order fixed by the dataset.
-
-    Step ``k`` of a phase uses samples ``[k*G, (k+1)*G)`` (``G`` = global batch); micro-batch ``m``
-    of DP rank ``r`` takes ``mbs`` of them at ``k*G + m*mbs*dp + r*mbs``. Starting at
-    ``consumed`` resumes exactly; a different DP size reads the same samples per step.
-    """
-
-    def __init__(self, total: int, consumed: int, micro_batch_size: int, dp_rank: int,
-                 dp_size: int):
-        self.total, self.consumed = total, consumed
-        self.mbs, self.dp_rank, self.dp_size = micro_batch_size, dp_rank, dp_size
-
-    def __len__(self):
-        return max(0, (self.total - self.consumed) // (self.mbs * self.dp_size))
-
-    def __iter__(self):
-        stride = self.mbs * self.dp_size
-        for start in range(self.consumed, self.total - stride + 1, stride):
-            first = start + self.dp_rank * self.mbs
-            yield list(range(first, first + self.mbs))
-
-
-def _collate(items: list) -> dict:
-    out = {}
-    for key in ("tokens", "labels", "loss_mask", "position_ids"):
-        out[key] = torch.stack([torch.as_tensor(item[key]) for item in items])
-    out["dataset_id"] = torch.tensor([int(item.get("dataset_id", 0)) for item in items])
-    return out
-
-
-def _ignore_sigterm(worker_id: int) -> None:
-    # Slurm signals every process of the job step: loader workers must outlive the main process's
-    # pre-emption checkpoint instead of dying and failing the next fetch.
-    import signal
-
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def data_iterator(dataset, consumed: int, total: int, mbs: int, dp_rank: int, dp_size: int,
-                  num_workers: int):
-    sampler = MicroBatchSampler(total, consumed, mbs, dp_rank, dp_size)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=_collate, num_workers=num_workers,
-        pin_memory=torch.cuda.is_available(),
-        worker_init_fn=_ignore_sigterm if num_workers else None)
-    return iter(loader)
-
-
-def check_vocabulary(cfg, phases: list[Phase], tokenizer_path: Optional[str]) -> None:
-    """Refuse a tokenizer or dataset whose token ids do not fit the model's vocabulary."""
-    from megatron_jai.data.datasets import max_token_id
-    from megatron_jai.data.preprocess import output_paths, read_meta
-
-    if tokenizer_path:
-        from megatron_jai.data.tokenizer import load_tokenizer
-
-        try:
-            tok = load_tokenizer(tokenizer_path)
-        except ValueError as err:
-            raise TrainingError(str(err)) from None
-        if tok.vocab_size > cfg.vocab_size:
-            raise TrainingError(f"tokenizer {tokenizer_path} has {tok.vocab_size} ids but model "
-                                f"{cfg.name!r} only {cfg.vocab_size} embedding rows")
-    seen = set()
-    for phase in phases:
-        for _, prefix in phase.blend:
-            if prefix in seen:
-                continue
-            seen.add(prefix)
-            if not os.path.isfile(output_paths(prefix)[0]):
-                raise TrainingError(f"dataset {prefix!r}: missing {prefix}.bin/.idx (make it with "
-                                    f"tools/preprocess_data.py)")
-            meta = read_meta(prefix)
-            if meta is not None:
-                ids, what = meta["vocab_size"], f"was tokenized with a {meta['vocab_size']}-id " \
-                                                f"vocabulary ({meta.get('tokenizer')})"
-                top = ids - 1
-            else:
-                top = max_token_id(prefix)
-                what = f"holds token id {top}"
-            if top >= cfg.vocab_size:
-                raise TrainingError(f"dataset {prefix!r} {what}, but model {cfg.name!r} has only "
-                                    f"{cfg.vocab_size} embedding rows (ids 0..{cfg.vocab_size - 1})")
-
-
-# ---- the trainer ---------------------------------------------------------------------------
 @dataclass
 class RunSummary:
     steps: int = 0
@@ -132,34 +51,68 @@ class RunSummary:
     preempted: bool = False
 
 
+@dataclass
+class PhaseRun:
+    """What the loop needs while it trains one phase."""
+
+    index: int
+    phase: Phase
+    gbs: int
+    mbs: int
+    iters: int
+    labels: tuple
+    stat_names: list
+    train_ds: object
+    valid_ds: object
+    scheduler: object
+    num_micro: int  # micro-batches per step on each DP rank
+    data_iter: object = None
+
+
+@dataclass
+class StepResult:
+    step: int
+    sums: dict
+    lr: float
+    grad_norm: float
+    updated: bool
+    elapsed: float
+    preempted: bool
+    metrics: dict = field(default_factory=dict)
+
+
 class Trainer:
-    def __init__(self, args):
+    def __init__(self, args, objective: Optional[Objective] = None):
         self.args = args
+        self.objective = objective or Objective(args)
         self.on_gpu = torch.cuda.is_available()
         self.device = torch.device("cpu")  # this rank's GPU is known after parallel.initialize
+        self.resume_iteration: Optional[int] = None
+        self._stale_iterations: list = []  # --overwrite-save: removed after the first new save
 
-    # -- setup --------------------------------------------------------------------------------
+    # == setup ==================================================================================
     def setup(self) -> None:
+        self._init_parallel()
+        self._resolve_run()
+        self._check_inputs()
+        self._build_model_and_optimizer()
+        self._load_or_initialise()
+        self._reconcile_plan()
+        self._prepare_save_dir()
+        self.skips = SkipTracker(self.args.max_skipped_steps, total=self.state.skipped_steps)
+        self.metrics = MetricsLogger(
+            self.rank == 0, self.args.log_interval, self.args.metrics_file,
+            self.args.tensorboard_dir, resume_step=self.state.iteration if self.resuming else 0)
+        self._print_model_line()
+        self.objective.before_training(self)
+
+    def _init_parallel(self) -> None:
         from megatron.core import parallel_state as ps
 
         from megatron_jai import parallel
-        from megatron_jai.config import load_model_config, pipeline_stage_layers
 
         args = self.args
-        if args.bf16 is None:
-            args.bf16 = self.on_gpu
-        if args.use_distributed_optimizer is None:
-            args.use_distributed_optimizer = self.on_gpu
-        if args.bf16 and not self.on_gpu:
-            raise TrainingError("--bf16 needs CUDA (Megatron-Core's mixed-precision optimizer "
-                                "checks for CUDA tensors); CPU runs are fp32")
-        if args.use_distributed_optimizer and not self.on_gpu:
-            raise TrainingError("the distributed optimizer needs CUDA (Megatron-Core checks for "
-                                "CUDA tensors); use --no-distributed-optimizer on CPU")
-        if args.num_workers is None:
-            args.num_workers = 2 if self.on_gpu else 0
-        if args.peak_tflops is None and self.on_gpu:
-            args.peak_tflops = H100_BF16_PEAK_TFLOPS
+        apply_device_defaults(args, self.on_gpu)
         try:
             parallel.initialize(args.tp, args.pp, args.ep, seed=args.seed)
         except ValueError as err:
@@ -173,93 +126,51 @@ class Trainer:
         if args.dp is not None and args.dp != self.dp:
             raise TrainingError(f"--dp {args.dp} does not match world size {self.world} / "
                                 f"(TP {args.tp} * PP {args.pp}) = {self.dp}")
+
+    def _resolve_run(self) -> None:
+        """Where the run starts (resume / init / scratch), its architecture and its phases. Reads
+        only: nothing on disk changes before every check has passed."""
+        args = self.args
+        if args.eval_only:
+            args.save = None  # evaluation writes no checkpoint and moves none
         if args.no_arguments:
             args.save = args.save or os.path.join(DEMO_RUN_DIR, "checkpoints")
             args.metrics_file = args.metrics_file or os.path.join(DEMO_RUN_DIR, "metrics.jsonl")
             args.overwrite_save = True
-
-        self.resuming = checkpointing.has_checkpoint(args.load)
-        if args.load and not self.resuming:
-            # --load == --save is the requeue pattern (the first run finds nothing); anything else
-            # naming an empty place is a mistake, not a reason to start from scratch silently.
-            same_as_save = bool(args.save) and os.path.abspath(args.save) == \
-                os.path.abspath(args.load)
-            if args.load_iteration is not None or not same_as_save:
-                raise TrainingError(f"--load {args.load}: no complete checkpoint there (no "
-                                    f"{checkpointing.dist_ckpt.TRACKER_FILE})")
-            self._print(f"--load {args.load}: no checkpoint yet, starting a new run")
-        # Resuming: the checkpoint's architecture is the truth (incl. RoPE changes of phases).
+        if self.rank == 0 and args.load and os.path.isdir(args.load):
+            for it in checkpointing.dist_ckpt.recover_interrupted_commit(args.load):
+                self._print(f"{args.load}: restored iteration {it}, whose re-save was interrupted")
+        dist.barrier()
+        error = None
         try:
-            if self.resuming:
-                self.cfg = checkpointing.saved_model_config(args.load, args.load_iteration)
-            else:
-                self.cfg = load_model_config(args.model or args.init_from or "tiny")
-        except (ValueError, OSError) as err:
-            raise TrainingError(str(err)) from None
-        self._prepare_save_dir()
+            resolved = resolve_run(args)
+        except TrainingError as err:
+            resolved, error = None, str(err)
+        self._sync_errors(error if self.rank == 0 else None)
+        self.resuming, self.cfg, note = resolved
+        overrides = {k: getattr(args, k) for k in ("moe_aux_loss_coeff", "moe_z_loss_coeff")
+                     if getattr(args, k, None) is not None}
+        if overrides:
+            if not self.cfg.is_moe:
+                raise TrainingError(f"{', '.join('--' + k.replace('_', '-') for k in overrides)}: "
+                                    f"model {self.cfg.name} has no experts")
+            self.cfg = self.cfg.replace(**overrides)
+        if note:
+            self._print(note)
+        self.phases = args.phases or [flag_phase(args, self._demo_data(), self.objective.name)]
+        self._plan_save_dir()
+        if args.tokenizer is None:
+            args.tokenizer = checkpointing.checkpoint_tokenizer(
+                args.load if self.resuming else args.init_from)
 
-        self.phases = args.phases or [flag_phase(args, self._demo_data())]
+    def _check_inputs(self) -> None:
         error = None
         if self.rank == 0:
             try:
-                check_vocabulary(self.cfg, self.phases, args.tokenizer)
+                self.objective.check_data(self.cfg, self.phases)
             except TrainingError as err:
                 error = str(err)
         self._sync_errors(error)
-        self._build_model_and_optimizer()
-
-        self.state = TrainState()
-        rng_note = ""
-        if self.resuming:
-            self.state, rng_ok = checkpointing.load(args.load, self.model, self.optimizer,
-                                                    iteration=args.load_iteration)
-            rng_note = "" if rng_ok else (f" (layout changed from {self.state.layout}: RNG "
-                                          f"states re-seeded)")
-            self._print(f"resumed from {args.load} at iteration {self.state.iteration} "
-                        f"(phase {self.state.phase_index + 1}, step {self.state.phase_step}){rng_note}")
-        elif args.init_from:
-            it = checkpointing.load_model_weights(args.init_from, self.model)
-            self.optimizer.reload_model_params()
-            self._print(f"initialised model weights from {args.init_from} (iteration {it})")
-        self.skips = SkipTracker(args.max_skipped_steps, total=self.state.skipped_steps)
-        self.metrics = MetricsLogger(
-            self.rank == 0, args.log_interval, args.metrics_file, args.tensorboard_dir,
-            resume_step=self.state.iteration if self.resuming else 0)
-        counts = self.cfg.parameter_counts()
-        split = ""
-        if args.first_stage_layers is not None or args.last_stage_layers is not None:
-            split = " (stage layers " + "+".join(map(str, pipeline_stage_layers(
-                self.cfg.num_layers, args.pp, args.first_stage_layers, args.last_stage_layers))) + ")"
-        self._print(f"model {self.cfg.name}: {counts['total'] / 1e6:.2f}M parameters "
-                    f"({counts['active'] / 1e6:.2f}M active), layout TP={args.tp} PP={args.pp}{split} "
-                    f"EP={args.ep} DP={self.dp}, {'bf16' if args.bf16 else 'fp32'}, "
-                    f"{'distributed' if args.use_distributed_optimizer else 'plain'} optimizer, "
-                    f"{len(self.phases)} phase(s): "
-                    + ", ".join(f"{p.name} ({p.seq_length} tokens x {self._gbs(p)})"
-                                for p in self.phases))
-
-    def _prepare_save_dir(self) -> None:
-        args = self.args
-        if not args.save or (self.resuming and os.path.abspath(args.save) ==
-                             os.path.abspath(args.load)):
-            return
-        occupied = bool(checkpointing.complete_iterations(args.save)
-                        or checkpointing.has_checkpoint(args.save))
-        dist.barrier()  # every rank has looked before rank 0 may delete
-        if not occupied:
-            return
-        if not args.overwrite_save:
-            raise TrainingError(f"--save {args.save} already holds checkpoints of another run; "
-                                f"resume with --load {args.save}, or pass --overwrite-save")
-        if self.rank == 0:
-            import shutil
-
-            for name in os.listdir(args.save):
-                if name.startswith("iter_") or name.startswith(
-                        checkpointing.dist_ckpt.TRACKER_FILE):
-                    path = os.path.join(args.save, name)
-                    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-        dist.barrier()
 
     def _demo_data(self) -> Optional[str]:
         """The demo corpus when no data was given (built once; safe from every rank at once)."""
@@ -279,12 +190,6 @@ class Trainer:
         if message[0] is not None:
             raise TrainingError(message[0])
 
-    def _gbs(self, phase: Phase) -> int:
-        return phase.global_batch_size or self.args.global_batch_size
-
-    def _mbs(self, phase: Phase) -> int:
-        return phase.micro_batch_size or self.args.micro_batch_size
-
     def _build_model_and_optimizer(self) -> None:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed import finalize_model_grads
@@ -295,7 +200,6 @@ class Trainer:
 
         args = self.args
         dtype = torch.bfloat16 if args.bf16 else torch.float32
-        overrides = {}
         max_seq = max(p.seq_length for p in self.phases)
         if max_seq > self.cfg.max_position_embeddings:
             self.cfg = self.cfg.replace(max_position_embeddings=max_seq)
@@ -304,8 +208,7 @@ class Trainer:
                                                params_dtype=dtype,
                                                sequence_parallel=args.sequence_parallel,
                                                first_stage_layers=args.first_stage_layers,
-                                               last_stage_layers=args.last_stage_layers,
-                                               **overrides)
+                                               last_stage_layers=args.last_stage_layers)
         except ValueError as err:
             raise TrainingError(str(err)) from None
         self.model = build_model(self.cfg, tcfg)  # this rank's stage; .jai_config lives here
@@ -326,112 +229,236 @@ class Trainer:
         tcfg.grad_scale_func = self.optimizer.scale_loss
         self.tcfg = tcfg
 
+    def _load_or_initialise(self) -> None:
+        args = self.args
+        self.state = TrainState()
+        if self.resuming:
+            self.state, rng_ok = checkpointing.load(args.load, self.model, self.optimizer,
+                                                    iteration=args.load_iteration)
+            self.resume_iteration = self.state.iteration
+            rng_note = "" if rng_ok else (f" (layout changed from {self.state.layout}: RNG "
+                                          f"states re-seeded)")
+            self._print(f"resumed from {args.load} at iteration {self.state.iteration} "
+                        f"({self._position()}){rng_note}")
+        elif args.init_from:
+            it = checkpointing.load_model_weights(args.init_from, self.model)
+            self.optimizer.reload_model_params()
+            self._print(f"initialised model weights from {args.init_from} (iteration {it})")
+
+    def _position(self) -> str:
+        s = self.state
+        if s.phase_index >= len(self.phases):
+            return f"all {len(self.phases)} phase(s) done"
+        return f"phase {s.phase_index + 1}, step {s.phase_step}"
+
+    def _reconcile_plan(self) -> None:
+        """A resume whose phases are longer than the checkpoint's: reopen the last finished phase
+        (``--train-iters`` / ``--train-tokens`` raised after a run ended)."""
+        if not self.resuming:
+            return
+        for line in checkpointing.extend_finished_phase(self.state, self.phases, self._gbs):
+            self._print(line)
+
+    def _plan_save_dir(self) -> None:
+        """Check --save against the run (reads only): nothing is deleted or moved before every
+        check has passed (see :meth:`_prepare_save_dir`)."""
+        args = self.args
+        error, self._save_plan = None, None
+        if self.rank == 0:
+            resume = None
+            if self.resuming:
+                resume = args.load_iteration if args.load_iteration is not None else \
+                    checkpointing.dist_ckpt.latest_iteration(args.load)
+            try:
+                self._save_plan = checkpointing.plan_save_dir(
+                    args.save, load=args.load if self.resuming else None,
+                    resume_iteration=resume, init_from=args.init_from,
+                    overwrite=args.overwrite_save)
+            except TrainingError as err:
+                error = str(err)
+        self._sync_errors(error)
+
+    def _prepare_save_dir(self) -> None:
+        """After every check and the load: a rollback's abandoned checkpoints are moved aside;
+        what ``--overwrite-save`` replaces is deleted only after the first new checkpoint."""
+        plan = self._save_plan
+        if self.rank == 0 and plan is not None:
+            self._stale_iterations = plan.stale_iterations
+            if plan.abandoned:
+                where = checkpointing.set_aside_abandoned(self.args.save, self.resume_iteration,
+                                                          plan.abandoned)
+                self._print(f"rolled back to iteration {self.resume_iteration}: moved the "
+                            f"abandoned newer checkpoint(s) {plan.abandoned} to {where}")
+        dist.barrier()
+
+    def _print_model_line(self) -> None:
+        from megatron_jai.config import pipeline_stage_layers
+
+        args = self.args
+        counts = self.cfg.parameter_counts()
+        split = ""
+        if args.first_stage_layers is not None or args.last_stage_layers is not None:
+            split = " (stage layers " + "+".join(map(str, pipeline_stage_layers(
+                self.cfg.num_layers, args.pp, args.first_stage_layers, args.last_stage_layers))) + ")"
+        self._print(f"model {self.cfg.name}: {counts['total'] / 1e6:.2f}M parameters "
+                    f"({counts['active'] / 1e6:.2f}M active), layout TP={args.tp} PP={args.pp}{split} "
+                    f"EP={args.ep} DP={self.dp}, {'bf16' if args.bf16 else 'fp32'}, "
+                    f"{'distributed' if args.use_distributed_optimizer else 'plain'} optimizer, "
+                    f"objective {self.objective.describe()}, {len(self.phases)} phase(s): "
+                    + ", ".join(f"{p.name} ({p.seq_length} tokens x {self._gbs(p)})"
+                                for p in self.phases))
+
     def _print(self, msg: str) -> None:
         if self.rank == 0:
             print(msg, flush=True)
 
-    # -- one phase ----------------------------------------------------------------------------
-    def _enter_phase(self, index: int):
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    def _gbs(self, phase: Phase) -> int:
+        return phase.global_batch_size or self.args.global_batch_size
 
-        from megatron_jai.data.datasets import build_datasets
+    def _mbs(self, phase: Phase) -> int:
+        return phase.micro_batch_size or self.args.micro_batch_size
 
-        args, phase = self.args, self.phases[index]
+    # == one phase ==============================================================================
+    def enter_phase(self, index: int) -> Optional[PhaseRun]:
+        """Data, LR schedule, RoPE and recompute of phase ``index``; None when the phase has no
+        step left (the config now gives it fewer steps than were done)."""
+        args, state, phase = self.args, self.state, self.phases[index]
         gbs, mbs = self._gbs(phase), self._mbs(phase)
         if gbs % (mbs * self.dp):
             raise TrainingError(f"phase {phase.name}: global batch {gbs} is not a multiple of "
                                 f"micro batch {mbs} x DP {self.dp}")
         iters = phase.iterations(gbs)
+        if state.phase_step >= iters:
+            self._print(f"phase {phase.name}: already {state.phase_step} of {iters} steps done; "
+                        f"next phase")
+            state.finish_phase(phase.name, None)
+            return None
+        self._set_recompute(phase)
+        self._set_rope(phase)
+        labels = phase.dataset_names or tuple(f"ds{i}" for i in range(len(phase.blend)))
+        seed = args.seed + index
+        try:
+            train_ds = self.objective.build_dataset(phase.blend, phase.seq_length, iters * gbs,
+                                                    seed)
+            valid_ds = None
+            if (args.eval_interval or args.eval_only) and phase.valid_blend:
+                # Its own data, built apart: turning validation on never changes training.
+                valid_ds = self.objective.build_valid_dataset(
+                    phase.valid_blend, phase.seq_length, args.eval_iters * gbs, seed)
+        except ValueError as err:
+            raise TrainingError(f"phase {phase.name}: {err}") from None
+        schedule = phase_schedule(args, phase, iters)
+        scheduler = build_scheduler(self.optimizer, schedule)
+        if state.scheduler is not None:
+            for line in restore_scheduler(scheduler, state.scheduler, schedule,
+                                          args.use_checkpoint_schedule):
+                self._print(f"phase {phase.name}: {line}")
+        run = PhaseRun(index, phase, gbs, mbs, iters, labels, self.objective.stat_names(labels),
+                       train_ds, valid_ds, scheduler, num_micro=gbs // (mbs * self.dp))
+        run.data_iter = data_iterator(train_ds, state.phase_consumed_samples, iters * gbs, mbs,
+                                      self.dp_rank, self.dp, args.num_workers,
+                                      self.objective.collate)
+        return run
+
+    def _set_recompute(self, phase: Phase) -> None:
         recompute = phase.recompute_activations if phase.recompute_activations is not None \
-            else args.recompute_activations
+            else self.args.recompute_activations
         # Read by Megatron's TransformerBlock at every forward: switching per phase is safe.
         # With DUS skips, DusTransformerBlock checkpoints layer by layer and applies the skips
         # between the checkpoints (megatron_jai/model/dus_block.py).
         self.tcfg.recompute_granularity = "full" if recompute else None
         self.tcfg.recompute_method = "uniform" if recompute else None
         self.tcfg.recompute_num_layers = 1 if recompute else None
-        changed = apply_rope(self.model, phase.rotary_base or self.model.jai_config.rotary_base,
+
+    def _set_rope(self, phase: Phase) -> None:
+        c = self.model.jai_config
+        changed = apply_rope(self.model, phase.rotary_base or c.rotary_base,
                              phase.rotary_interpolation_factor
                              if phase.rotary_interpolation_factor is not None
-                             else self.model.jai_config.rotary_interpolation_factor)
+                             else c.rotary_interpolation_factor)
         if changed:
             c = self.model.jai_config
             self._print(f"phase {phase.name}: RoPE base {c.rotary_base:g}, position interpolation "
                         f"{c.rotary_interpolation_factor or 1:g}")
-        # Every evaluation reads the same first eval_iters global batches of the validation split.
-        eval_samples = args.eval_iters * gbs if args.eval_interval else None
-        try:
-            train_ds, valid_ds = build_datasets(
-                [(w, p) for w, p in phase.blend], phase.seq_length, num_samples=iters * gbs,
-                seed=args.seed + index, tokenizer=args.tokenizer,
-                split="98,2" if eval_samples else None, valid_num_samples=eval_samples,
-                cache_dir=os.path.join(args.data_cache_dir, "dataset_index")
-                if args.data_cache_dir else None)
-        except ValueError as err:
-            raise TrainingError(f"phase {phase.name}: {err}") from None
-        lr_scale = phase.lr_scale
-        max_lr = (phase.lr if phase.lr is not None else args.lr) * lr_scale
-        min_lr = (phase.min_lr if phase.min_lr is not None else args.min_lr) * lr_scale
-        warmup = phase.warmup_iters if phase.warmup_iters is not None else args.warmup_iters
-        decay = phase.lr_decay_iters or args.lr_decay_iters or iters
-        warmup = min(warmup, max(decay - 1, 0))
-        scheduler = OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0, max_lr=max_lr, min_lr=min(min_lr, max_lr),
-            lr_warmup_steps=warmup, lr_decay_steps=decay,
-            lr_decay_style=phase.lr_decay_style or args.lr_decay_style,
-            start_wd=args.weight_decay, end_wd=args.weight_decay, wd_incr_steps=decay,
-            wd_incr_style="constant")
-        # Megatron-Core's param groups carry their own max_lr/min_lr (set from OptimizerConfig),
-        # which win over the scheduler's: give them this phase's.
-        for group in self.optimizer.param_groups:
-            group["max_lr"], group["min_lr"] = max_lr, min(min_lr, max_lr)
-        if self.state.scheduler is not None and self.state.phase_index == index:
-            scheduler.load_state_dict(self.state.scheduler)
-        return phase, gbs, mbs, iters, train_ds, valid_ds, scheduler
 
-    def _forward_step(self, phase: Phase, n_datasets: int, inject_nan: bool,
-                      data_iter, model):
-        batch = next(data_iter)
-        top = int(batch["tokens"].max())  # on the host, before the copy: no device sync
-        if top >= self.cfg.vocab_size:
-            raise TrainingError(f"token id {top} in the data is outside the model vocabulary "
-                                f"({self.cfg.vocab_size} ids)", rank_specific=True)
-        tokens = batch["tokens"].to(self.device, non_blocking=True)
-        labels = batch["labels"].to(self.device, non_blocking=True)
-        loss_mask = batch["loss_mask"].to(self.device, non_blocking=True).float()
-        positions = batch["position_ids"].to(self.device, non_blocking=True)
-        dataset_id = batch["dataset_id"].to(self.device)
-        output = model(tokens, positions, None, labels=labels)
-
-        def loss_func(output_tensor):
-            per_sample = (output_tensor.float() * loss_mask).sum(dim=1)
-            num_tokens = loss_mask.sum()
-            loss_sum = per_sample.sum()
-            if inject_nan:
-                loss_sum = loss_sum * float("nan")
-            per_ds = torch.zeros(2 * n_datasets, device=loss_sum.device)
-            per_ds[:n_datasets].index_add_(0, dataset_id, per_sample.detach())
-            per_ds[n_datasets:].index_add_(0, dataset_id, loss_mask.sum(dim=1))
-            stats = torch.cat([torch.stack([loss_sum.detach(), num_tokens]), per_ds])
-            # The schedule divides the returned loss in place: report a clone.
-            return loss_sum, num_tokens.clone().detach().to(torch.int), {"stats": stats.clone()}
-
-        return output, loss_func
-
-    def _reduce_stats(self, losses: list, n_datasets: int, preempt: bool) -> torch.Tensor:
-        """Sum the loss statistics of the last stage over DP (one all-reduce over the world),
-        together with the pre-emption flag of every rank."""
+    # == one step ===============================================================================
+    def global_batch(self, data_iter, num_micro: int) -> tuple:
+        """This rank's micro-batches of the next step (on the device) and the loss scale that
+        turns their loss sums into the mean over the whole global batch."""
         from megatron.core import parallel_state as ps
 
-        stats = torch.zeros(2 + 2 * n_datasets + 1, dtype=torch.float64, device=self.device)
+        batches, units = [], 0
+        for _ in range(num_micro):
+            batch = next(data_iter)
+            top = int(batch["tokens"].max())  # on the host, before the copy: no device sync
+            if top >= self.cfg.vocab_size:
+                raise TrainingError(f"token id {top} in the data is outside the model vocabulary "
+                                    f"({self.cfg.vocab_size} ids)", rank_specific=True)
+            units += self.objective.units(batch)
+            batches.append({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
+        total = torch.tensor([float(units)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(total, group=ps.get_data_parallel_group())
+        scale = num_micro * self.dp / float(total) if total > 0 else 0.0
+        return batches, scale
+
+    def run_schedule(self, model, batches: list, run: PhaseRun, scale: float,
+                     forward_only: bool, inject_nan: bool = False) -> list:
+        """Megatron's forward(-backward) schedule over ``batches`` with the objective's loss."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        objective = self.objective
+
+        def forward_step(data_iter, chunk):
+            batch = next(data_iter)
+            output, loss_terms = objective.forward(chunk, batch, run.labels)
+            return output, make_loss_func(loss_terms, scale, inject_nan)
+
+        return get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(batches), model=[model],
+            num_microbatches=len(batches), seq_length=run.phase.seq_length,
+            micro_batch_size=run.mbs * objective.sequences_per_sample,
+            forward_only=forward_only)
+
+    def reduce_stats(self, losses: list, n_stats: int, flag: bool = False) -> tuple:
+        """Sum the objective's statistics of the last stage over micro-batches and DP (one
+        all-reduce over the world), together with a flag (pre-emption) of every rank."""
+        from megatron.core import parallel_state as ps
+
+        stats = torch.zeros(n_stats + 1, dtype=torch.float64, device=self.device)
         if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
             for entry in losses:
                 stats[:-1] += entry["stats"].to(torch.float64)
-        stats[-1] = float(preempt)
+        stats[-1] = float(flag)
         dist.all_reduce(stats)
-        return stats
+        return stats[:-1].cpu(), bool(stats[-1] > 0)
 
-    def _optimizer_step(self, loss_finite: bool) -> tuple[bool, float]:
+    def train_step(self, run: PhaseRun, preemption: PreemptionHandler) -> StepResult:
+        """Forward, backward and optimizer update of one global batch."""
+        step = self.state.iteration + 1
+        t0 = time.perf_counter()
+        batches, scale = self.global_batch(run.data_iter, run.num_micro)
+        batches = self.objective.prepare_batches(self, batches, run, run.phase.blend)
+        self.ddp_model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        losses = self.run_schedule(self.ddp_model, batches, run, scale, forward_only=False,
+                                   inject_nan=step in self._inject)
+        stats, preempted = self.reduce_stats(losses, len(run.stat_names), preemption.requested)
+        sums = sums_by_name(stats, run.stat_names)
+        metrics = self.objective.summarize(sums, run.labels)
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
+        updated, grad_norm = self._optimizer_step(math.isfinite(metrics["loss"]))
+        if updated:
+            run.scheduler.step(increment=1)
+            if self.cfg.is_moe:
+                from megatron_jai.moe.layer import update_expert_biases
+
+                update_expert_biases(self.model)
+        if self.on_gpu:  # the optimizer step's kernels belong to this step's time
+            torch.cuda.synchronize()
+        return StepResult(step, sums, lr, grad_norm, updated, time.perf_counter() - t0,
+                          preempted, metrics)
+
+    def _optimizer_step(self, loss_finite: bool) -> tuple:
         """Megatron's optimizer step, split so a non-finite loss or gradient skips the update."""
         found_inf = self.optimizer.prepare_grads()
         grad_norm = float(self.optimizer.get_grad_norm())
@@ -448,174 +475,273 @@ class Trainer:
         self.optimizer.step_with_ready_grads()
         return True, grad_norm
 
-    def _evaluate(self, valid_ds, phase: Phase, gbs: int, mbs: int, n_datasets: int) -> float:
-        from megatron.core.pipeline_parallel import get_forward_backward_func
+    def advance(self, run: PhaseRun, result: StepResult) -> None:
+        """Count the step in the training state (what the next checkpoint records)."""
+        state = self.state
+        tokens = run.gbs * run.phase.seq_length * self.objective.sequences_per_sample
+        state.iteration = result.step
+        state.phase_step += 1
+        state.phase_consumed_samples += run.gbs
+        state.consumed_tokens += tokens
+        self.skips.record(not result.updated)
+        state.skipped_steps = self.skips.total
+        state.scheduler = run.scheduler.state_dict()
+        state.phase_name = run.phase.name
+        if state.phase_step == run.iters:  # phase done: the checkpoint starts the next
+            state.finish_phase(run.phase.name, run.scheduler.state_dict())
 
+    def step_record(self, run: PhaseRun, result: StepResult) -> dict:
+        tokens = run.gbs * run.phase.seq_length * self.objective.sequences_per_sample
+        record = {"step": result.step, "phase": run.phase.name, **result.metrics,
+                  "lr": result.lr, "grad_norm": result.grad_norm,
+                  **throughput(tokens, result.elapsed,
+                               self.cfg.flops_per_token(run.phase.seq_length), self.world,
+                               self.args.peak_tflops),
+                  "skipped": not result.updated, "skipped_total": self.skips.total,
+                  "seq_length": run.phase.seq_length, "global_batch_size": run.gbs,
+                  "consumed_tokens": self.state.consumed_tokens, "step_time_s": result.elapsed}
+        if self.cfg.is_moe:
+            from megatron_jai.training.router_metrics import global_router_metrics
+
+            record.update(global_router_metrics(self.model, self.cfg, self.device))
+        return record
+
+    def evaluate(self, run: PhaseRun) -> dict:
+        """Validation metrics on the phase's validation data: the same first ``--eval-iters``
+        global batches every time, in eval mode (``valid_loss``: inference skip alphas, as the
+        exported model runs). Models whose skips train with other alphas also get
+        ``valid_loss_train_alphas``, comparable with the training loss."""
+        from megatron_jai.model.dus_block import skip_alphas
+
+        args = self.args
+        out = {}
+        modes = [("", self.objective.valid_alphas)]
+        if self.objective.valid_alphas == "inference" and self.cfg.skip_connections and \
+                any(s.alpha_train != s.alpha_infer for s in self.cfg.skip_connections):
+            modes.append(("_train_alphas", "train"))
         self.ddp_model.eval()
-        it = data_iterator(valid_ds, 0, min(len(valid_ds), self.args.eval_iters * gbs), mbs,
-                          self.dp_rank, self.dp, 0)
-        total = torch.zeros(2, dtype=torch.float64, device=self.device)
-        with torch.no_grad():
-            for _ in range(self.args.eval_iters):
-                try:
-                    losses = get_forward_backward_func()(
-                        forward_step_func=partial(self._forward_step, phase, n_datasets, False),
-                        data_iterator=it, model=[self.ddp_model],
-                        num_microbatches=gbs // (mbs * self.dp), seq_length=phase.seq_length,
-                        micro_batch_size=mbs, forward_only=True)
-                except StopIteration:
-                    break
-                total += self._reduce_stats(losses, n_datasets, False)[:2]
-        self.ddp_model.train()
-        return float(total[0] / total[1]) if total[1] > 0 else float("nan")
+        try:
+            for suffix, alphas in modes:
+                it = data_iterator(run.valid_ds, 0, min(len(run.valid_ds), args.eval_iters * run.gbs),
+                                   run.mbs, self.dp_rank, self.dp, 0, self.objective.collate)
+                total = torch.zeros(len(run.stat_names), dtype=torch.float64)
+                with torch.no_grad(), skip_alphas(self.model, alphas):
+                    for _ in range(args.eval_iters):
+                        try:
+                            batches, scale = self.global_batch(it, run.num_micro)
+                        except StopIteration:
+                            break
+                        batches = self.objective.prepare_batches(self, batches, run,
+                                                                 run.phase.valid_blend)
+                        losses = self.run_schedule(self.ddp_model, batches, run, scale,
+                                                   forward_only=True)
+                        total += self.reduce_stats(losses, len(run.stat_names))[0]
+                metrics = self.objective.summarize(sums_by_name(total, run.stat_names),
+                                                   run.labels)
+                out.update({f"valid_{k}{suffix}": v for k, v in metrics.items()})
+        finally:
+            self.ddp_model.train()
+        return out
 
-    # -- the loop -----------------------------------------------------------------------------
+    # == the loop ===============================================================================
+    def evaluate_only(self) -> dict:
+        """``--eval-only``: every phase's validation metrics of the model as loaded."""
+        from megatron_jai.training.data_loading import check_validation
+
+        check_validation(self.phases, 1)
+        results = {}
+        for index, phase in enumerate(self.phases):
+            run = self.enter_phase(index)
+            if run is None:
+                continue
+            metrics = self.evaluate(run)
+            results[phase.name] = metrics
+            self.metrics.log({"step": self.state.iteration, "phase": phase.name,
+                              "eval_only": True, **metrics}, print_line=False)
+            self._print(f"eval {phase.name} at iteration {self.state.iteration}: " + ", ".join(
+                f"{k} {v:.4f}" for k, v in metrics.items()))
+        self.metrics.close()
+        return results
+
     def train(self) -> RunSummary:
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
         args, state = self.args, self.state
         summary = RunSummary(skipped=state.skipped_steps)
-        preemption = PreemptionHandler()
-        forward_backward = get_forward_backward_func()
-        inject = set(args.inject_nan_at_step or ())
-        rate_tokens, rate_time = 0, 0.0
+        self.preemption = PreemptionHandler()
+        self._inject = set(args.inject_nan_at_step or ())
+        self._rate = [0, 0.0]  # tokens, seconds (after the first step: warm-up costs)
         stop = False
         try:
             while state.phase_index < len(self.phases) and not stop:
-                phase, gbs, mbs, iters, train_ds, valid_ds, scheduler = \
-                    self._enter_phase(state.phase_index)
-                if state.phase_step >= iters:  # the config now gives this phase fewer steps
-                    self._print(f"phase {phase.name}: already {state.phase_step} of {iters} steps "
-                                f"done; next phase")
-                    state.phase_index += 1
-                    state.phase_step = state.phase_consumed_samples = 0
-                    state.scheduler = None
+                run = self.enter_phase(state.phase_index)
+                if run is None:
                     continue
-                n_ds = len(phase.blend)
-                labels = phase.dataset_names or tuple(f"ds{i}" for i in range(n_ds))
-                num_micro = gbs // (mbs * self.dp)
-                data_iter = data_iterator(train_ds, state.phase_consumed_samples, iters * gbs, mbs,
-                                          self.dp_rank, self.dp, args.num_workers)
-                self._print(f"phase {state.phase_index + 1}/{len(self.phases)} {phase.name}: "
-                            f"{iters} steps of {gbs} x {phase.seq_length} tokens, blend "
-                            + ", ".join(f"{lab} {w:.1%}" for lab, (w, _) in zip(labels, phase.blend))
-                            + (f", from step {state.phase_step}" if state.phase_step else ""))
+                self._announce(run)
                 self.ddp_model.train()
-                while state.phase_step < iters:
-                    step = state.iteration + 1
-                    t0 = time.perf_counter()
-                    self.ddp_model.zero_grad_buffer()
-                    self.optimizer.zero_grad()
-                    losses = forward_backward(
-                        forward_step_func=partial(self._forward_step, phase, n_ds, step in inject),
-                        data_iterator=data_iter, model=[self.ddp_model],
-                        num_microbatches=num_micro, seq_length=phase.seq_length,
-                        micro_batch_size=mbs, forward_only=False)
-                    stats = self._reduce_stats(losses, n_ds, preemption.requested)
-                    loss = float(stats[0] / stats[1]) if stats[1] > 0 else float("nan")
-                    updated, grad_norm = self._optimizer_step(math.isfinite(loss))
-                    if updated:
-                        scheduler.step(increment=1)
-                        if self.cfg.is_moe:
-                            from megatron_jai.moe.layer import update_expert_biases
+                while not stop and state.phase_index == run.index:
+                    result = self.train_step(run, self.preemption)
+                    self.advance(run, result)
+                    record = self.step_record(run, result)
+                    if args.eval_interval and run.valid_ds is not None and \
+                            result.step % args.eval_interval == 0:
+                        record.update(self.evaluate(run))
+                        if self.cfg.is_moe:  # evaluation's routing is not the next step's
+                            from megatron_jai.moe.layer import collect_router_stats
 
-                            update_expert_biases(self.model)
-                    if self.on_gpu:  # the optimizer step's kernels belong to this step's time
-                        torch.cuda.synchronize()
-                    elapsed = time.perf_counter() - t0
-                    tokens = gbs * phase.seq_length
-                    state.iteration = step
-                    state.phase_step += 1
-                    state.phase_consumed_samples += gbs
-                    state.consumed_tokens += tokens
-                    self.skips.record(not updated)
-                    state.skipped_steps = self.skips.total
-                    state.scheduler = scheduler.state_dict()
-                    state.phase_name = phase.name
-                    record = {"step": step, "phase": phase.name, "loss": loss,
-                              "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
-                              **throughput(tokens, elapsed,
-                                           self.cfg.flops_per_token(phase.seq_length),
-                                           self.world, args.peak_tflops),
-                              "skipped": not updated, "skipped_total": self.skips.total,
-                              "seq_length": phase.seq_length, "global_batch_size": gbs,
-                              "consumed_tokens": state.consumed_tokens,
-                              "step_time_s": elapsed}
-                    if n_ds > 1:
-                        for i, lab in enumerate(labels):
-                            n = float(stats[2 + n_ds + i])
-                            if n > 0:
-                                record[f"loss/{lab}"] = float(stats[2 + i]) / n
-                    if self.cfg.is_moe:
-                        from megatron_jai.moe.layer import collect_router_stats
-
-                        record.update({k: v for k, v in collect_router_stats(self.model).items()
-                                       if "/layer" not in k})
-                    if args.eval_interval and valid_ds is not None and \
-                            step % args.eval_interval == 0:
-                        record["valid_loss"] = self._evaluate(valid_ds, phase, gbs, mbs, n_ds)
+                            collect_router_stats(self.model)
                     self.metrics.log(record)
-                    self.skips.check(step)
-                    if summary.first_loss is None:
-                        summary.first_loss = loss
-                    summary.last_loss, summary.steps = loss, summary.steps + 1
-                    if summary.steps > 1:  # the first step includes warm-up costs
-                        rate_tokens, rate_time = rate_tokens + tokens, rate_time + elapsed
-
-                    if state.phase_step == iters:  # phase done: the checkpoint starts the next
-                        state.phase_index += 1
-                        state.phase_step = state.phase_consumed_samples = 0
-                        state.scheduler = None
-                    preempted = bool(stats[-1] > 0)
-                    testing_exit = args.exit_after_step is not None and step >= args.exit_after_step
-                    capped = bool(args.phases) and args.train_iters is not None \
-                        and step >= args.train_iters
-                    periodic = args.save_interval and step % args.save_interval == 0
-                    phase_end = state.phase_step == 0
-                    last = state.phase_index >= len(self.phases)
-                    if args.save and (preempted or testing_exit or capped or periodic or phase_end
-                                      or last):
-                        summary.checkpoint = self._save()
-                    if capped:
-                        self._print(f"--train-iters {args.train_iters} reached: stopped after step "
-                                    f"{step} (phase {phase.name})")
-                        stop = True
-                        break
-                    if phase_end and not (preempted or testing_exit):
-                        break
-                    if preempted or testing_exit:
-                        summary.preempted = True
-                        self._print(f"{'SIGTERM received' if preempted else '--exit-after-step'}: "
-                                    f"stopped after step {step}"
-                                    + (f", checkpoint {summary.checkpoint}" if args.save
-                                       else " (no --save: nothing saved)"))
-                        stop = True
-                        break
+                    self.skips.check(result.step)
+                    self._count(summary, run, result)
+                    stop = self.after_step(run, result, summary)
         finally:
-            preemption.restore()
+            self.preemption.restore()
             self.metrics.close()
         summary.skipped = state.skipped_steps
-        summary.tokens_per_s = rate_tokens / rate_time if rate_time else 0.0
+        summary.tokens_per_s = self._rate[0] / self._rate[1] if self._rate[1] else 0.0
         return summary
 
-    def _save(self) -> str:
-        args = self.args
-        hook = None
-        if args.kill_during_save_at_step == self.state.iteration:
-            def hook(tmp_dir):
-                import psutil
+    def _announce(self, run: PhaseRun) -> None:
+        state = self.state
+        self._print(f"phase {run.index + 1}/{len(self.phases)} {run.phase.name}: {run.iters} "
+                    f"steps of {run.gbs} x {run.phase.seq_length} tokens, blend "
+                    + ", ".join(f"{lab} {w:.1%}" for lab, (w, _) in zip(run.labels, run.phase.blend))
+                    + (f", from step {state.phase_step}" if state.phase_step else ""))
 
-                # Like a node failure: this process and its helpers (dist_checkpointing's writer
-                # manager) die at once, leaving the unrenamed temporary directory behind.
-                print(f"TESTING: killed while saving {tmp_dir}", flush=True)
-                me = psutil.Process()
-                for child in me.children(recursive=True):
-                    child.kill()
-                me.kill()
+    def _count(self, summary: RunSummary, run: PhaseRun, result: StepResult) -> None:
+        loss = result.metrics["loss"]
+        if summary.first_loss is None:
+            summary.first_loss = loss
+        summary.last_loss, summary.steps = loss, summary.steps + 1
+        if summary.steps > 1:
+            self._rate[0] += run.gbs * run.phase.seq_length * self.objective.sequences_per_sample
+            self._rate[1] += result.elapsed
+
+    def after_step(self, run: PhaseRun, result: StepResult, summary: RunSummary) -> bool:
+        """Save when due; True when the run stops here."""
+        args, state, step = self.args, self.state, result.step
+        testing_exit = args.exit_after_step is not None and step >= args.exit_after_step
+        capped = bool(args.phases) and args.train_iters is not None and step >= args.train_iters
+        periodic = args.save_interval and step % args.save_interval == 0
+        phase_end = state.phase_step == 0
+        last = state.phase_index >= len(self.phases)
+        preempted = result.preempted
+        if args.save and (preempted or testing_exit or capped or periodic or phase_end or last):
+            summary.checkpoint = self.save()
+            if not preempted and self._signal_during_save():
+                # The checkpoint just written is current: stop without a second one.
+                self._print(f"SIGTERM received while saving step {step}: stopped, checkpoint "
+                            f"{summary.checkpoint}")
+                summary.preempted = True
+                return True
+        if capped:
+            self._print(f"--train-iters {args.train_iters} reached: stopped after step {step} "
+                        f"(phase {run.phase.name})")
+            return True
+        if preempted or testing_exit:
+            summary.preempted = True
+            self._print(f"{'SIGTERM received' if preempted else '--exit-after-step'}: stopped "
+                        f"after step {step}"
+                        + (f", checkpoint {summary.checkpoint}" if args.save
+                           else " (no --save: nothing saved)"))
+            return True
+        return False
+
+    def _signal_during_save(self) -> bool:
+        flag = torch.tensor([float(self.preemption.requested)], device=self.device)
+        dist.all_reduce(flag)
+        return bool(flag.item() > 0)
+
+    def save(self) -> str:
+        args = self.args
+        hook = testing_save_hook(args, self.state.iteration)
         snapshot = {k: v for k, v in vars(args).items() if k != "phases"}
         snapshot["phases"] = [asdict(p) for p in self.phases]
-        return checkpointing.save(args.save, self.model, self.optimizer, self.state,
-                                  args.keep_last, args_snapshot=_plain(snapshot), before_commit=hook)
+        path = checkpointing.save(
+            args.save, self.model, self.optimizer, self.state, args.keep_last,
+            args_snapshot=_plain(snapshot), before_commit=hook, tokenizer=args.tokenizer,
+            protect=self.resume_iteration, stale=self._stale_iterations)
+        self._stale_iterations = []
+        return path
+
+
+def apply_device_defaults(args, on_gpu: bool) -> None:
+    """GPU/CPU defaults of precision, optimizer, loader workers and MFU peak; refuses what
+    Megatron-Core cannot do on CPU."""
+    if args.bf16 is None:
+        args.bf16 = on_gpu
+    if args.use_distributed_optimizer is None:
+        args.use_distributed_optimizer = on_gpu
+    if args.bf16 and not on_gpu:
+        raise TrainingError("--bf16 needs CUDA (Megatron-Core's mixed-precision optimizer "
+                            "checks for CUDA tensors); CPU runs are fp32")
+    if args.use_distributed_optimizer and not on_gpu:
+        raise TrainingError("the distributed optimizer needs CUDA (Megatron-Core checks for "
+                            "CUDA tensors); use --no-distributed-optimizer on CPU")
+    if args.num_workers is None:
+        args.num_workers = 2 if on_gpu else 0
+    if args.peak_tflops is None and on_gpu:
+        args.peak_tflops = H100_BF16_PEAK_TFLOPS
+
+
+def resolve_run(args) -> tuple:
+    """``(resuming, model_config, note)``: whether ``--load`` resumes, and the architecture the
+    run trains (the checkpoint's when resuming, incl. RoPE changes of its phases). Raises
+    :class:`TrainingError` for a ``--load`` that names nothing to resume."""
+    from megatron_jai.config import load_model_config
+
+    note = None
+    if args.load and args.load_iteration is not None:
+        # The named iteration is what counts (the tracker may be the thing being worked around).
+        resuming = os.path.isdir(checkpointing.dist_ckpt.iteration_dir(args.load,
+                                                                       args.load_iteration))
+        if not resuming:
+            raise TrainingError(f"--load {args.load} --load-iteration {args.load_iteration}: no "
+                                f"such checkpoint (complete iterations: "
+                                f"{checkpointing.complete_iterations(args.load) or 'none'})")
+    else:
+        resuming = checkpointing.has_checkpoint(args.load)
+    if args.load and not resuming:
+        # --load == --save is the requeue pattern (the first run finds nothing); anything else
+        # naming an empty place is a mistake, not a reason to start from scratch silently.
+        same_as_save = bool(args.save) and os.path.abspath(args.save) == os.path.abspath(args.load)
+        if args.load_iteration is not None or not same_as_save:
+            raise TrainingError(f"--load {args.load}: no complete checkpoint there (no "
+                                f"{checkpointing.dist_ckpt.TRACKER_FILE})")
+        note = f"--load {args.load}: no checkpoint yet, starting a new run"
+    try:
+        if resuming:
+            cfg = checkpointing.saved_model_config(args.load, args.load_iteration)
+        else:
+            cfg = load_model_config(args.model or args.init_from or "tiny")
+    except (ValueError, OSError) as err:
+        raise TrainingError(str(err)) from None
+    return resuming, cfg, note
+
+
+def testing_save_hook(args, iteration: int):
+    """TESTING flags that act in the middle of a save (after the data, before the commit)."""
+    import signal
+
+    if args.kill_during_save_at_step == iteration:
+        def kill(tmp_dir):
+            import psutil
+
+            # Like a node failure: this process and its helpers (dist_checkpointing's writer
+            # manager) die at once, leaving the unrenamed temporary directory behind.
+            print(f"TESTING: killed while saving {tmp_dir}", flush=True)
+            me = psutil.Process()
+            for child in me.children(recursive=True):
+                child.kill()
+            me.kill()
+        return kill
+    if args.sigterm_during_save_at_step == iteration:
+        return lambda tmp_dir: os.kill(os.getpid(), signal.SIGTERM)
+    if args.full_disk_at_step == iteration:
+        def full(tmp_dir):
+            import errno
+
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), tmp_dir)
+        return full
+    return None
 
 
 def _plain(obj):
@@ -629,16 +755,23 @@ def _plain(obj):
     return str(obj)
 
 
-def run(args) -> int:
+def run(args, objective: Optional[Objective] = None, prog: str = "pretrain_jai.py") -> int:
     """Set up, train all phases, print the summary. Returns the exit code."""
     from megatron_jai import parallel
 
-    trainer = Trainer(args)
+    trainer = Trainer(args, objective)
     try:
         trainer.setup()
+        if not trainer.objective.trains:
+            return 0
+        if args.eval_only:
+            trainer.evaluate_only()
+            return 0
         if trainer.state.phase_index >= len(trainer.phases):
-            trainer._print(f"training already complete at iteration {trainer.state.iteration} "
-                           f"({args.load}); nothing to do")
+            trainer._print(
+                f"training already complete at iteration {trainer.state.iteration} ({args.load}: "
+                f"all {len(trainer.phases)} phase(s) done); to train longer, raise --train-iters / "
+                f"--train-tokens (or the last phase's budget in the config)")
             return 0
         s = trainer.train()
         ckpt = s.checkpoint or "none (no --save)"

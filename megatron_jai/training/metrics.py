@@ -5,9 +5,11 @@ One record per step (rank 0 writes)::
     {"step": 12, "phase": "english-recovery", "loss": 5.91, "lr": 0.0029, "grad_norm": 0.83,
      "tokens_per_s": 5120.4, "tflops_per_gpu": 0.0012, "mfu": null, "skipped": false,
      "skipped_total": 0, "seq_length": 128, "global_batch_size": 16, "consumed_tokens": 24576,
-     "loss/english": 5.88, "loss/thai": 5.97, "router/...": ...}
+     "loss/english": 5.88, "loss/thai": 5.97, "moe/entropy": 1.38, ...}
 
-``tools/plot_training.py`` draws curves from this file.
+The first record a resumed run writes also holds ``"resumed_from": N`` (the checkpoint's
+iteration; the file was cut back to it), so plots can mark resume points while every line stays a
+step record. ``tools/plot_training.py`` draws curves from this file.
 """
 from __future__ import annotations
 
@@ -57,6 +59,7 @@ class MetricsLogger:
                  tensorboard_dir: Optional[str] = None, resume_step: int = 0):
         self.enabled = enabled
         self.log_interval = max(1, log_interval)
+        self._resumed_from = resume_step or None  # marks the next record
         self._file = None
         self._tb = None
         if not enabled:
@@ -73,18 +76,21 @@ class MetricsLogger:
 
             self._tb = SummaryWriter(log_dir=tensorboard_dir, purge_step=resume_step + 1)
 
-    def log(self, record: dict) -> None:
+    def log(self, record: dict, print_line: bool = True) -> None:
         if not self.enabled:
             return
         step = record["step"]
+        if self._resumed_from is not None:
+            record = {**record, "resumed_from": self._resumed_from}
+            self._resumed_from = None
         if self._file is not None:
             self._file.write(json.dumps(_jsonable(record)) + "\n")
         if self._tb is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) \
-                        and key != "step" and math.isfinite(value):
+                        and key not in ("step", "resumed_from") and math.isfinite(value):
                     self._tb.add_scalar(key if "/" in key else f"train/{key}", value, step)
-        if step % self.log_interval == 0 or step == 1 or record.get("skipped"):
+        if print_line and (step % self.log_interval == 0 or step == 1 or record.get("skipped")):
             print(format_record(record), flush=True)
 
     def text(self, message: str) -> None:
@@ -120,13 +126,22 @@ def format_record(r: dict) -> str:
              f"lr {_fmt(r.get('lr'), '.3e')}", f"grad_norm {_fmt(r.get('grad_norm'), '.3f')}",
              f"tokens/s {_fmt(r.get('tokens_per_s'), '.0f')}",
              f"TFLOP/s/GPU {_fmt(r.get('tflops_per_gpu'), '.4f')}"]
-    if r.get("valid_loss") is not None:
-        parts.append(f"valid loss {r['valid_loss']:.4f}")
+    if "accuracy" in r:  # DPO
+        parts.append(f"margin {_fmt(r.get('margin'), '.4f')} accuracy {_fmt(r['accuracy'], '.3f')}")
+    if r.get("valid_loss") is not None:  # eval mode: inference skip alphas
+        parts.append(f"valid loss {r['valid_loss']:.4f}"
+                     + (f" (train alphas {r['valid_loss_train_alphas']:.4f})"
+                        if r.get("valid_loss_train_alphas") is not None else "")
+                     + (f" accuracy {r['valid_accuracy']:.3f}" if "valid_accuracy" in r else ""))
     if r.get("mfu") is not None:
         parts.append(f"MFU {100 * r['mfu']:.1f}%")
     per_dataset = [f"{k[5:]} {v:.3f}" for k, v in r.items() if k.startswith("loss/")]
     if per_dataset:
         parts.append("(" + ", ".join(per_dataset) + ")")
+    if "moe/max_load" in r:  # MoE: busiest expert vs the mean, routing entropy (nats), drops
+        parts.append(f"router load max {_fmt(r['moe/max_load'], '.2f')}x entropy "
+                     f"{_fmt(r.get('moe/entropy'), '.3f')} dropped "
+                     f"{_fmt(100 * r.get('moe/dropped_fraction', 0.0), '.1f')}%")
     if r.get("skipped"):
         parts.append(f"SKIPPED non-finite step (total {r.get('skipped_total')})")
     return " | ".join(parts)

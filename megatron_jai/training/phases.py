@@ -37,6 +37,10 @@ class Phase:
     rotary_interpolation_factor: Optional[float] = None  # None: keep the model's
     recompute_activations: Optional[bool] = None  # None: the run's --recompute-activations
     dataset_names: tuple = field(default=())  # a label per blend entry (per-dataset loss)
+    # Validation data of the phase, like ``blend`` (its own datasets: never carved out of the
+    # training data, so turning validation on or off never changes what training sees).
+    valid_blend: tuple = field(default=())
+    valid_dataset_names: tuple = field(default=())
 
     def iterations(self, global_batch_size: int) -> int:
         """Steps in this phase: ``train_iters``, or the token budget rounded up to whole steps."""
@@ -45,7 +49,7 @@ class Phase:
         return math.ceil(self.train_tokens / (global_batch_size * self.seq_length))
 
 
-_PHASE_KEYS = {"name", "blend", "seq_length", "train_iters", "train_tokens", "global_batch_size",
+_PHASE_KEYS = {"name", "blend", "valid_blend", "seq_length", "train_iters", "train_tokens", "global_batch_size",
                "micro_batch_size", "lr", "lr_scale", "min_lr", "warmup_iters", "lr_decay_iters",
                "lr_decay_style", "rotary_base", "rotary_interpolation_factor",
                "recompute_activations"}
@@ -107,7 +111,8 @@ def _label(prefix: str) -> str:
     return base or prefix
 
 
-def phase_from_dict(d: dict, datasets: dict, index: int) -> Phase:
+def phase_from_dict(d: dict, datasets: dict, index: int,
+                    valid_datasets: Optional[dict] = None) -> Phase:
     where = f"phase {index + 1}"
     if not isinstance(d, dict):
         raise TrainingError(f"{where}: a phase must be a mapping")
@@ -121,7 +126,13 @@ def phase_from_dict(d: dict, datasets: dict, index: int) -> Phase:
     if (d.get("train_iters") is None) == (d.get("train_tokens") is None):
         raise TrainingError(f"{where}: give exactly one of train_iters or train_tokens")
     blend, labels = normalise_blend(d.pop("blend"), datasets, where)
+    valid, valid_labels = ((), ())
+    if d.get("valid_blend") is not None:
+        valid, valid_labels = normalise_blend(d.pop("valid_blend"), valid_datasets or datasets,
+                                              f"{where} valid_blend")
+    d.pop("valid_blend", None)
     phase = Phase(name=str(d.pop("name", f"phase{index + 1}")), blend=blend, dataset_names=labels,
+                  valid_blend=valid, valid_dataset_names=valid_labels,
                   **{k: _number(k, v, where) for k, v in d.items()})
     validate_phase(phase, where)
     return phase
@@ -179,8 +190,10 @@ JAI_PLAN_DEFAULTS = {
 }
 
 
-def jai_plan(datasets: dict, **options) -> list[Phase]:
-    """JAI-1's three phases on the named datasets ``english`` and ``thai`` (config ``data:``)."""
+def jai_plan(datasets: dict, valid_datasets: Optional[dict] = None, **options) -> list[Phase]:
+    """JAI-1's three phases on the named datasets ``english`` and ``thai`` (config ``data:``).
+    With ``english`` and ``thai`` in the config's ``valid_data:``, each phase validates on the
+    same mix of those."""
     unknown = set(options) - set(JAI_PLAN_DEFAULTS)
     if unknown:
         raise TrainingError(f"plan jai: unknown options {sorted(unknown)}; "
@@ -206,19 +219,32 @@ def jai_plan(datasets: dict, **options) -> list[Phase]:
     if long_ < short:
         raise TrainingError("plan jai: long_seq_length must be >= seq_length")
 
-    def blend(thai):
+    def mix(thai):
         d = {"english": 1.0 - thai}
         if thai > 0:
             d["thai"] = thai
-        return normalise_blend(d, datasets, "plan jai")
+        return d
+
+    def blend(thai):
+        return normalise_blend(mix(thai), datasets, "plan jai")
+
+    def valid(thai):
+        if not valid_datasets:
+            return {}
+        missing = [name for name in mix(thai) if name not in valid_datasets]
+        if missing:
+            raise TrainingError(f"plan jai: valid_data: needs datasets named {missing}")
+        entries, labels = normalise_blend(mix(thai), valid_datasets, "plan jai valid_data")
+        return {"valid_blend": entries, "valid_dataset_names": labels}
 
     lr = {k: o[k] for k in ("lr", "min_lr", "warmup_iters") if o[k] is not None}
     long_lr = {**lr, "lr_scale": float(o["phase3_lr_scale"]),
                "recompute_activations": bool(o["long_recompute_activations"])}
     specs = [
-        ("english-recovery", blend(o["phase1_thai_share"]), short, {}, lr),
-        ("thai-injection", blend(o["thai_share"]), short, {}, lr),
-        ("context-extension", blend(o["thai_share"]), long_, {
+        ("english-recovery", blend(o["phase1_thai_share"]), short,
+         valid(o["phase1_thai_share"]), lr),
+        ("thai-injection", blend(o["thai_share"]), short, valid(o["thai_share"]), lr),
+        ("context-extension", blend(o["thai_share"]), long_, {**valid(o["thai_share"]), 
             "rotary_base": float(o["long_rotary_base"]) if mode in ("rope_base", "both") else None,
             "rotary_interpolation_factor": long_ / short if mode in ("interpolation", "both")
             else None,
@@ -236,14 +262,17 @@ def jai_plan(datasets: dict, **options) -> list[Phase]:
 PLANS = {"jai": jai_plan}
 
 
-def build_phases(config_phases, plan, datasets: dict) -> Optional[list[Phase]]:
-    """Phases from a config's ``phases:`` list or ``plan:`` (name or ``{name: jai, ...}``)."""
+def build_phases(config_phases, plan, datasets: dict,
+                 valid_datasets: Optional[dict] = None) -> Optional[list[Phase]]:
+    """Phases from a config's ``phases:`` list or ``plan:`` (name or ``{name: jai, ...}``);
+    ``valid_datasets`` is the config's ``valid_data:`` section."""
     if config_phases is not None and plan is not None:
         raise TrainingError("give either phases: or plan: in the config, not both")
     if config_phases is not None:
         if not isinstance(config_phases, list) or not config_phases:
             raise TrainingError("phases: must be a non-empty list")
-        return [phase_from_dict(p, datasets, i) for i, p in enumerate(config_phases)]
+        return [phase_from_dict(p, datasets, i, valid_datasets)
+                for i, p in enumerate(config_phases)]
     if plan is not None:
         if isinstance(plan, str):
             name, options = plan, {}
@@ -254,7 +283,7 @@ def build_phases(config_phases, plan, datasets: dict) -> Optional[list[Phase]]:
             raise TrainingError("plan: must be a plan name or a mapping with a name: key")
         if name not in PLANS:
             raise TrainingError(f"unknown plan {name!r}; built-in plans: {sorted(PLANS)}")
-        return PLANS[name](datasets, **options)
+        return PLANS[name](datasets, valid_datasets=valid_datasets, **options)
     return None
 
 

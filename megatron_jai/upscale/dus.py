@@ -28,22 +28,21 @@ def model_keys(reader: CheckpointReader) -> tuple:
     return stacked, [k for k in keys if k not in stacked]
 
 
-def copy_side_files(src_root: str, writer: CheckpointWriter) -> list:
-    """Carry the files that travel with a checkpoint (e.g. ``tokenizer/`` written by the vocab
-    surgery) into the output root: everything but the iterations, config, tracker, plan, and the
-    converter's ``hf/`` record of the original HF model (it describes the model before surgery)."""
+def copy_side_files(src_root: str, writer: CheckpointWriter, same_model: bool = False) -> list:
+    """Carry the files that travel with a checkpoint into the output root, unless it has them
+    already: its ``tokenizer/``, and for an output of the same architecture (a merge) also the
+    converter's ``hf/`` record of the original HF model and the DUS plan, which after surgery
+    would describe the model before it. Nothing else of the root (logs, abandoned iterations)."""
     from megatron_jai.checkpoint.convert import HF_SUBDIR
-    from megatron_jai.checkpoint.dist import CONFIG_FILE, TRACKER_FILE
+    from megatron_jai.checkpoint.dist import TOKENIZER_SUBDIR
 
     copied = []
-    for entry in sorted(os.listdir(src_root)):
-        if entry.startswith(("iter_", ".")) or \
-                entry in (CONFIG_FILE, TRACKER_FILE, PLAN_FILE, HF_SUBDIR):
+    for entry in (TOKENIZER_SUBDIR, *((HF_SUBDIR, PLAN_FILE) if same_model else ())):
+        src, dst = os.path.join(src_root, entry), writer.path(entry)
+        if not os.path.exists(src) or os.path.exists(dst):
             continue
-        src = os.path.join(src_root, entry)
-        dst = writer.path(entry)
         if os.path.isdir(src):
-            shutil.copytree(src, dst, dirs_exist_ok=True)
+            shutil.copytree(src, dst)
         else:
             shutil.copy2(src, dst)
         copied.append(entry)

@@ -26,19 +26,29 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
-if TYPE_CHECKING:
-    from megatron_jai.config import SkipConnection
+from megatron_jai.cli import UserError
 
-# config.py derives the jai-75b preset's skips from the plans here, so this module imports
-# megatron_jai.config only inside functions (never at import time) to keep that cycle-free.
+# megatron_jai.config takes the jai-75b preset's skips from the plans here (and re-exports
+# SkipConnection and pipeline_stage_layers), so this module never imports megatron_jai.config.
 
 DEFAULT_ALPHA_TRAIN = 0.9
 DEFAULT_ALPHA_INFER = 0.8
 
 
-class PlanError(ValueError):
+@dataclass(frozen=True)
+class SkipConnection:
+    """DUS.v2 long-range skip: the hidden state entering ``source`` is blended into the input of
+    ``target``: ``h <- alpha * h_saved + (1 - alpha) * h``. alpha 0 turns the skip off."""
+
+    source: int
+    target: int
+    alpha_train: float = DEFAULT_ALPHA_TRAIN
+    alpha_infer: float = DEFAULT_ALPHA_INFER
+
+
+class PlanError(UserError):
     """An invalid layer plan (bad sizes, skips out of range, unreadable file)."""
 
 
@@ -108,8 +118,6 @@ def repeat_skips(block_size: int, multiplicities: Sequence[int],
                  alpha_train: float = DEFAULT_ALPHA_TRAIN,
                  alpha_infer: float = DEFAULT_ALPHA_INFER) -> tuple:
     """The skips of a repeated block: its first copy's input -> each later copy's input."""
-    from megatron_jai.config import SkipConnection
-
     skips, start = [], 0
     for mult in multiplicities:
         for copy in range(1, mult):
@@ -124,8 +132,6 @@ def make_plan(name: str, base_layers: int, block_size: int, multiplicities: Sequ
               alpha_infer: float = DEFAULT_ALPHA_INFER) -> LayerPlan:
     """Build a plan; ``skips`` is ``"repeat"`` (derived), ``None``/``[]`` (none), or a list of
     ``SkipConnection`` / ``{source, target[, alpha_train, alpha_infer]}`` / ``[source, target]``."""
-    from megatron_jai.config import SkipConnection
-
     multiplicities = tuple(int(m) for m in multiplicities)
     if skips == "repeat":
         conns = repeat_skips(block_size, multiplicities, alpha_train, alpha_infer)
@@ -224,12 +230,44 @@ def save_plan(plan: LayerPlan, path: str) -> None:
 
 
 # ---- pipeline layouts ------------------------------------------------------------------------
+def pipeline_stage_layers(num_layers: int, pp: int, first: Optional[int] = None,
+                          last: Optional[int] = None) -> list:
+    """Decoder layers of each of the ``pp`` pipeline stages, Megatron's split: ``first`` / ``last``
+    layers on the first / last stage when given, the rest shared evenly by the other stages.
+    Raises ``ValueError`` (one clear line) for a split Megatron cannot build."""
+    if pp < 1:
+        raise ValueError(f"pipeline parallel size must be >= 1, got {pp}")
+    for what, n in (("first", first), ("last", last)):
+        if n is not None and not 0 < n < num_layers:
+            raise ValueError(f"layers in the {what} pipeline stage must be between 1 and "
+                             f"{num_layers - 1} (the model has {num_layers}), got {n}")
+    uneven = first is not None or last is not None
+    if uneven and pp == 1:
+        raise ValueError("first/last pipeline stage layer counts need pipeline parallel size >= 2")
+    if not uneven:
+        if num_layers % pp:
+            raise ValueError(f"pipeline parallel size {pp} must divide num_layers {num_layers} "
+                             f"(or give the first/last stage layer counts for an uneven split)")
+        return [num_layers // pp] * pp
+    middle_stages = pp - (first is not None) - (last is not None)
+    middle_layers = num_layers - (first or 0) - (last or 0)
+    split = f"{num_layers} layers over PP={pp} with {first or '-'}/{last or '-'} layers on the " \
+            f"first/last stage"
+    if middle_stages == 0:
+        if middle_layers:
+            raise ValueError(f"pipeline split of {split}: first + last must equal {num_layers} "
+                             f"when PP={pp}")
+    elif middle_layers < middle_stages or middle_layers % middle_stages:
+        raise ValueError(f"pipeline split of {split}: the {max(middle_layers, 0)} remaining layers "
+                         f"must divide evenly over the {middle_stages} other stage(s)")
+    sizes = [middle_layers // middle_stages] * middle_stages if middle_stages else []
+    return ([first] if first is not None else []) + sizes + ([last] if last is not None else [])
+
+
 def stage_boundaries(num_layers: int, pp: int, first: Optional[int] = None,
                      last: Optional[int] = None) -> list:
     """First global layer of every stage after the first, for Megatron's (un)even PP split
     (``num_layers_in_first_pipeline_stage`` / ``..._last_...``); None if the split is invalid."""
-    from megatron_jai.config import pipeline_stage_layers  # config imports this module
-
     try:
         sizes = pipeline_stage_layers(num_layers, pp, first, last)
     except ValueError:

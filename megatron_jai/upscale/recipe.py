@@ -8,19 +8,28 @@ Stages, each writing a complete checkpoint (or tokenizer) under a work directory
     4 dus        DUS.v2 depth up-scaling along a plan          (megatron_jai.upscale.dus)
     5 moe        every FFN -> E experts, router near uniform   (megatron_jai.upscale.upcycle)
 
-A stage whose output already exists in the work directory is reused (outputs appear atomically, so
-an interrupted run resumes where it stopped); ``--force`` redoes everything. ``--in CKPT`` starts
-from one of our checkpoints instead of an HF directory, ``--tokenizer TOK`` uses a prepared extended
-tokenizer instead of training one, and ``--experts 0`` stops after DUS (JAI-1 then trains the dense
-model and seeds the experts from snapshots with ``tools/upscale.py moe --in S0 S2K S4K S6K``).
+Everything that can be checked without doing the work is checked before stage 1 (inputs, the plan
+against the base model's depth, experts and top-k, vocabulary sizes): a mistake costs seconds,
+not hours of tokenizer training. Each finished stage records its inputs (options, and the identity
+of its input files or of the stage before it) in ``WORK/<stage>.json``; a rerun reuses every stage
+whose inputs are unchanged and redoes the rest, so correcting the plan redoes only ``dus`` and
+``moe``. ``--fresh`` discards the work directory first. ``--in CKPT`` starts from one of our
+checkpoints instead of an HF directory, ``--tokenizer TOK`` uses a prepared extended tokenizer
+instead of training one, and ``--experts 0`` stops after DUS (JAI-1 then trains the dense model and
+seeds the experts from snapshots with ``tools/upscale.py moe --in S0 S2K S4K S6K``). The tokenizer
+is trained with the options of the README's separate steps (``train_tokenizer.py --clean thaigov``
+and its defaults), so both give the same tokenizer.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import shutil
 import time
 
+from megatron_jai.cli import UserError
 from megatron_jai.paths import shared_path
 
 RECIPES = ("jai",)
@@ -28,6 +37,8 @@ STAGES = ("convert", "tokenizer", "vocab", "dus", "moe")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from megatron_jai.upscale.tokenizer import CLEANERS
+
     p.add_argument("recipe", choices=RECIPES, help="recipe to run (jai: JAI-1's tokenizer -> vocab "
                                                    "-> DUS.v2 -> MoE chain)")
     src = p.add_mutually_exclusive_group(required=True)
@@ -48,6 +59,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="ids of the merged tokenizer (default: %(default)s)")
     tok.add_argument("--max-sentences", type=int, default=2_000_000,
                      help="sentences sampled for BPE training (default: %(default)s)")
+    tok.add_argument("--clean", choices=sorted(CLEANERS), default="thaigov",
+                     help="drop page boilerplate before BPE training, as train_tokenizer.py --clean "
+                          "(default: %(default)s, the README's choice for the thaigov corpus)")
     tok.add_argument("--norm-correction", action="store_true",
                      help="vocab: rescale new embedding rows to the mean base-row norm")
     g = p.add_argument_group("depth and experts")
@@ -63,99 +77,135 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default="jai", help="model name of the result (default: %(default)s)")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
                    help="convert: cast the HF weights (default: keep)")
-    p.add_argument("--work-dir", help="intermediate outputs (default: OUT.work)")
+    p.add_argument("--work-dir", help="intermediate outputs (default: OUT.work); stages whose "
+                                      "inputs are unchanged are reused from there")
     p.add_argument("--keep-work", action="store_true", help="keep the work directory afterwards")
+    p.add_argument("--fresh", action="store_true",
+                   help="discard the work directory first: redo every stage")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="tokenizer training / merging threads")
-    p.add_argument("--force", action="store_true",
-                   help="replace an existing output and redo every stage")
+    p.add_argument("--force", action="store_true", help="replace an existing output")
 
 
-def _check(args) -> None:
-    if args.tokenizer is None and not args.thai_corpus:
-        raise ValueError("give --thai-corpus FILE... to train the Thai tokenizer, or --tokenizer "
-                         "TOK for a prepared one")
-    for path in args.thai_corpus or []:
-        if not os.path.isfile(path):
-            raise ValueError(f"no such file: {path}")
-    if args.hf_dir and not os.path.isdir(args.hf_dir):
-        raise ValueError(f"no such directory: {args.hf_dir}")
-    if args.experts == 1 or args.experts < 0:
-        raise ValueError("--experts must be 0 (dense) or at least 2")
+def check(args):
+    """Every check that needs no stage to have run, before stage 1. Returns (base model config,
+    DUS plan)."""
+    from megatron_jai.checkpoint.convert import read_hf_config
+    from megatron_jai.checkpoint.hf_phi3 import model_config_from_hf
+    from megatron_jai.checkpoint.stream import CheckpointReader
+    from megatron_jai.upscale.dus import dus_config
+    from megatron_jai.upscale.plan import load_plan
+    from megatron_jai.upscale.tokenizer import (check_bpe_options, load_base_tokenizer,
+                                                load_vocab_map)
+    from megatron_jai.upscale.upcycle import moe_config
+
     if os.path.exists(args.out) and not args.force:
-        raise ValueError(f"output {args.out} already exists (use --force to replace it)")
+        raise UserError(f"output {args.out} already exists (use --force to replace it)")
+    if args.hf_dir:
+        base = model_config_from_hf(read_hf_config(args.hf_dir), name=f"{args.name}-base")
+    else:
+        base = CheckpointReader(args.src).config
+    base_vocab = load_base_tokenizer(args.base_tokenizer).vocab_size
+    if args.tokenizer is None:
+        if not args.thai_corpus:
+            raise UserError("give --thai-corpus FILE... to train the Thai tokenizer, or "
+                            "--tokenizer TOK for a prepared one")
+        for path in args.thai_corpus:
+            if not os.path.isfile(path):
+                raise UserError(f"Thai corpus {path} does not exist")
+        check_bpe_options(args.thai_vocab, args.clean)
+        if args.target_vocab <= base_vocab:
+            raise UserError(f"--target-vocab {args.target_vocab} must exceed the base tokenizer's "
+                            f"{base_vocab} ids")
+        mapped = base_vocab
+    else:
+        mapped = len(load_vocab_map(args.tokenizer)["old_to_new"])
+        if mapped != base_vocab:
+            raise UserError(f"--tokenizer {args.tokenizer} was extended from a {mapped}-id "
+                            f"tokenizer, --base-tokenizer {args.base_tokenizer} has {base_vocab}")
+    if mapped > base.vocab_size:
+        raise UserError(f"the base tokenizer has {mapped} ids, but the base model only "
+                        f"{base.vocab_size} embedding rows")
+    plan = load_plan(args.plan)
+    dense = dus_config(base, plan)  # the plan against the base model's depth
+    if args.experts:
+        moe_config(dense, args.experts, args.top_k)
+    elif args.experts < 0:
+        raise UserError("--experts must be 0 (dense) or at least 2")
+    if args.noise_std < 0 or (args.router_std is not None and args.router_std < 0):
+        raise UserError("--noise-std and --router-std must be >= 0")
+    return base, plan
 
 
-SETTINGS_FILE = "recipe_settings.json"
-
-
-def _check_work_settings(work: str, args, plan) -> None:
-    """Reusing stage outputs is only safe when they were made with the same settings."""
-    import json
-
-    settings = {
-        "hf_dir": args.hf_dir and os.path.abspath(args.hf_dir),
-        "src": args.src and os.path.abspath(args.src),
-        "thai_corpus": [os.path.abspath(p) for p in args.thai_corpus or []],
-        "tokenizer": args.tokenizer and os.path.abspath(args.tokenizer),
-        "base_tokenizer": os.path.abspath(args.base_tokenizer), "thai_vocab": args.thai_vocab,
-        "target_vocab": args.target_vocab, "max_sentences": args.max_sentences,
-        "norm_correction": args.norm_correction, "dtype": args.dtype, "plan": plan.to_dict(),
-        "name": args.name,
-    }
-    path = os.path.join(work, SETTINGS_FILE)
+def _identity(path: str) -> dict:
+    """What a stage's external input is, cheaply: its path, and every file's size and mtime."""
+    path = os.path.abspath(path)
     if os.path.isfile(path):
-        with open(path) as f:
-            old = json.load(f)
-        changed = sorted(k for k in settings if old.get(k) != settings[k])
-        if changed:
-            raise ValueError(f"work directory {work} holds stages made with other settings "
-                             f"({', '.join(changed)}); use --force or another --work-dir")
-        return
-    with open(path + ".tmp", "w") as f:
-        json.dump(settings, f, indent=2)
-    os.replace(path + ".tmp", path)
+        st = os.stat(path)
+        return {"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    files = []
+    for root, dirs, names in os.walk(path):
+        dirs.sort()
+        for name in sorted(names):
+            st = os.stat(os.path.join(root, name))
+            files.append([os.path.relpath(os.path.join(root, name), path), st.st_size,
+                          st.st_mtime_ns])
+    return {"path": path, "files": files}
+
+
+def _digest(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def run(args, log=print) -> dict:
     """Run the recipe; returns a summary dict (the final config under ``config``)."""
     from megatron_jai.checkpoint.stream import CheckpointReader
-    from megatron_jai.upscale.plan import load_plan
 
-    _check(args)
-    plan = load_plan(args.plan)  # fail on a bad plan before hours of work
+    base, plan = check(args)
     work = os.path.abspath(args.work_dir or args.out.rstrip("/") + ".work")
-    if args.force and os.path.isdir(work):
+    if args.fresh and os.path.isdir(work):
         shutil.rmtree(work)
     os.makedirs(work, exist_ok=True)
-    _check_work_settings(work, args, plan)
     paths = {s: os.path.join(work, f"{i}-{s}") for i, s in enumerate(STAGES)}
     skipped = {"convert": bool(args.src), "tokenizer": args.tokenizer is not None,
                "moe": args.experts == 0}
     stages = [s for s in STAGES if not skipped.get(s)]
     final_stage = stages[-1]
     paths[final_stage] = os.path.abspath(args.out)
-    seconds = {}
+    seconds, digests = {}, {}
 
-    def stage(name, what, fn, done_marker=None):
+    def stage(name, what, inputs, fn):
+        """Run ``fn(out)`` unless the work directory holds this stage made from the same inputs."""
         i = stages.index(name) + 1
-        out = paths[name]
-        marker = os.path.join(out, done_marker) if done_marker else out
-        if os.path.exists(marker) and not (name == final_stage):
-            log(f"[{i}/{len(stages)}] {name}: reusing {out}")
-            return
+        out, manifest = paths[name], os.path.join(work, f"{name}.json")
+        digests[name] = _digest(inputs)
+        if name != final_stage and os.path.exists(out) and os.path.isfile(manifest):
+            with open(manifest) as f:
+                if json.load(f) == inputs:
+                    log(f"[{i}/{len(stages)}] {name}: reusing {out}")
+                    return
         log(f"[{i}/{len(stages)}] {name}: {what}")
+        if os.path.exists(manifest):
+            os.remove(manifest)
         t0 = time.time()
         fn(out)
         seconds[name] = time.time() - t0
+        if name != final_stage:
+            with open(manifest + ".tmp", "w") as f:
+                json.dump(inputs, f, indent=1)
+            os.replace(manifest + ".tmp", manifest)
 
-    ckpt = os.path.abspath(args.src) if args.src else paths["convert"]
     if args.hf_dir:
         from megatron_jai.checkpoint.convert import DTYPES, hf_to_mcore
 
         stage("convert", f"HF {args.hf_dir} -> {paths['convert']}",
-              lambda out: log("    " + hf_to_mcore(args.hf_dir, out, name=f"{args.name}-base",
+              {"hf_dir": _identity(args.hf_dir), "dtype": args.dtype, "name": base.name},
+              lambda out: log("    " + hf_to_mcore(args.hf_dir, out, name=base.name, force=True,
                                                     dtype=DTYPES.get(args.dtype)).line()))
+        checkpoint = {"stage": digests["convert"]}
+    else:
+        checkpoint = _identity(args.src)
+    ckpt = os.path.abspath(args.src) if args.src else paths["convert"]
 
     tokenizer = args.tokenizer
     if tokenizer is None:
@@ -166,7 +216,8 @@ def run(args, log=print) -> dict:
 
         def make_tokenizer(out):
             r = train_bpe(args.thai_corpus, args.thai_vocab, thai_dir, threads=args.threads,
-                          max_sentences=args.max_sentences, verbose=False, force=True)
+                          max_sentences=args.max_sentences, clean=args.clean, verbose=False,
+                          force=True)
             log(f"    Thai BPE: {r.vocab_size} pieces from {r.sentences} sentences "
                 f"({r.characters} chars) in {r.seconds:.1f}s")
             e = extend_tokenizer(args.base_tokenizer, thai_dir, args.target_vocab, out,
@@ -175,26 +226,36 @@ def run(args, log=print) -> dict:
                 f"({e.dropped_unreachable} unreachable pieces dropped)")
 
         stage("tokenizer", f"train a {args.thai_vocab}-piece Thai BPE, merge to "
-              f"{args.target_vocab} ids", make_tokenizer, done_marker="vocab_map.json")
+              f"{args.target_vocab} ids",
+              {"thai_corpus": [_identity(p) for p in args.thai_corpus],
+               "base_tokenizer": _identity(args.base_tokenizer), "thai_vocab": args.thai_vocab,
+               "target_vocab": args.target_vocab, "max_sentences": args.max_sentences,
+               "clean": args.clean}, make_tokenizer)
+        tokenizer_identity = {"stage": digests["tokenizer"]}
+    else:
+        tokenizer_identity = _identity(tokenizer)
 
     from megatron_jai.upscale.vocab import extend_vocab
 
     def vocab(out):
         s = extend_vocab(ckpt, tokenizer, out, base_tokenizer=args.base_tokenizer,
                          norm_correction=args.norm_correction, name=f"{args.name}-vocab",
-                         force=args.force or out == paths[final_stage])
+                         force=True)
         log(f"    {s['base_vocab']} -> {s['vocab']} ids, {s['new_rows']} new rows")
 
-    stage("vocab", f"embedding surgery for {tokenizer}", vocab)
+    stage("vocab", f"embedding surgery for {tokenizer}",
+          {"checkpoint": checkpoint, "tokenizer": tokenizer_identity,
+           "base_tokenizer": _identity(args.base_tokenizer),
+           "norm_correction": args.norm_correction, "name": args.name}, vocab)
 
     from megatron_jai.upscale.dus import depth_upscale
 
     def dus(out):
-        s = depth_upscale(paths["vocab"], out, plan, name=f"{args.name}-dus",
-                          force=args.force or out == paths[final_stage])
+        s = depth_upscale(paths["vocab"], out, plan, name=f"{args.name}-dus", force=True)
         log(f"    {s['base_layers']} -> {s['layers']} layers, {s['skips']} skips")
 
-    stage("dus", plan.describe(), dus)
+    stage("dus", plan.describe(), {"checkpoint": {"stage": digests["vocab"]},
+                                   "plan": plan.to_dict(), "name": args.name}, dus)
 
     if args.experts:
         from megatron_jai.upscale.upcycle import upcycle
@@ -203,7 +264,10 @@ def run(args, log=print) -> dict:
             upcycle([paths["dus"]], out, args.experts, args.top_k, noise_std=args.noise_std,
                     router_std=args.router_std, name=args.name, force=True)
 
-        stage("moe", f"{args.experts} experts, top-{args.top_k}", moe)
+        stage("moe", f"{args.experts} experts, top-{args.top_k}",
+              {"checkpoint": {"stage": digests["dus"]}, "experts": args.experts,
+               "top_k": args.top_k, "noise_std": args.noise_std, "router_std": args.router_std,
+               "name": args.name}, moe)
 
     cfg = CheckpointReader(args.out).config
     if not args.keep_work:

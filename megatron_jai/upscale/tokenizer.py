@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Sequence
 
+from megatron_jai.data.tokenizer import TokenizerError
 from megatron_jai.paths import shared_path
 
 SP_MODEL_FILE = "tokenizer.model"
@@ -41,7 +42,7 @@ def iter_documents(path: str, json_key: str = "text") -> Iterator[str]:
     from megatron_jai.data.files import iter_lines as iter_raw_lines
 
     if not os.path.isfile(path):
-        raise ValueError(f"no such file: {path}")
+        raise TokenizerError(f"no such file: {path}")
     jsonl = is_jsonl(path)
     lineno = 0
     try:
@@ -55,12 +56,12 @@ def iter_documents(path: str, json_key: str = "text") -> Iterator[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from None
+                raise TokenizerError(f"{path}:{lineno}: not JSON ({e.msg})") from None
             if not isinstance(record, dict) or not isinstance(record.get(json_key), str):
-                raise ValueError(f"{path}:{lineno}: no text field {json_key!r}")
+                raise TokenizerError(f"{path}:{lineno}: no text field {json_key!r}")
             yield record[json_key]
     except (UnicodeDecodeError, EOFError, gzip.BadGzipFile, zlib.error) as e:
-        raise ValueError(f"{path}:{lineno + 1}: unreadable ({e})") from None
+        raise TokenizerError(f"{path}:{lineno + 1}: unreadable ({e})") from None
 
 
 def iter_lines(path: str, json_key: str = "text") -> Iterator[str]:
@@ -127,6 +128,18 @@ class TrainResult:
     seconds: float
 
 
+MIN_BPE_VOCAB = 300  # byte fallback alone takes 259 pieces
+
+
+def check_bpe_options(vocab_size: int, clean: str) -> None:
+    """The options :func:`train_bpe` refuses, checked before any work."""
+    if vocab_size < MIN_BPE_VOCAB:
+        raise TokenizerError(f"a BPE vocabulary needs at least {MIN_BPE_VOCAB} pieces (byte "
+                             f"fallback alone takes 259), got {vocab_size}")
+    if clean not in CLEANERS:
+        raise TokenizerError(f"unknown cleaner {clean!r}; choose from {sorted(CLEANERS)}")
+
+
 def train_bpe(
     inputs: Sequence[str],
     vocab_size: int,
@@ -153,14 +166,13 @@ def train_bpe(
     import sentencepiece as spm
     from tqdm import tqdm
 
-    if clean not in CLEANERS:
-        raise ValueError(f"unknown cleaner {clean!r}; choose from {sorted(CLEANERS)}")
+    check_bpe_options(vocab_size, clean)
     for path in inputs:
         if not os.path.isfile(path):
-            raise ValueError(f"no such file: {path}")
+            raise TokenizerError(f"no such file: {path}")
     cleaner = CLEANERS[clean]
     if os.path.exists(out_dir) and not force:
-        raise ValueError(f"{out_dir} exists (use --force to replace it)")
+        raise TokenizerError(f"{out_dir} exists (use --force to replace it)")
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     # Everything is built in a temporary sibling that becomes out_dir only when complete.
@@ -183,30 +195,33 @@ def train_bpe(
                         n_sent += 1
                         n_chars += len(sent)
         if n_sent == 0:
-            raise ValueError("the inputs hold no text")
+            raise TokenizerError("the inputs hold no text")
         prefix = os.path.join(tmp_dir, "tokenizer")
         start = time.time()
         spm.set_random_generator_seed(seed)
-        spm.SentencePieceTrainer.train(
-            input=corpus,
-            model_prefix=prefix,
-            model_type="bpe",
-            vocab_size=vocab_size,
-            character_coverage=character_coverage,
-            byte_fallback=True,
-            normalization_rule_name="identity",
-            add_dummy_prefix=True,
-            remove_extra_whitespaces=False,
-            split_digits=True,
-            allow_whitespace_only_pieces=True,
-            max_sentencepiece_length=max_piece_length,
-            max_sentence_length=4 * max_sentence_chars + 16,  # bytes (UTF-8 Thai: 3 per char)
-            input_sentence_size=max_sentences,
-            shuffle_input_sentence=True,
-            num_threads=threads,
-            unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-            minloglevel=0 if verbose else 2,
-        )
+        try:
+            spm.SentencePieceTrainer.train(
+                input=corpus,
+                model_prefix=prefix,
+                model_type="bpe",
+                vocab_size=vocab_size,
+                character_coverage=character_coverage,
+                byte_fallback=True,
+                normalization_rule_name="identity",
+                add_dummy_prefix=True,
+                remove_extra_whitespaces=False,
+                split_digits=True,
+                allow_whitespace_only_pieces=True,
+                max_sentencepiece_length=max_piece_length,
+                max_sentence_length=4 * max_sentence_chars + 16,  # bytes (UTF-8 Thai: 3 per char)
+                input_sentence_size=max_sentences,
+                shuffle_input_sentence=True,
+                num_threads=threads,
+                unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                minloglevel=0 if verbose else 2,
+            )
+        except RuntimeError as err:  # e.g. a vocabulary size the corpus cannot fill
+            raise TokenizerError(f"sentencepiece training failed: {err}") from None
         seconds = time.time() - start
         # The trainer spec records the temporary paths; store the inputs' names instead so that
         # retraining with the same command gives a byte-identical model.
@@ -302,10 +317,11 @@ def load_text_encoder(spec: str, threads: int = os.cpu_count() or 1) -> TextEnco
         if os.path.isfile(os.path.join(path, "tokenizer.model")):
             path = os.path.join(path, "tokenizer.model")
         else:
-            raise ValueError(f"{spec}: no tokenizer.json, vocab.json+merges.txt or tokenizer.model in it")
+            raise TokenizerError(f"{spec}: no tokenizer.json, vocab.json+merges.txt or "
+                                 f"tokenizer.model in it")
     if not os.path.isfile(path):
-        raise ValueError(f"no such tokenizer: {spec} (a file, a directory, or one of "
-                         f"{', '.join(SHARED_TOKENIZERS)})")
+        raise TokenizerError(f"no such tokenizer: {spec} (a file, a directory, or one of "
+                             f"{', '.join(SHARED_TOKENIZERS)})")
     if _is_sentencepiece(path):
         import sentencepiece as spm
 
@@ -325,7 +341,8 @@ def _load_tiktoken(path: str, name: str) -> TextEncoder:
     try:
         ranks = load_tiktoken_bpe(path)
     except Exception as e:  # noqa: BLE001 - any parse failure means "not a tiktoken file"
-        raise ValueError(f"{path}: neither a sentencepiece model nor tiktoken ranks ({e})") from None
+        raise TokenizerError(f"{path}: neither a sentencepiece model nor tiktoken ranks "
+                             f"({e})") from None
     enc = tiktoken.Encoding(name=os.path.basename(path), pat_str=LLAMA3_PATTERN,
                             mergeable_ranks=ranks, special_tokens={})
 
@@ -451,9 +468,9 @@ def read_model_proto(path: str):
         with open(path, "rb") as f:
             proto.ParseFromString(f.read())
     except Exception as e:  # noqa: BLE001 - protobuf raises its own DecodeError
-        raise ValueError(f"{path}: not a sentencepiece model ({e})") from None
+        raise TokenizerError(f"{path}: not a sentencepiece model ({e})") from None
     if not proto.pieces:
-        raise ValueError(f"{path}: not a sentencepiece model (no pieces)")
+        raise TokenizerError(f"{path}: not a sentencepiece model (no pieces)")
     return proto
 
 
@@ -466,7 +483,8 @@ def load_base_tokenizer(path: str) -> BaseTokenizer:
         return BaseTokenizer(os.path.dirname(path), read_model_proto(path), {}, {})
     model = os.path.join(path, SP_MODEL_FILE)
     if not os.path.isfile(model):
-        raise ValueError(f"{path}: no {SP_MODEL_FILE} (a sentencepiece base tokenizer is needed)")
+        raise TokenizerError(f"{path}: no {SP_MODEL_FILE} (a sentencepiece base tokenizer is "
+                             f"needed)")
     proto = read_model_proto(model)
     specials, config = {}, {}
     added = os.path.join(path, "added_tokens.json")
@@ -482,8 +500,8 @@ def load_base_tokenizer(path: str) -> BaseTokenizer:
                 specials.setdefault(tok["content"], int(sid))
     for content, sid in specials.items():
         if sid < len(proto.pieces) and proto.pieces[sid].piece != content:
-            raise ValueError(f"{path}: added token {content!r} has id {sid}, which is the "
-                             f"sentencepiece piece {proto.pieces[sid].piece!r}")
+            raise TokenizerError(f"{path}: added token {content!r} has id {sid}, which is the "
+                                 f"sentencepiece piece {proto.pieces[sid].piece!r}")
     specials = {c: i for c, i in specials.items() if i >= len(proto.pieces)}
     return BaseTokenizer(path, proto, specials, config)
 
@@ -542,8 +560,8 @@ def merge_pieces(base: BaseTokenizer, candidates: Sequence[str], n_new: int,
     special_ids = sorted(base.specials.values())
     expected = list(range(base.sp_size, base.sp_size + len(special_ids)))
     if special_ids != expected:
-        raise ValueError(f"base special tokens must have consecutive ids right after the "
-                         f"{base.sp_size} sentencepiece pieces; got {special_ids}")
+        raise TokenizerError(f"base special tokens must have consecutive ids right after the "
+                             f"{base.sp_size} sentencepiece pieces; got {special_ids}")
     by_id = {i: c for c, i in base.specials.items()}
     base_scores = [p.score for p in base.proto.pieces if p.type == Piece.NORMAL]
     scores = added_piece_scores(min(base_scores) if base_scores else 0.0, n_new)
@@ -565,11 +583,12 @@ def merge_pieces(base: BaseTokenizer, candidates: Sequence[str], n_new: int,
         log(f"round {rounds}: {len(chosen)} added, {len(bad)} unreachable")
         if not bad:
             if len(chosen) < n_new:
-                raise ValueError(f"only {len(chosen)} usable new pieces, {n_new} needed: train the "
-                                 f"added tokenizer with a larger --vocab-size")
+                raise TokenizerError(f"only {len(chosen)} usable new pieces, {n_new} needed: train the "
+                                     f"added tokenizer with a larger --vocab-size")
             return proto, len(rejected), rounds
         if rounds >= max_rounds:
-            raise RuntimeError(f"{len(bad)} added pieces still unreachable after {rounds} rounds")
+            raise TokenizerError(f"{len(bad)} added pieces still unreachable after {rounds} rounds; "
+                                 f"train the added tokenizer with other settings")
         rejected.update(proto.pieces[i].piece for i in bad)
 
 
@@ -596,15 +615,18 @@ def candidate_pieces(base: BaseTokenizer, add_proto, piece_filter: Callable[[str
     return out
 
 
-def hf_tokenizer_from_proto(proto, specials: dict):
+def hf_tokenizer_from_proto(proto, specials: dict, add_bos: bool = True):
     """A ``tokenizers.Tokenizer`` that encodes like the sentencepiece BPE ``proto`` (Llama-style,
-    non-legacy: the word-boundary "▁" is prepended to the first segment only).
+    non-legacy: the word-boundary "▁" is prepended to the first segment only), with the model's
+    normalizer (e.g. NFKC and whitespace folding of a sentencepiece default model) and a BOS
+    post-processor when ``add_bos``.
 
     sentencepiece BPE merges the adjacent pair whose union has the highest score; HF BPE merges the
     pair of lowest rank. Listing every split (left, right) of every piece, ranked by the piece's
     score, makes the two agree."""
     from sentencepiece import sentencepiece_model_pb2 as sp_pb2
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models, normalizers,
+                            pre_tokenizers, processors)
 
     Piece = sp_pb2.ModelProto.SentencePiece
     vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
@@ -620,8 +642,17 @@ def hf_tokenizer_from_proto(proto, specials: dict):
     merges.sort(key=lambda m: m[:3])
     model = models.BPE(vocab=vocab, merges=[(m[3], m[4]) for m in merges],
                        unk_token=proto.pieces[proto.trainer_spec.unk_id].piece,
-                       byte_fallback=True, fuse_unk=True)
+                       byte_fallback=proto.trainer_spec.byte_fallback, fuse_unk=True)
     tok = Tokenizer(model)
+    spec = proto.normalizer_spec
+    steps = [normalizers.Precompiled(spec.precompiled_charsmap)] if spec.precompiled_charsmap else []
+    if spec.remove_extra_whitespaces:  # spaces only, as sentencepiece does
+        # Leading spaces become the word boundary itself: removing them would shift the text off
+        # offset 0, where the pre-tokenizer's "first" scheme adds the dummy prefix.
+        steps += [normalizers.Replace(Regex(r"\A +\z| +\z"), ""),
+                  normalizers.Replace(Regex(r"\A +"), "\u2581"), normalizers.Replace(Regex(" {2,}"), " ")]
+    if steps:
+        tok.normalizer = normalizers.Sequence(steps)
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
     tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
                                      decoders.Fuse(), decoders.Strip(" ", 1, 0)])
@@ -630,20 +661,27 @@ def hf_tokenizer_from_proto(proto, specials: dict):
     tok.add_special_tokens([AddedToken(c, special=True, normalized=False) for c in controls])
     tok.add_special_tokens([AddedToken(c, special=True, normalized=False, lstrip=False, rstrip=False)
                             for c in sorted(specials, key=specials.get)])
-    bos = proto.pieces[ts.bos_id].piece
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, ts.bos_id)])
+    if add_bos and ts.bos_id >= 0:
+        bos = proto.pieces[ts.bos_id].piece
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, ts.bos_id)])
     return tok
 
 
-def _hf_config(base: BaseTokenizer, proto, specials: dict, padded_vocab: int) -> tuple:
+def hf_tokenizer_config(base: BaseTokenizer, proto, specials: dict, padded_vocab: int,
+                        add_bos: bool = True) -> tuple:
+    """``(tokenizer_config.json, special_tokens_map.json)`` dicts of a fast tokenizer made by
+    :func:`hf_tokenizer_from_proto`: the base's config with the added tokens of ``proto`` and
+    ``specials``; ``add_bos`` is the default of ``add_bos_token`` when the base does not set it."""
     ts = proto.trainer_spec
-    unk, bos, eos = (proto.pieces[i].piece for i in (ts.unk_id, ts.bos_id, ts.eos_id))
+    unk, bos, eos = (proto.pieces[i].piece if i >= 0 else None
+                     for i in (ts.unk_id, ts.bos_id, ts.eos_id))
     cfg = dict(base.config)
     decoder = {}
     for i in (ts.unk_id, ts.bos_id, ts.eos_id):
-        decoder[str(i)] = dict(content=proto.pieces[i].piece, special=True, lstrip=False,
-                               rstrip=False, normalized=False, single_word=False)
+        if i >= 0:
+            decoder[str(i)] = dict(content=proto.pieces[i].piece, special=True, lstrip=False,
+                                   rstrip=False, normalized=False, single_word=False)
     for content, i in sorted(specials.items(), key=lambda kv: kv[1]):
         # rstrip off (Phi-3 sets it on four tokens): sentencepiece cannot strip, and both
         # tokenizers must encode the same text to the same ids.
@@ -651,7 +689,7 @@ def _hf_config(base: BaseTokenizer, proto, specials: dict, padded_vocab: int) ->
                                normalized=False, single_word=False)
     cfg.update(tokenizer_class="PreTrainedTokenizerFast", added_tokens_decoder=decoder,
                bos_token=cfg.get("bos_token", bos), eos_token=cfg.get("eos_token", eos),
-               unk_token=cfg.get("unk_token", unk), add_bos_token=cfg.get("add_bos_token", True),
+               unk_token=cfg.get("unk_token", unk), add_bos_token=cfg.get("add_bos_token", add_bos),
                add_eos_token=cfg.get("add_eos_token", False), padded_vocab_size=padded_vocab)
     cfg.pop("legacy", None)
     special_map = {k: cfg[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token") if cfg.get(k)}
@@ -669,27 +707,28 @@ def extend_tokenizer(base_path: str, add_path: str, target_vocab: int, out_dir: 
     tokenizer; ``target_vocab`` = total ids of the result. Writes ``out_dir`` with
     ``tokenizer.model``, the HF files, ``added_tokens.json`` and ``vocab_map.json``."""
     if pieces not in PIECE_FILTERS:
-        raise ValueError(f"unknown piece filter {pieces!r}; choose from {sorted(PIECE_FILTERS)}")
+        raise TokenizerError(f"unknown piece filter {pieces!r}; choose from {sorted(PIECE_FILTERS)}")
     if os.path.exists(out_dir) and not force:
-        raise ValueError(f"{out_dir} exists (use --force to replace it)")
+        raise TokenizerError(f"{out_dir} exists (use --force to replace it)")
     base = load_base_tokenizer(base_path)
     add_file = os.path.join(add_path, SP_MODEL_FILE) if os.path.isdir(add_path) else add_path
     if not os.path.isfile(add_file):
-        raise ValueError(f"no sentencepiece model at {add_path}")
+        raise TokenizerError(f"no sentencepiece model at {add_path}")
     add_proto = read_model_proto(add_file)
     n_new = target_vocab - base.vocab_size
     if n_new <= 0:
-        raise ValueError(f"--target-vocab {target_vocab} must exceed the base vocabulary ({base.vocab_size})")
+        raise TokenizerError(f"--target-vocab {target_vocab} must exceed the base vocabulary "
+                             f"({base.vocab_size})")
     for field in ("add_dummy_prefix", "remove_extra_whitespaces"):
         if getattr(add_proto.normalizer_spec, field) != getattr(base.proto.normalizer_spec, field):
-            raise ValueError(f"{add_file}: normalizer {field} differs from the base tokenizer's; "
-                             f"train it with tools/train_tokenizer.py")
+            raise TokenizerError(f"{add_file}: normalizer {field} differs from the base tokenizer's; "
+                                 f"train it with tools/train_tokenizer.py")
     candidates = candidate_pieces(base, add_proto, PIECE_FILTERS[pieces])
     proto, dropped, rounds = merge_pieces(base, candidates, n_new, threads=threads, log=log)
 
     specials = dict(base.specials)
     padded = -(-target_vocab // make_vocab_size_divisible_by) * make_vocab_size_divisible_by
-    cfg, special_map = _hf_config(base, proto, specials, padded)
+    cfg, special_map = hf_tokenizer_config(base, proto, specials, padded)
     hf = hf_tokenizer_from_proto(proto, specials)
 
     parent = os.path.dirname(os.path.abspath(out_dir)) or "."
@@ -720,7 +759,7 @@ def extend_tokenizer(base_path: str, add_path: str, target_vocab: int, out_dir: 
 def load_vocab_map(tokenizer_dir: str) -> dict:
     path = os.path.join(tokenizer_dir, VOCAB_MAP_FILE)
     if not os.path.isfile(path):
-        raise ValueError(f"{tokenizer_dir}: no {VOCAB_MAP_FILE} "
-                         f"(write the tokenizer with tools/extend_tokenizer.py)")
+        raise TokenizerError(f"{tokenizer_dir}: no {VOCAB_MAP_FILE} "
+                             f"(write the tokenizer with tools/extend_tokenizer.py)")
     with open(path) as f:
         return json.load(f)

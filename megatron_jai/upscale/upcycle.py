@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from megatron_jai.checkpoint.stream import CheckpointReader, CheckpointWriter
+from megatron_jai.cli import UserError
 from megatron_jai.config import ModelConfig
 from megatron_jai.upscale.dus import copy_side_files, model_keys
 
@@ -48,7 +49,7 @@ ROUTER_LOGIT_STD = 0.01  # default router init: logit std (see the module docstr
 RENAMED = {DENSE_PRE_MLP_NORM: MOE_PRE_MLP_NORM}
 
 
-class UpcycleError(ValueError):
+class UpcycleError(UserError):
     """Inputs that cannot be upcycled together (a user error)."""
 
 

@@ -26,6 +26,7 @@ from typing import List, Optional
 import torch
 
 from megatron_jai.checkpoint.dist import TOKENIZER_SUBDIR
+from megatron_jai.data.tokenizer import TokenizerError
 from megatron_jai.paths import shared_path
 from megatron_jai.upscale.tokenizer import SP_MODEL_FILE, load_base_tokenizer, load_vocab_map
 
@@ -43,8 +44,9 @@ def base_splits(base_tokenizer: str, new_tokenizer: str, new_ids: List[int]) -> 
     new = load_base_tokenizer(new_tokenizer)
     for i in range(base.sp_size):
         if new.proto.pieces[i].piece != base.proto.pieces[i].piece:
-            raise ValueError(f"{new_tokenizer} was not extended from {base_tokenizer}: piece {i} is "
-                             f"{new.proto.pieces[i].piece!r} vs {base.proto.pieces[i].piece!r}")
+            raise TokenizerError(f"{new_tokenizer} was not extended from {base_tokenizer}: piece "
+                                 f"{i} is {new.proto.pieces[i].piece!r} vs "
+                                 f"{base.proto.pieces[i].piece!r}")
     check = sp_pb2.ModelProto()
     check.CopyFrom(base.proto)
     check.normalizer_spec.add_dummy_prefix = False
@@ -52,12 +54,13 @@ def base_splits(base_tokenizer: str, new_tokenizer: str, new_ids: List[int]) -> 
     texts = []
     for i in new_ids:
         if i >= len(new.proto.pieces):
-            raise ValueError(f"new id {i} is not a piece of {new_tokenizer}")
+            raise TokenizerError(f"new id {i} is not a piece of {new_tokenizer}")
         texts.append(new.proto.pieces[i].piece.replace("\u2581", " "))
     splits = sp.encode(texts)
     for i, text, ids in zip(new_ids, texts, splits):
         if not ids:
-            raise ValueError(f"new token {i} ({text!r}) encodes to nothing with the base tokenizer")
+            raise TokenizerError(f"new token {i} ({text!r}) encodes to nothing with the base "
+                                 f"tokenizer")
     return splits
 
 
@@ -87,7 +90,8 @@ def extend_vocab(src: str, tokenizer: str, out: str, base_tokenizer: Optional[st
     ``tokenizer`` (a directory written by tools/extend_tokenizer.py). Returns a summary dict."""
     from tqdm import tqdm
 
-    from megatron_jai.checkpoint.stream import CheckpointReader, CheckpointWriter
+    from megatron_jai.checkpoint.stream import (CheckpointFormatError, CheckpointReader,
+                                                CheckpointWriter)
     from megatron_jai.upscale.dus import model_keys
 
     base_tokenizer = base_tokenizer or shared_path("tokenizers", "phi3")
@@ -96,15 +100,15 @@ def extend_vocab(src: str, tokenizer: str, out: str, base_tokenizer: Optional[st
     reader = CheckpointReader(src)
     base_cfg = reader.config
     if len(old_to_new) > base_cfg.vocab_size:
-        raise ValueError(f"{tokenizer} maps {len(old_to_new)} base ids, but the checkpoint has only "
-                         f"{base_cfg.vocab_size} (wrong --tokenizer or checkpoint?)")
+        raise TokenizerError(f"{tokenizer} maps {len(old_to_new)} base ids, but the checkpoint has "
+                             f"only {base_cfg.vocab_size} (wrong --tokenizer or checkpoint?)")
     if len(set(old_to_new)) != len(old_to_new) or not all(0 <= i < new_vocab for i in old_to_new):
-        raise ValueError(f"{tokenizer}: vocab_map.json old_to_new is not a one-to-one map into "
-                         f"[0, {new_vocab})")
+        raise TokenizerError(f"{tokenizer}: vocab_map.json old_to_new is not a one-to-one map "
+                             f"into [0, {new_vocab})")
     base_vocab = load_base_tokenizer(base_tokenizer).vocab_size
     if base_vocab != len(old_to_new):
-        raise ValueError(f"base tokenizer {base_tokenizer} has {base_vocab} ids, the tokenizer's "
-                         f"vocab_map.json maps {len(old_to_new)}")
+        raise TokenizerError(f"base tokenizer {base_tokenizer} has {base_vocab} ids, the "
+                             f"tokenizer's vocab_map.json maps {len(old_to_new)}")
     kept = set(old_to_new)
     new_ids = [i for i in range(new_vocab) if i not in kept]
     splits = base_splits(base_tokenizer, tokenizer, new_ids)
@@ -112,12 +116,12 @@ def extend_vocab(src: str, tokenizer: str, out: str, base_tokenizer: Optional[st
 
     stacked, others = model_keys(reader)
     if EMBEDDING_KEY not in others:
-        raise ValueError(f"checkpoint {src} has no {EMBEDDING_KEY}")
+        raise CheckpointFormatError(f"checkpoint {src} has no {EMBEDDING_KEY}")
     table_keys = [k for k in (EMBEDDING_KEY, OUTPUT_KEY) if k in others]
     for key in table_keys:
         if reader.shape(key)[0] != base_cfg.padded_vocab_size:
-            raise ValueError(f"{key} has {reader.shape(key)[0]} rows, the config's padded vocabulary "
-                             f"is {base_cfg.padded_vocab_size}")
+            raise CheckpointFormatError(f"{key} has {reader.shape(key)[0]} rows, the config's "
+                                        f"padded vocabulary is {base_cfg.padded_vocab_size}")
     t0 = time.time()
     with CheckpointWriter(out, cfg, force=force) as writer:
         for key in tqdm(table_keys, desc="vocab tables", unit=" table", disable=not progress):

@@ -9,7 +9,7 @@ Usage: moe_layer_check.py CHECK...   (CHECK: reference | triton | model)
 * triton: the same layer with the Triton expert kernels (TRITON_INTERPRET=1, fp32) equals the
   torch reference backend.
 * model: a tiny-moe GPTModel puts JaiMoELayer in every MLP slot, exposes the documented checkpoint
-  keys with global shapes, and refuses sequence parallelism.
+  keys with global shapes.
 """
 import os
 import sys
@@ -160,14 +160,6 @@ def check_model():
 
     from megatron_jai.moe.layer import moe_layer_spec
 
-    sp_config = TINY_MOE.transformer_config()
-    sp_config.sequence_parallel = True
-    try:
-        build_module(moe_layer_spec(TINY_MOE), config=sp_config)
-    except ValueError as err:
-        assert "sequence parallel" in str(err), err
-    else:
-        raise AssertionError("sequence parallelism with MoE should be refused")
     # Megatron's selective recompute of "moe_act" turns on the kernels' SwiGLU recompute.
     assert not build_module(moe_layer_spec(TINY_MOE), config=TINY_MOE.transformer_config()) \
         .experts.recompute_activation

@@ -7,6 +7,11 @@
    batch per rank: finite, falling loss; the first steps' losses equal those of the same model at
    EP=1; router weights (data-parallel) stay identical on both ranks while the experts (one half
    per rank) differ; the load-balancing and z losses were active.
+3. Sequence parallelism: a DUS model (MoE layers and a skip) at TP=2 with sequence parallelism
+   gives the same loss and, after Megatron's finalize_model_grads, the same gradients of the
+   replicated parameters (norms, routers) and of the (sliced) experts, and the same gradient norm,
+   as TP=1; its checkpoint loads
+   at TP=1 without sequence parallelism with identical logits.
 
 Usage: moe_model_ep.py WORKDIR
 """
@@ -26,23 +31,27 @@ CFG = TINY_MOE.replace(num_layers=2)
 BATCH, SEQ = 2, 16
 
 
-def tokens_for(rank):
+def tokens_for(rank, length=SEQ):
     g = torch.Generator().manual_seed(1000 + rank)
-    return torch.randint(0, CFG.vocab_size, (BATCH, SEQ), generator=g)
+    return torch.randint(0, CFG.vocab_size, (BATCH, length), generator=g)
+
+
+def positions(tokens):
+    return torch.arange(tokens.shape[1]).expand_as(tokens)
 
 
 def logits_of(model, tokens):
     model.eval()
     with torch.no_grad():
-        out = model(tokens, torch.arange(SEQ).expand(BATCH, SEQ), None)
+        out = model(tokens, positions(tokens), None)
     model.train()
     return out
 
 
-def build(ep, seed, tp=1):
+def build(ep, seed, tp=1, cfg=CFG, **overrides):
     parallel.initialize(tp=tp, ep=ep, seed=seed)
     torch.manual_seed(seed)
-    return build_model(CFG, tp=tp, ep=ep)
+    return build_model(cfg, tp=tp, ep=ep, **overrides)
 
 
 def full_logits_of(model, tokens):
@@ -136,35 +145,31 @@ def check_tp_resharding(workdir):
     print(f"OK tp resharding rank={rank} TP2->TP1 and TP2->EP2 logits equal", flush=True)
 
 
-def train(ep, steps):
-    """Adam steps through Megatron-Core DDP + optimizer + pipeline schedule at the given EP (DP=2),
-    each data-parallel rank on its own fixed batch. Returns (model, per-step mean losses, the
-    reduced gradients of layer 0's MoE parameters at step 1)."""
+def wrap_ddp(model):
+    """Megatron-Core DDP with finalize_model_grads as the schedule's gradient finaliser."""
     from megatron.core.distributed import (
         DistributedDataParallel,
         DistributedDataParallelConfig,
         finalize_model_grads,
     )
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    parallel.initialize(ep=ep, seed=5)
-    torch.manual_seed(5)  # CPU initialisation does not depend on EP: the same model either way
-    rank = dist.get_rank()
-    tcfg = CFG.transformer_config(ep=ep)
-    model = build_model(CFG, tcfg)
+    tcfg = model.config
     ddp = DistributedDataParallel(tcfg, DistributedDataParallelConfig(grad_reduce_in_fp32=True),
                                   model)
-    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=3e-3, params_dtype=torch.float32,
-                                                 clip_grad=0.0),  # (Megatron clipping is CUDA-only)
-                                 [ddp])
     tcfg.no_sync_func = ddp.no_sync
     tcfg.finalize_model_grads_func = finalize_model_grads
-    tokens = tokens_for(rank)
-    positions = torch.arange(SEQ).expand(BATCH, SEQ)
+    return ddp
+
+
+def forward_backward(ddp, tokens):
+    """Gradients of the mean next-token loss on ``tokens`` [b, s + 1] (2 micro-batches of the same
+    batch) through Megatron's schedule; returns the mean loss."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
 
     def forward_step(_it, m):
-        out = m(tokens[:, :-1], positions[:, :-1], None, labels=tokens[:, 1:])
+        out = m(inputs, positions(inputs), None, labels=labels)
 
         def loss_func(o):
             mean = o.float().mean()
@@ -172,19 +177,45 @@ def train(ep, steps):
 
         return out, loss_func
 
+    ddp.zero_grad_buffer()
+    out = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=None, model=[ddp], num_microbatches=2,
+        seq_length=inputs.shape[1], micro_batch_size=inputs.shape[0], forward_only=False)
+    return torch.stack([o["loss"] for o in out]).mean()
+
+
+def optimizer(ddp):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    return get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=3e-3, params_dtype=torch.float32,
+                                                  clip_grad=0.0),  # (Megatron clipping is CUDA-only)
+                                  [ddp])
+
+
+def grad_norm(ddp):
+    """Megatron's global gradient norm of the reduced gradients (what clipping uses)."""
+    opt = optimizer(ddp)
+    opt.prepare_grads()  # main_grad -> grad, as step() does
+    return torch.tensor(opt.get_grad_norm())
+
+
+def train(ep, steps):
+    """Adam steps through Megatron-Core DDP + optimizer + pipeline schedule at the given EP (DP=2),
+    each data-parallel rank on its own fixed batch. Returns (model, per-step mean losses, the
+    reduced gradients of layer 0's MoE parameters at step 1)."""
+    model = build(ep=ep, seed=5)  # CPU initialisation does not depend on EP: the same model either way
+    ddp = wrap_ddp(model)
+    opt = optimizer(ddp)
+    tokens = tokens_for(dist.get_rank())
     losses, first_grads = [], None
     for _ in range(steps):
-        ddp.zero_grad_buffer()
         opt.zero_grad()
-        out = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=None, model=[ddp], num_microbatches=2,
-            seq_length=SEQ - 1, micro_batch_size=BATCH, forward_only=False)
+        loss = forward_backward(ddp, tokens)
         if first_grads is None:  # after DDP's reduction (finalize_model_grads)
             first_grads = {n.split("mlp.")[1]: p.main_grad.detach().clone()
                            for n, p in model.named_parameters() if "layers.0.mlp." in n}
         ok, grad_norm, _ = opt.step()
         assert ok and torch.isfinite(torch.tensor(grad_norm))
-        loss = torch.stack([o["loss"] for o in out]).mean()
         dist.all_reduce(loss)
         losses.append(loss.item() / 2)
     return model, losses, first_grads
@@ -223,10 +254,60 @@ def check_training(steps=12, compared=4):
           f"max_load={stats['moe/max_load']:.2f}", flush=True)
 
 
+def check_sequence_parallel(workdir):
+    from megatron_jai.config import SkipConnection
+
+    cfg = CFG.replace(num_layers=3, skip_connections=(SkipConnection(0, 2, 0.7, 0.6),))
+    tokens = tokens_for(0, SEQ + 1)  # the same batch on both ranks; SEQ divides over TP
+    rank = dist.get_rank()
+
+    def replicated(model):  # norms and routers: not split over TP
+        return {n: p for n, p in model.named_parameters()
+                if not getattr(p, "tensor_model_parallel", False) and ".experts." not in n}
+
+    def replicated_grads(model):
+        return {n: p.main_grad.clone() for n, p in replicated(model).items()}
+
+    sp = build(ep=1, seed=1, tp=2, cfg=cfg, sequence_parallel=True)
+    assert sp.config.sequence_parallel
+    assert all(p.sequence_parallel for p in replicated(sp).values())
+    root = os.path.join(workdir, "saved_tp2_sp")
+    save_checkpoint(root, [sp], cfg, iteration=1)
+    ref_logits = full_logits_of(sp, tokens[:, :-1])
+    sp_ddp = wrap_ddp(sp)
+    sp_loss = forward_backward(sp_ddp, tokens)
+    sp_norm = grad_norm(sp_ddp)  # (while the TP=2 process groups exist)
+    sp_grads = replicated_grads(sp)
+    experts = sp.decoder.layers[0].mlp.experts
+    sp_gu, sp_dn = experts.weight_gate_up.main_grad.clone(), experts.weight_down.main_grad.clone()
+
+    tp1 = build(ep=1, seed=2, cfg=cfg)  # a different init: the checkpoint must overwrite it
+    load_checkpoint(root, [tp1])
+    torch.testing.assert_close(logits_of(tp1, tokens[:, :-1]), ref_logits, rtol=1e-5, atol=1e-5)
+    tp1_ddp = wrap_ddp(tp1)
+    tp1_loss = forward_backward(tp1_ddp, tokens)
+    torch.testing.assert_close(sp_loss, tp1_loss, rtol=1e-6, atol=1e-6)
+    # The gradient norm (clipping) counts every TP shard of the experts once.
+    torch.testing.assert_close(sp_norm, grad_norm(tp1_ddp), rtol=1e-5, atol=0)
+    tp1_grads = replicated_grads(tp1)
+    assert set(sp_grads) == set(tp1_grads) and any("router" in n for n in sp_grads), sorted(sp_grads)
+    for name, grad in sp_grads.items():
+        torch.testing.assert_close(grad, tp1_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        assert grad.abs().max() > 0, name
+    ref_experts = tp1.decoder.layers[0].mlp.experts
+    want_gu, want_dn = experts.local_slices(ref_experts.weight_gate_up.main_grad,
+                                            ref_experts.weight_down.main_grad)
+    torch.testing.assert_close(sp_gu, want_gu, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(sp_dn, want_dn, rtol=1e-4, atol=1e-6)
+    print(f"OK sequence parallel rank={rank} TP2+SP == TP1 (loss {sp_loss.item():.4f}, "
+          f"{len(sp_grads)} replicated grads, experts), SP checkpoint loads at TP1", flush=True)
+
+
 def main():
     workdir = sys.argv[1]
     check_resharding(workdir)
     check_tp_resharding(workdir)
+    check_sequence_parallel(workdir)
     check_training()
     parallel.destroy()
 

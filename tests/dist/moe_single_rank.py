@@ -6,8 +6,10 @@ from megatron_jai.moe.dispatcher import AllToAllDispatcher
 from megatron_jai.moe.experts import GroupedExperts
 
 
-def single_rank_forward_backward(layer, tcfg, cfg, full_gate_up, full_down, x, upstream):
-    """Forward ``x`` through ``layer.router`` and full experts, backward ``upstream``.
+def single_rank_forward_backward(layer, tcfg, cfg, full_gate_up, full_down, x, upstream,
+                                 token_mask=None):
+    """Forward ``x`` through ``layer.router`` and full experts, backward ``upstream``
+    (``token_mask`` [s * b]: True = real token, for the router's losses).
 
     Returns ``(out, x_with_grad, routing, experts)``; the router's gradient lands in
     ``layer.router.weight.grad`` (the caller zeroes the layer's grads first)."""
@@ -19,7 +21,7 @@ def single_rank_forward_backward(layer, tcfg, cfg, full_gate_up, full_down, x, u
     dispatcher = AllToAllDispatcher(cfg.num_experts, None)
     x1 = x.clone().requires_grad_(True)
     tokens = x1.reshape(-1, x.shape[-1])
-    routing = layer.router(tokens)
+    routing = layer.router(tokens, token_mask)
     d = dispatcher.dispatch(tokens, routing.expert_ids, routing.weights)
     out = dispatcher.combine(experts(d.hidden, d.expert_ids, d.weights), d).view_as(x1)
     (out * upstream).sum().backward()

@@ -1,24 +1,32 @@
 """Loss and throughput curves from ``pretrain_jai.py --metrics-file`` JSON lines (one object per
 step with at least ``step``, ``loss``, ``lr``, ``grad_norm``, ``tokens_per_s``; optional
-``phase``, ``loss/<dataset>``, ``valid_loss``, ``tflops_per_gpu``, ``skipped``).
+``phase``, ``loss/<dataset>``, ``valid_loss``, ``tflops_per_gpu``, ``skipped``, ``moe/*`` router
+statistics, ``resumed_from``).
 
 Panels: training loss (per-dataset losses and validation loss when present, phase boundaries
 marked, skipped steps crossed), throughput (tokens/s; TFLOP/s per GPU on a second axis when
-present), and learning rate with gradient norm.
+present), learning rate with gradient norm, and for MoE runs the router (busiest expert's load vs
+the mean, routing entropy, dropped fraction). Resume points are dashed vertical lines on every
+panel.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
+
+from megatron_jai.cli import UserError
 
 REQUIRED_KEYS = ("step", "loss", "lr", "grad_norm", "tokens_per_s")
 
 
-class MetricsError(ValueError):
+class MetricsError(UserError):
     """An unreadable or empty metrics file (one-line message, meant for the user)."""
+
+
+ROUTER_KEYS = ("moe/max_load", "moe/entropy", "moe/dropped_fraction")
 
 
 @dataclass
@@ -27,6 +35,7 @@ class Run:
     records: List[dict]
     skipped_lines: int = 0
     label: str = ""
+    resumes: List[int] = field(default_factory=list)  # steps a resumed run continued from
 
     def series(self, key: str):
         """(steps, values) where the record has a finite number under ``key``."""
@@ -56,11 +65,15 @@ class Run:
 
 def read_metrics(path: str) -> Run:
     """Parse a metrics file. Lines that are not JSON objects (e.g. cut short by a kill) are
-    skipped and counted; when a step appears twice (a resumed run) the later record wins.
-    Records without a ``step`` or ``loss`` are ignored (e.g. evaluation-only lines)."""
+    skipped and counted. Records of the same step are merged (a later value wins); a step lower
+    than the last one (a run resumed from an earlier checkpoint into an uncut file) starts a new
+    line of descent: the records it replaces are dropped and the resume point is marked, as it is
+    for records with ``resumed_from``. Records without a ``loss`` are ignored (e.g.
+    evaluation-only lines)."""
     if not os.path.isfile(path):
         raise MetricsError(f"metrics file {path!r} does not exist")
     by_step: Dict[int, dict] = {}
+    resumes: List[int] = []
     skipped = 0
     with open(path, encoding="utf-8") as f:
         for line in f:
@@ -74,8 +87,15 @@ def read_metrics(path: str) -> Run:
             if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
                 skipped += 1
                 continue
-            merged = by_step.setdefault(rec["step"], {})
-            merged.update(rec)
+            step = rec["step"]
+            if by_step and step < max(by_step):  # rolled back: the newest line of descent wins
+                for old in [s for s in by_step if s >= step]:
+                    del by_step[old]
+                resumes = [r for r in resumes if r < step]
+                resumes.append(rec.get("resumed_from", step - 1))
+            elif isinstance(rec.get("resumed_from"), int):
+                resumes.append(rec["resumed_from"])
+            by_step.setdefault(step, {}).update(rec)
     records = [by_step[s] for s in sorted(by_step) if "loss" in by_step[s]]
     if not records:
         raise MetricsError(f"{path}: no step records with a loss ({skipped} unreadable lines)")
@@ -84,15 +104,16 @@ def read_metrics(path: str) -> Run:
         raise MetricsError(f"{path}: no {', '.join(missing)} in any record (is this a "
                            f"pretrain_jai.py --metrics-file?)")
     run = Run(path=path, records=records, skipped_lines=skipped,
-              label=os.path.splitext(os.path.basename(path))[0])
+              label=os.path.splitext(os.path.basename(path))[0], resumes=sorted(set(resumes)))
     if not run.series("loss")[0]:  # e.g. every step skipped with a NaN loss: nothing to draw
         raise MetricsError(f"{path}: no finite loss in {len(records)} step records")
     return run
 
 
 def plot_runs(runs: Sequence[Run], out_path: str, title: Optional[str] = None,
-              smooth: int = 1) -> None:
-    """Draw the panels for one or more runs into ``out_path`` (PNG; written atomically)."""
+              smooth: int = 1) -> List[str]:
+    """Draw the panels for one or more runs into ``out_path`` (PNG; written atomically).
+    Returns the panels' names (``loss``, ``throughput``, ``lr``, and ``router`` for MoE runs)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -109,7 +130,11 @@ def plot_runs(runs: Sequence[Run], out_path: str, title: Optional[str] = None,
             out.append(sum(acc) / len(acc))
         return out
 
-    fig, (ax_loss, ax_tput, ax_lr) = plt.subplots(3, 1, figsize=(10, 11), sharex=True)
+    panels = ["loss", "throughput", "lr"]
+    if any(run.series(key)[0] for run in runs for key in ROUTER_KEYS):
+        panels.append("router")
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 3.7 * len(panels)), sharex=True)
+    ax_loss, ax_tput, ax_lr = axes[:3]
     multi = len(runs) > 1
     for i, run in enumerate(runs):
         color = f"C{i}"
@@ -131,11 +156,17 @@ def plot_runs(runs: Sequence[Run], out_path: str, title: Optional[str] = None,
         starts = run.phase_starts() if not multi else []
         for k, (step, name) in enumerate(starts if len(starts) > 1 else []):
             if k:
-                for ax in (ax_loss, ax_tput, ax_lr):
+                for ax in axes:
                     ax.axvline(step, color="grey", ls=":", lw=1)
             ax_loss.annotate(f"phase {name}", (step, 0.98), xycoords=("data", "axes fraction"),
                              xytext=(3, 0), textcoords="offset points", va="top", ha="left",
                              fontsize=8, color="grey")
+        for k, step in enumerate(run.resumes):
+            for ax in axes:
+                ax.axvline(step, color=color, ls="--", lw=0.8, alpha=0.6,
+                           label=f"{prefix}resumed" if ax is ax_loss and not k else None)
+        if "router" in panels:
+            _plot_router(axes[3], run, color, prefix, smoothed)
         tx, ty = run.series("tokens_per_s")
         ax_tput.plot(tx, smoothed(ty), color=color, label=f"{prefix}tokens/s")
         fx, fy = run.series("tflops_per_gpu")
@@ -162,9 +193,9 @@ def plot_runs(runs: Sequence[Run], out_path: str, title: Optional[str] = None,
     ax_tput.legend(loc="lower left", fontsize=8)
     ax_tput.grid(alpha=0.3)
     ax_lr.set_ylabel("learning rate")
-    ax_lr.set_xlabel("step")
     ax_lr.legend(loc="upper right", fontsize=8)
     ax_lr.grid(alpha=0.3)
+    axes[-1].set_xlabel("step")
     fig.suptitle(title or ", ".join(r.label for r in runs))
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
@@ -176,6 +207,27 @@ def plot_runs(runs: Sequence[Run], out_path: str, title: Optional[str] = None,
         plt.close(fig)
         if os.path.exists(tmp):
             os.remove(tmp)
+    return panels
+
+
+def _plot_router(ax, run: Run, color: str, prefix: str, smoothed) -> None:
+    """Router panel: the busiest expert's load over the mean (1 = balanced) and the routing
+    entropy on the left axis, the dropped fraction of routed slots on the right."""
+    for key, style, label in (("moe/max_load", "-", "max load / mean"),
+                              ("moe/entropy", "--", "entropy (nats)")):
+        xs, ys = run.series(key)
+        if xs:
+            ax.plot(xs, smoothed(ys), color=color, ls=style, lw=1, label=f"{prefix}{label}")
+    dx, dy = run.series("moe/dropped_fraction")
+    if dx and any(dy):
+        twin = ax.twinx()
+        twin.plot(dx, smoothed(dy), color=color, ls=":", lw=0.8, alpha=0.7,
+                  label=f"{prefix}dropped fraction")
+        twin.set_ylabel("dropped fraction")
+        twin.legend(loc="lower right", fontsize=8)
+    ax.set_ylabel("router")
+    ax.legend(loc="upper right", fontsize=8)
+    ax.grid(alpha=0.3)
 
 
 def summarize(run: Run) -> str:
@@ -184,6 +236,7 @@ def summarize(run: Run) -> str:
     _, tput = run.series("tokens_per_s")
     steps = [r["step"] for r in run.records]
     mean_tput = sum(tput) / len(tput) if tput else float("nan")
+    resumes = f", resumed at step {', '.join(map(str, run.resumes))}" if run.resumes else ""
     return (f"{run.label}: steps {steps[0]}-{steps[-1]} ({len(steps)} records), loss "
             f"{losses[0]:.3f} -> {losses[-1]:.3f} (min {min(losses):.3f}), "
-            f"mean {mean_tput:,.0f} tokens/s")
+            f"mean {mean_tput:,.0f} tokens/s{resumes}")

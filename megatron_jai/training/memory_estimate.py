@@ -22,6 +22,7 @@ An estimate from first principles, not a measurement. Assumptions (Megatron-Core
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from megatron_jai.config import ModelConfig
 
@@ -65,11 +66,13 @@ def _gib(x: float) -> str:
     return f"{x / GiB:.1f} GiB"
 
 
-def check_layout(cfg: ModelConfig, world: int, tp: int, pp: int, ep: int) -> None:
-    """Raise ValueError when Megatron-Core cannot build this layout."""
+def check_layout(cfg: ModelConfig, world: int, tp: int, pp: int, ep: int,
+                 even: bool = True) -> None:
+    """Raise ValueError when Megatron-Core cannot build this layout (``even``: the layers split
+    evenly over the pipeline stages)."""
     if world % (tp * pp):
         raise ValueError(f"world size {world} is not a multiple of TP*PP = {tp * pp}")
-    if cfg.num_layers % pp:
+    if even and cfg.num_layers % pp:
         raise ValueError(f"PP={pp} does not divide {cfg.num_layers} layers")
     if cfg.num_attention_heads % tp or cfg.num_query_groups % tp:
         raise ValueError(f"TP={tp} does not divide the heads ({cfg.num_attention_heads}) and "
@@ -84,34 +87,30 @@ def check_layout(cfg: ModelConfig, world: int, tp: int, pp: int, ep: int) -> Non
         raise ValueError("EP > 1 needs an MoE model")
 
 
-def estimate(cfg: ModelConfig, world: int, tp: int, pp: int, ep: int = 1, seq_length: int = 4096,
-             micro_batch_size: int = 1, recompute: str = "none",
-             distributed_optimizer: bool = True) -> MemoryEstimate:
-    """Memory of the fullest GPU (the first or last pipeline stage) for this layout."""
-    check_layout(cfg, world, tp, pp, ep)
+def estimate_stages(cfg: ModelConfig, world: int, tp: int, pp: int, ep: int = 1,
+                    seq_length: int = 4096, micro_batch_size: int = 1, recompute: str = "none",
+                    distributed_optimizer: bool = True, stage_layers: Optional[list] = None,
+                    num_microbatches: Optional[int] = None) -> list:
+    """Memory of one GPU of every pipeline stage (a list of :class:`MemoryEstimate`).
+
+    ``stage_layers``: decoder layers per stage (an uneven split; default even);
+    ``num_microbatches``: micro-batches per step (caps the 1F1B in-flight count)."""
+    from megatron_jai.config import pipeline_stage_layers
+
+    check_layout(cfg, world, tp, pp, ep, even=stage_layers is None)
     if recompute not in ("none", "selective", "full"):
         raise ValueError(f"recompute must be 'none', 'selective' or 'full', got {recompute!r}")
+    stage_layers = stage_layers or pipeline_stage_layers(cfg.num_layers, pp)
     h, d = cfg.hidden_size, cfg.head_dim
     q_dim, kv_dim = cfg.num_attention_heads * d, cfg.num_query_groups * d
-    layers = cfg.num_layers // pp
     attention = h * q_dim * 2 + 2 * h * kv_dim
     norms = 2 * h
     router = h * cfg.num_experts if cfg.is_moe else 0
     ffn = cfg.expert_ffn_hidden_size if cfg.is_moe else cfg.ffn_hidden_size
     experts_per_layer = 3 * h * ffn * (cfg.num_experts if cfg.is_moe else 1)
     embedding = cfg.padded_vocab_size * h  # input table (first stage) or output layer (last)
-    n_tables = 2 if pp == 1 else 1  # the first stage has one table, the last the other + norm
-    dense_params = layers * (attention // tp + norms + router) + n_tables * embedding // tp + h
-    expert_params = layers * experts_per_layer // (ep * tp if cfg.is_moe else tp)
-    params = dense_params + expert_params
-
     dp = world // (tp * pp)
     edp = world // (pp * ep * tp) if cfg.is_moe else dp
-    if distributed_optimizer:
-        optimizer = 12.0 * (dense_params / dp + expert_params / edp)
-    else:
-        optimizer = 12.0 * params
-
     k = cfg.moe_top_k if cfg.is_moe else 1
     attn_bytes = 2 * h + 2 * h + 2 * (q_dim + 2 * kv_dim) + 2 * h
     mlp_bytes = 2 * h + (2 * h if cfg.is_moe else 0) + k * (2 * h + 2 * 2 * ffn + 2 * ffn + 2 * h)
@@ -123,18 +122,35 @@ def estimate(cfg: ModelConfig, world: int, tp: int, pp: int, ep: int = 1, seq_le
         stored, working = tokens * (attn_bytes + 2 * h) / tp, tokens * mlp_bytes / tp
     else:  # full: each layer's input is kept, the layer being recomputed is live
         stored, working = tokens * 2 * h / tp, per_layer
+    logits_bytes = 2 * 4.0 * tokens * cfg.padded_vocab_size / tp
+    bounds = [sum(stage_layers[:i]) for i in range(pp + 1)]
+    out = []
+    for stage, layers in enumerate(stage_layers):
+        first, last = stage == 0, stage == pp - 1
+        n_tables = int(first) + int(last)
+        dense = layers * (attention // tp + norms + router) + n_tables * embedding // tp \
+            + (h if last else 0)
+        experts = layers * experts_per_layer // (ep * tp if cfg.is_moe else tp)
+        params = dense + experts
+        optimizer = 12.0 * (dense / dp + experts / edp) if distributed_optimizer \
+            else 12.0 * params
+        # 1F1B: stage s keeps (PP - s) micro-batches between forward and backward.
+        in_flight = pp - stage if num_microbatches is None else min(pp - stage, num_microbatches)
+        # DUS skips: saved hidden states alive on this stage (saved here or carried through).
+        alive = sum(1 for sk in cfg.skip_connections
+                    if sk.source < bounds[stage + 1] and sk.target >= bounds[stage])
+        skips = in_flight * alive * tokens * 2 * h / tp
+        activations = in_flight * layers * stored + working + skips
+        out.append(MemoryEstimate(params=params, expert_params=experts, weights=2.0 * params,
+                                  grads=4.0 * params, optimizer=optimizer, activations=activations,
+                                  logits=logits_bytes if last else 0.0, reserve=RESERVE_BYTES,
+                                  dp=dp, edp=edp, distributed_optimizer=distributed_optimizer))
+    return out
 
-    def stage_activations(in_flight: int) -> float:
-        return in_flight * layers * stored + working
 
-    logits = 2 * 4.0 * micro_batch_size * seq_length * cfg.padded_vocab_size / tp
-    # 1F1B: the first stage keeps PP micro-batches between forward and backward, the last one
-    # (which also holds the logits) keeps one. Report the fuller of the two.
-    first = stage_activations(pp) + (logits if pp == 1 else 0.0)
-    last = stage_activations(1) + logits
-    activations, logits = (stage_activations(pp), 0.0 if pp > 1 else logits) if first >= last \
-        else (stage_activations(1), logits)
-    return MemoryEstimate(params=params, expert_params=expert_params, weights=2.0 * params,
-                          grads=4.0 * params, optimizer=optimizer, activations=activations,
-                          logits=logits, reserve=RESERVE_BYTES, dp=dp, edp=edp,
-                          distributed_optimizer=distributed_optimizer)
+def estimate(cfg: ModelConfig, world: int, tp: int, pp: int, ep: int = 1, seq_length: int = 4096,
+             micro_batch_size: int = 1, recompute: str = "none",
+             distributed_optimizer: bool = True) -> MemoryEstimate:
+    """Memory of the fullest GPU (the fullest pipeline stage) for this layout."""
+    return max(estimate_stages(cfg, world, tp, pp, ep, seq_length, micro_batch_size, recompute,
+                               distributed_optimizer), key=lambda e: e.total)

@@ -1,0 +1,285 @@
+"""Export to Hugging Face (the JAI architecture: skips, experts, RoPE interpolation), loading with
+transformers, logit parity with Megatron at TP=2 / PP=2 / EP=2, bit-exact round trips, skip alphas
+in train / eval mode, generation with a KV cache and padding, tokenizer export, bad input."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from conftest import REPO_ROOT, load_tool, torchrun
+from export_helpers import EXPERTS, JAI, SKIPS, safetensors_dict, save_hf_model, tiny_tokenizer
+from megatron_jai import cli
+from megatron_jai.checkpoint.convert import hf_to_mcore, mcore_to_hf
+from megatron_jai.checkpoint.stream import CheckpointReader
+
+PARITY = os.path.join(REPO_ROOT, "tests", "dist", "export_parity.py")
+# [name, hf_dir, mcore_dir, tp, pp, ep, first_stage_layers, last_stage_layers]
+CASES = [
+    ["skips+experts", "jai_hf", "jai_mc", 2, 1, 1, None, None],
+    ["skips+experts", "jai_hf", "jai_mc", 1, 2, 1, None, None],  # skips 0->2, 1->3 cross
+    ["skips+experts", "jai_hf", "jai_mc", 1, 2, 1, 1, 3],  # uneven: 0->2 crosses, 1->3 not
+    ["skips+experts", "jai_hf", "jai_mc", 1, 1, 2, None, None],
+    ["skips", "skips_hf", "skips_mc", 1, 2, 1, None, None],
+    ["skips", "skips_hf", "skips_mc", 2, 1, 1, None, None],
+    ["experts", "experts_hf", "experts_mc", 1, 1, 2, None, None],
+]
+
+
+def _tool(argv, name="convert_checkpoint"):
+    return cli.run(f"{name}.py", load_tool(name).main, argv)
+
+
+def _load(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=True,
+                                                dtype=torch.float32, attn_implementation="eager").eval()
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """HF model -> Megatron -> HF export for the skips-only and experts-only models; the JAI model
+    (skips + experts) is made by Megatron itself in the torchrun of ``parity``."""
+    root = tmp_path_factory.mktemp("export")
+    tok = tiny_tokenizer(str(root / "tok"))
+    for name, cfg in (("skips", SKIPS), ("experts", EXPERTS)):
+        save_hf_model(cfg, root / f"{name}_hf0")
+        hf_to_mcore(str(root / f"{name}_hf0"), str(root / f"{name}_mc"), progress=False)
+        mcore_to_hf(str(root / f"{name}_mc"), str(root / f"{name}_hf"), progress=False, tokenizer=tok)
+    os.makedirs(root / "jai")
+    JAI.save(str(root / "jai" / "model_config.json"))
+    with open(root / "cases.json", "w") as f:
+        json.dump(CASES, f)
+    return root, tok
+
+
+@pytest.fixture(scope="module")
+def parity(work):
+    root, tok = work
+    proc = torchrun(2, PARITY, root, tok, timeout=600)
+    results = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert len(results) == len(CASES), proc.stdout + proc.stderr
+    return results
+
+
+@pytest.mark.dist
+def test_logits_match_megatron_at_tp_pp_ep(parity):
+    for r in parity:
+        assert r["diff"] <= 1e-4, r
+        assert r["argmax"] == 1.0 and r["max_logit"] > 1.0, r  # logits large enough to mean something
+
+
+@pytest.mark.dist
+def test_export_layout_config_and_round_trip_are_bit_exact(work, parity, tmp_path):
+    """config.json, code, tokenizer and generation config of an export; mcore -> HF -> mcore and
+    HF -> mcore -> HF give identical tensors (and the same config.json)."""
+    root, tok = work
+    files = set(os.listdir(root / "jai_hf"))
+    assert {"config.json", "configuration_jai.py", "modeling_jai.py", "model.safetensors",
+            "generation_config.json", "tokenizer.json", "tokenizer.model",
+            "tokenizer_config.json", "special_tokens_map.json"} <= files, files
+    hf = json.load(open(root / "jai_hf" / "config.json"))
+    assert hf["model_type"] == "jai" and hf["auto_map"]["AutoModelForCausalLM"] == \
+        "modeling_jai.JaiForCausalLM"
+    assert hf["skip_connections"][1] == {"source": 1, "target": 3, "alpha_train": 0.5, "alpha_infer": 0.7}
+    assert (hf["num_local_experts"], hf["num_experts_per_tok"], hf["norm_topk_prob"]) == (4, 2, True)
+    assert (hf["bos_token_id"], hf["eos_token_id"], hf["pad_token_id"]) == (1, 2, 2)
+    assert "model.layers.3.block_sparse_moe.experts.3.w2.weight" in safetensors_dict(root / "jai_hf")
+    skips = json.load(open(root / "skips_hf" / "config.json"))
+    assert skips["rope_parameters"] == {"rope_type": "linear", "rope_theta": 40000.0, "factor": 2.0}
+    assert skips["rope_theta"] == 40000.0 and skips["rope_scaling"]["factor"] == 2.0
+    assert "model.layers.0.mlp.gate_proj.weight" in safetensors_dict(root / "skips_hf")
+    experts = json.load(open(root / "experts_hf" / "config.json"))
+    assert (experts["router_expert_bias"], experts["norm_topk_prob"]) == (True, False)
+    assert json.load(open(root / "jai_hf" / "generation_config.json")) == \
+        {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
+
+    for name in ("jai", "skips", "experts"):
+        mc, hf_dir = root / f"{name}_mc", root / f"{name}_hf"
+        hf_to_mcore(str(hf_dir), str(tmp_path / f"{name}_mc2"), progress=False)
+        mcore_to_hf(str(tmp_path / f"{name}_mc2"), str(tmp_path / f"{name}_hf2"), progress=False)
+        a, b = CheckpointReader(str(mc)), CheckpointReader(str(tmp_path / f"{name}_mc2"))
+        assert a.config.replace(name="") == b.config.replace(name=""), name
+        keys = [k for k in a.keys() if k.startswith(("embedding", "decoder", "output_layer"))]
+        assert keys and set(keys) <= set(b.keys()), name
+        vocab = a.config.vocab_size
+        for k in keys:
+            x, y = a.read(k), b.read(k)
+            if k in ("embedding.word_embeddings.weight", "output_layer.weight"):
+                # Rows past the vocabulary are Megatron's padding (random after Megatron's own
+                # init): not exported, zero after import.
+                assert not y[vocab:].any() and x.shape == y.shape, (name, k)
+                x, y = x[:vocab], y[:vocab]
+            assert torch.equal(x, y), (name, k)
+        x, y = safetensors_dict(hf_dir), safetensors_dict(tmp_path / f"{name}_hf2")
+        assert sorted(x) == sorted(y) and all(torch.equal(x[k], y[k]) for k in x), name
+        for f in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+            assert (hf_dir / f).read_bytes() == (tmp_path / f"{name}_hf2" / f).read_bytes(), (name, f)
+    x, y = safetensors_dict(root / "skips_hf0"), safetensors_dict(root / "skips_hf")
+    assert sorted(x) == sorted(y) and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_jai_config_round_trips_every_model_config():
+    from megatron_jai.checkpoint.hf_jai import jai_hf_config_from_model_config, model_config_from_jai
+    from megatron_jai.checkpoint.hf_phi3 import ConversionError
+    from megatron_jai.config import JAI_75B
+
+    for cfg in (JAI, SKIPS, EXPERTS, JAI_75B,
+                JAI_75B.replace(moe_capacity_factor=1.25, tie_embeddings=True, kv_channels=96)):
+        hf = jai_hf_config_from_model_config(cfg)
+        assert model_config_from_jai(hf, name=cfg.name) == cfg, cfg.name
+    with pytest.raises(ConversionError, match="skip_connections must be a list"):
+        model_config_from_jai({**hf, "skip_connections": [{"source": 1}]})
+    with pytest.raises(ConversionError, match="RoPE type 'yarn'"):
+        model_config_from_jai({**hf, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}})
+
+
+def test_dense_model_in_jai_format_round_trips(work, tmp_path):
+    """A dense model without skips exports as Phi-3 by default; --format jai gives the JAI layout,
+    which loads with the same logits and reads back bit-exact."""
+    from megatron_jai.checkpoint.hf_phi3 import hf_layout
+
+    root, tok = work
+    dense = SKIPS.replace(skip_connections=(), rotary_interpolation_factor=None)
+    assert hf_layout(dense) == "phi3" and hf_layout(SKIPS) == "jai"
+    assert hf_layout(EXPERTS.replace(moe_expert_bias=False, moe_normalize_topk=True)) == "mixtral"
+    assert hf_layout(EXPERTS) == hf_layout(dense.replace(rotary_interpolation_factor=4.0)) == "jai"
+    ref = save_hf_model(dense, tmp_path / "hf0").eval()
+    hf_to_mcore(str(tmp_path / "hf0"), str(tmp_path / "mc"), progress=False)
+    assert _tool(["mcore-to-hf", "--mcore-dir", str(tmp_path / "mc"), "--out", str(tmp_path / "hf"),
+                  "--tokenizer", tok, "--format", "jai", "--no-progress"]) == 0
+    x, y = safetensors_dict(tmp_path / "hf0"), safetensors_dict(tmp_path / "hf")
+    assert sorted(x) == sorted(y) and all(torch.equal(x[k], y[k]) for k in x)
+    ids = torch.randint(0, dense.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ref(ids).logits, _load(tmp_path / "hf")(ids).logits)
+
+
+def test_skip_alphas_follow_train_and_eval(work):
+    """model.train() blends with alpha_train, model.eval() with alpha_infer: the same as an eval
+    model whose inference alphas are the training ones."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    root, _ = work
+    model = _load(root / "skips_hf")
+    config = AutoConfig.from_pretrained(str(root / "skips_hf"), trust_remote_code=True)
+    config.skip_connections = [dict(s, alpha_infer=s["alpha_train"]) for s in config.skip_connections]
+    as_train = AutoModelForCausalLM.from_pretrained(str(root / "skips_hf"), config=config,
+                                                    trust_remote_code=True,
+                                                    attn_implementation="eager").eval()
+    ids = torch.randint(0, SKIPS.vocab_size, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        infer = model(ids).logits
+        train = model.train()(ids).logits
+        again = model.eval()(ids).logits
+        assert torch.equal(train, as_train(ids).logits)
+    assert torch.equal(infer, again) and (train - infer).abs().max() > 1e-3
+
+
+@pytest.mark.dist
+def test_generate_with_cache_padding_and_sdpa(work, parity):
+    """Greedy generate() of the JAI export: with the KV cache = without it, on a left-padded batch
+    (attention mask) = the padded prompt alone; SDPA = eager; gradient checkpointing runs."""
+    root, _ = work
+    model = _load(root / "jai_hf")
+    a, b = [5, 9, 14, 20, 7, 33], [12, 40, 3]
+    ids = torch.tensor([a, [2] * 3 + b])
+    mask = torch.tensor([[1] * 6, [0] * 3 + [1] * 3])
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=2, eos_token_id=None)
+    cached = model.generate(ids, attention_mask=mask, **kw)
+    assert torch.equal(cached, model.generate(ids, attention_mask=mask, use_cache=False, **kw))
+    alone = model.generate(torch.tensor([b]), **kw)  # the padded prompt
+    assert cached[1, -4:].tolist() == alone[0, -4:].tolist()
+    with torch.no_grad():
+        eager = model(ids, attention_mask=mask).logits[1, 3:]
+        model.set_attn_implementation("sdpa")
+        torch.testing.assert_close(model(ids, attention_mask=mask).logits[1, 3:], eager,
+                                   rtol=1e-5, atol=1e-5)
+    model.train()
+    model.gradient_checkpointing_enable()
+    model(ids, labels=ids).loss.backward()
+    assert model.model.embed_tokens.weight.grad is not None
+
+
+def test_tokenizer_travels_with_the_checkpoint(work, tmp_path):
+    """A checkpoint whose tokenizer/ holds a bare sentencepiece model (as vocabulary surgery and
+    training runs leave it) exports without --tokenizer: AutoTokenizer loads it offline and encodes
+    like our tokenizer, the special-token ids are set, generation config and chat template exist."""
+    from transformers import AutoTokenizer
+
+    from megatron_jai.data.tokenizer import load_tokenizer
+
+    root, tok = work
+    mc = tmp_path / "mc"
+    shutil.copytree(root / "experts_mc", mc)
+    shutil.rmtree(mc / "hf", ignore_errors=True)  # a checkpoint with no record of an HF original
+    os.makedirs(mc / "tokenizer")
+    shutil.copy(tok, mc / "tokenizer")  # keeps its own name, tiny_sp.model
+    assert _tool(["mcore-to-hf", "--mcore-dir", str(mc), "--out", str(tmp_path / "hf"),
+                  "--no-progress"]) == 0
+    config = json.load(open(tmp_path / "hf" / "config.json"))
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (1, 2, 2)
+    hf_tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True)
+    ours = load_tokenizer(tok)
+    for text in ("the red cat saw 3 big dogs.", "  Ｔｈｅ  wide   river ", "tab\tand\nnewline", ""):
+        assert hf_tok.encode(text, add_special_tokens=False) == ours.encode(text), text
+    assert (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id) == (1, 2, 2)
+    assert hf_tok.encode("the cat") == ours.encode("the cat")  # no BOS: training data has none
+    chat = hf_tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                      add_generation_prompt=True)
+    assert chat.startswith("<s><|user|>\nhi<|end|>\n<|assistant|>")
+
+
+def test_phi3_tokenizer_export(shared_dir, tmp_path):
+    """The Phi-3 layout (sentencepiece + added_tokens.json + config, no tokenizer.json): the export
+    encodes like sentencepiece, keeps its ids, chat template and BOS, and stops generation at
+    <|endoftext|> and <|end|>."""
+    from transformers import AutoTokenizer
+
+    from megatron_jai.data.tokenizer import load_tokenizer
+    from megatron_jai.hf.tokenizer import export_tokenizer
+
+    phi3 = os.path.join(shared_dir, "tokenizers", "phi3")
+    info = export_tokenizer(phi3, str(tmp_path), 32064, 4096)
+    assert info.token_ids() == {"bos_token_id": 1, "eos_token_id": 32000, "pad_token_id": 32000}
+    assert info.generation_config()["eos_token_id"] == [32000, 32007]
+    hf_tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    ours = load_tokenizer(phi3)
+    for text in ("Hello world!  Two  spaces\nnew line", "สวัสดีครับ ภาษาไทย 123", "emoji 😀 \t tab"):
+        assert hf_tok.encode(text, add_special_tokens=False) == ours.encode(text), text
+    assert hf_tok.encode("Hi")[0] == 1 and hf_tok.convert_tokens_to_ids("<|end|>") == 32007
+    assert "<|assistant|>" in hf_tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+    with pytest.raises(cli.UserError, match="32011 ids but the model only 300"):
+        export_tokenizer(phi3, str(tmp_path / "small"), 300)
+
+
+def test_bad_input_one_line_no_output(work, tmp_path, capsys):
+    root, tok = work
+    mc = tmp_path / "mc"
+    shutil.copytree(root / "skips_mc", mc)
+    shutil.rmtree(mc / "hf", ignore_errors=True)
+    out = tmp_path / "out"
+    cases = [
+        (["--mcore-dir", str(mc)], "carries no tokenizer; pass the one the model was trained with: "
+                                   "--tokenizer PATH"),
+        (["--mcore-dir", str(root / "skips_hf")], "is not a checkpoint"),
+        (["--mcore-dir", str(mc), "--tokenizer", str(tmp_path / "nope")], "does not exist"),
+        (["--mcore-dir", str(mc), "--tokenizer", str(mc)], "holds no loadable tokenizer"),
+    ]
+    for args, message in cases:
+        assert _tool(["mcore-to-hf", "--out", str(out), "--no-progress", *args]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("convert_checkpoint.py: error:"), lines
+        assert message in lines[0], lines
+        assert not os.path.exists(out) and sorted(os.listdir(tmp_path)) == ["mc"]
+    # compare_logits checks before any process group starts
+    for args, message in (
+            (["--hf-dir", str(root / "skips_hf"), "--mcore-dir", str(root / "experts_mc")],
+             "are different models (HF vs Megatron: num_experts 0 vs 4"),
+            (["--hf-dir", str(root / "skips_hf"), "--mcore-dir", str(mc), "--pp", "2",
+              "--first-stage-layers", "4"], "first pipeline stage must be between 1 and 3")):
+        assert _tool(args, "compare_logits") == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("compare_logits.py: error:") and message in lines[0], lines
