@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from eval_helpers import DENSE, export_hf, make_checkpoint, make_tokenizer, run_tool
+from eval_helpers import DENSE, JAI, export_hf, make_checkpoint, make_tokenizer, run_tool
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +26,11 @@ def models(tmp_path_factory, shared_dir):
             with gzip.open(os.path.join(shared_dir, rel), "rt", encoding="utf-8") as f:
                 for _, line in zip(range(n), f):
                     out.write(json.dumps({"text": json.loads(line)["text"][:700]}, ensure_ascii=False) + "\n")
-    yield {"root": root, "tokenizer": tok, "dense": dense, "texts": str(texts),
+    jai = make_checkpoint(str(root / "jai"), JAI, tok, seed=1)
+    yield {"root": root, "tokenizer": tok, "dense": dense, "jai": jai, "texts": str(texts),
            "uniform": make_checkpoint(str(root / "uniform"), DENSE, tok, uniform=True),
-           "hf": export_hf(dense, str(root / "hf"), tok)}
+           "hf": export_hf(dense, str(root / "hf"), tok),
+           "hf_jai": export_hf(jai, str(root / "hf_jai"), tok)}
     parallel.destroy()
 
 
@@ -94,9 +96,10 @@ def test_chrf_is_sacrebleus():
     assert chrf(refs, refs) == 100.0
 
 
-def test_checkpoint_and_hf_export_agree(models, tmp_path, capsys):
+@pytest.mark.parametrize("ckpt,hf", [("dense", "hf"), ("jai", "hf_jai")])
+def test_checkpoint_and_hf_export_agree(models, ckpt, hf, tmp_path, capsys):
     results = {}
-    for kind in ("dense", "hf"):
+    for kind in (ckpt, hf):
         out = tmp_path / f"{kind}.json"
         rc = run_tool("evaluate", "--model", models[kind], "--task", "ntrex_tha", "--task", "ntrex_en_th",
                       "--task", "iapp_qa", "--text", models["texts"], "--limit", 2, "--context", 128,
@@ -105,7 +108,7 @@ def test_checkpoint_and_hf_export_agree(models, tmp_path, capsys):
         assert rc == 0, captured.err
         assert "bits_per_char" in captured.out and "evaluate: 4 task(s)" in captured.out
         results[kind] = json.loads(out.read_text())
-    mc, hf = results["dense"], results["hf"]
+    mc, hf = results[ckpt], results[hf]
     assert mc["model"]["backend"] == "megatron" and hf["model"]["backend"] == "huggingface"
     assert set(mc["bits_per_char"]) == {"ntrex_tha", "valid_docs.jsonl"}
     for name, value in mc["bits_per_char"].items():

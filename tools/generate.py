@@ -93,7 +93,7 @@ def _generate(lm, ids, params, stop, use_cache):
 
     gen = lm.generate(ids, params, stop, use_cache=use_cache, on_token=show)
     if lm.is_main:
-        sys.stdout.write("\n")
+        sys.stdout.write(stream.finish() + "\n")
         sys.stdout.flush()
     return gen
 

@@ -283,3 +283,12 @@ class TextStream:
             return ""
         new, self.shown = text[len(self.shown):], text
         return new
+
+    def finish(self) -> str:
+        """What is still held back once generation has ended."""
+        text = self.tokenizer.decode(self.ids)
+        if self.stop.text_hit(text):
+            text = text[: len(text) - len(text.lstrip())] + self.stop.cut(text)
+        rest = text[len(self.shown):] if text.startswith(self.shown) else ""
+        self.shown = text
+        return rest

@@ -115,17 +115,19 @@ class MegatronLM(LanguageModel):
     backend = "megatron"
 
     def __init__(self, path: str, tokenizer: Optional[str] = None, tp: int = 1, pp: int = 1,
-                 ep: int = 1, dtype: str = "fp32", seed: int = 1234):
+                 ep: int = 1, dtype: str = "fp32", seed: int = 1234,
+                 first_stage_layers: Optional[int] = None, last_stage_layers: Optional[int] = None):
         import torch.distributed as dist
 
         self.path = path
-        reader, self.layout = check_megatron_layout(path, tp, pp, ep)
+        split = dict(first_stage_layers=first_stage_layers, last_stage_layers=last_stage_layers)
+        reader, self.layout = check_megatron_layout(path, tp, pp, ep, **split)
         self.cfg = reader.config
         self.vocab_size = self.cfg.vocab_size
         self.context_length = self.cfg.max_position_embeddings
         self.tokenizer = _load_tokenizer(resolve_tokenizer(path, "megatron", tokenizer), self.vocab_size)
         self._owns_process_group = not dist.is_initialized()
-        self.model = megatron_model(self.cfg, tp, pp, ep, DTYPES[dtype], reader, seed)
+        self.model = megatron_model(self.cfg, tp, pp, ep, DTYPES[dtype], reader, seed, **split)
         self.is_main = dist.get_rank() == 0
         self.iteration = reader.iteration
 
@@ -170,29 +172,36 @@ class MegatronLM(LanguageModel):
 
 
 def megatron_model(cfg, tp: int = 1, pp: int = 1, ep: int = 1, dtype: torch.dtype = torch.float32,
-                   reader=None, seed: int = 1234):
+                   reader=None, seed: int = 1234, first_stage_layers: Optional[int] = None,
+                   last_stage_layers: Optional[int] = None):
     """This rank's part of the model in eval mode (DUS skips blend with ``alpha_infer``), with
-    the weights of ``reader``'s checkpoint (a ``CheckpointReader``) or random ones. Initialises
-    the process groups for the layout (a process group that exists is kept)."""
+    the weights of ``reader``'s checkpoint (a ``CheckpointReader``) or random ones; an uneven
+    pipeline split with ``first/last_stage_layers``. Inference is dropless: an expert capacity
+    factor of training would drop tokens of a one-token decode step (and the HF export has none).
+    Initialises the process groups for the layout (a process group that exists is kept)."""
     from megatron_jai import parallel
     from megatron_jai.checkpoint.dist import load_checkpoint
     from megatron_jai.model import build_model
 
     parallel.initialize(tp=tp, pp=pp, ep=ep, seed=seed)
-    model = build_model(cfg, tp=tp, pp=pp, ep=ep, params_dtype=dtype)
+    model = build_model(cfg.replace(moe_capacity_factor=None), tp=tp, pp=pp, ep=ep,
+                        params_dtype=dtype, first_stage_layers=first_stage_layers,
+                        last_stage_layers=last_stage_layers)
     if reader is not None:
         load_checkpoint(reader.root, [model], iteration=reader.iteration)
     return model.eval()
 
 
-def check_megatron_layout(path: str, tp: int, pp: int, ep: int):
+def check_megatron_layout(path: str, tp: int, pp: int, ep: int,
+                          first_stage_layers: Optional[int] = None,
+                          last_stage_layers: Optional[int] = None):
     """The checkpoint reader, and ``TP=.. PP=.. EP=..`` after checking that this checkpoint and
     this torchrun job fit the layout (one clear line, before any rank builds anything)."""
     from megatron_jai.checkpoint.convert import validate_layout
     from megatron_jai.checkpoint.stream import CheckpointReader
 
     reader = CheckpointReader(path)
-    validate_layout(reader.config, tp, pp, ep)
+    validate_layout(reader.config, tp, pp, ep, first_stage_layers, last_stage_layers)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world % (tp * pp):
         raise UserError(f"{world} processes are not a multiple of TP*PP = {tp * pp}")
@@ -247,12 +256,15 @@ class HuggingFaceLM(LanguageModel):
 
 
 def load_language_model(path: str, tokenizer: Optional[str] = None, tp: int = 1, pp: int = 1,
-                        ep: int = 1, dtype: Optional[str] = None) -> LanguageModel:
+                        ep: int = 1, dtype: Optional[str] = None,
+                        first_stage_layers: Optional[int] = None,
+                        last_stage_layers: Optional[int] = None) -> LanguageModel:
     """A Megatron checkpoint or a Hugging Face directory (see the module docstring)."""
     dtype = dtype or default_dtype()
     if model_kind(path) == "megatron":
-        return MegatronLM(path, tokenizer, tp=tp, pp=pp, ep=ep, dtype=dtype)
-    if (tp, pp, ep) != (1, 1, 1):
-        raise UserError("--tp/--pp/--ep apply to Megatron checkpoints; a Hugging Face directory "
-                        "runs in one process")
+        return MegatronLM(path, tokenizer, tp=tp, pp=pp, ep=ep, dtype=dtype,
+                          first_stage_layers=first_stage_layers, last_stage_layers=last_stage_layers)
+    if (tp, pp, ep) != (1, 1, 1) or first_stage_layers or last_stage_layers:
+        raise UserError("--tp/--pp/--ep and stage layers apply to Megatron checkpoints; a Hugging "
+                        "Face directory runs in one process")
     return HuggingFaceLM(path, tokenizer, dtype=dtype)
