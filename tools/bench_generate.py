@@ -36,13 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=256, help="tokens generated per run")
     p.add_argument("--prompt-tokens", type=int, default=32, help="random prompt length")
     p.add_argument("--repeats", type=int, default=1, help="runs per mode (the best counts)")
-    p.add_argument("--tp", type=int, default=1, help="tensor parallel size")
-    p.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
-    p.add_argument("--ep", type=int, default=1, help="expert parallel size")
-    p.add_argument("--first-stage-layers", type=int, default=None,
-                   help="layers on the first pipeline stage (uneven split, PP >= 2)")
-    p.add_argument("--last-stage-layers", type=int, default=None,
-                   help="layers on the last pipeline stage (uneven split, PP >= 2)")
+    cli.add_layout_arguments(p)
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--check", type=float, default=None, metavar="X",

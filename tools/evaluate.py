@@ -45,13 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generation tasks as zero-shot chat turns (the tokenizer's chat template)")
     p.add_argument("--lm-eval-include", action="append", default=[], metavar="DIR",
                    help="more lm-eval task YAML folders (local data only)")
-    p.add_argument("--tp", type=int, default=1, help="tensor parallel size (checkpoints)")
-    p.add_argument("--pp", type=int, default=1, help="pipeline parallel size (checkpoints)")
-    p.add_argument("--ep", type=int, default=1, help="expert parallel size (checkpoints)")
-    p.add_argument("--first-stage-layers", type=int, default=None,
-                   help="layers on the first pipeline stage (uneven split, PP >= 2)")
-    p.add_argument("--last-stage-layers", type=int, default=None,
-                   help="layers on the last pipeline stage (uneven split, PP >= 2)")
+    cli.add_layout_arguments(p, " (checkpoints)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="compute dtype (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -34,13 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (0 = all)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (the same on every rank)")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole sequence each step")
-    p.add_argument("--tp", type=int, default=1, help="tensor parallel size")
-    p.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
-    p.add_argument("--ep", type=int, default=1, help="expert parallel size")
-    p.add_argument("--first-stage-layers", type=int, default=None,
-                   help="layers on the first pipeline stage (uneven split, PP >= 2)")
-    p.add_argument("--last-stage-layers", type=int, default=None,
-                   help="layers on the last pipeline stage (uneven split, PP >= 2)")
+    cli.add_layout_arguments(p)
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="compute dtype (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--output", default=None,
