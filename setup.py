@@ -43,7 +43,8 @@ setup(
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "apex"],
-        "eval": ["tiktoken", "tensorboard", "matplotlib"],
+        "eval": ["tiktoken", "tensorboard", "matplotlib", "sacrebleu>=2.4", "lm-eval>=0.4.13,<0.5",
+                 "accelerate>=0.26", "datasets"],
         "test": ["pytest", "pytest-timeout"],
     },
     ext_modules=ext_modules,

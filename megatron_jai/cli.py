@@ -46,6 +46,19 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text + " (default: %(default)s)"
 
 
+def add_layout_arguments(parser, note: str = "") -> None:
+    """The parallel layout a tool loads a checkpoint at: ``--tp --pp --ep`` and an uneven pipeline
+    split (any layout loads any checkpoint: tensors are stored with global shapes)."""
+    a = parser.add_argument
+    a("--tp", type=int, default=1, help=f"tensor parallel size{note}")
+    a("--pp", type=int, default=1, help=f"pipeline parallel size{note}")
+    a("--ep", type=int, default=1, help=f"expert parallel size{note}")
+    a("--first-stage-layers", type=int, default=None,
+      help="layers on the first pipeline stage (uneven split, PP >= 2)")
+    a("--last-stage-layers", type=int, default=None,
+      help="layers on the last pipeline stage (uneven split, PP >= 2)")
+
+
 def quiet_warnings() -> None:
     """Silence the library warnings a user cannot act on (Megatron-Core's TE/apex fallbacks and
     deprecations, torch's ShardedTensor/``load_state_dict`` FutureWarnings, transformers' notices).

@@ -167,18 +167,29 @@ def _fake_slurm(tmp_path):
     return bin_dir
 
 
+def _toy_config(tmp_path):
+    """A run config of a 64-layer MoE the size of a toy: the 75B's layouts pass the script's dry
+    run in seconds."""
+    from megatron_jai.config import TINY_MOE
+
+    TINY_MOE.replace(name="toy-64", num_layers=64).save(str(tmp_path / "toy64.json"))
+    config = tmp_path / "jai.yaml"
+    config.write_text("model: toy64.json\nseq_length: 4096\nmicro_batch_size: 1\n"
+                      "global_batch_size: 64\n")
+    return config
+
+
 def _run_sbatch(tmp_path, nodes, *args, config=None, **env):
     bin_dir = _fake_slurm(tmp_path) if not (tmp_path / "bin").exists() else tmp_path / "bin"
-    if config is None:
-        config = tmp_path / "jai.yaml"
-        config.write_text("seq_length: 4096\n")
+    config = config or _toy_config(tmp_path)
     out = tmp_path / "srun_args.txt"
     if out.exists():
         out.unlink()
     full_env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_NNODES": str(nodes),
                 "SLURM_JOB_NODELIST": f"node-[17-{16 + nodes}]", "SLURM_JOB_ID": "4242",
                 "FAKE_SRUN_OUT": str(out), "CONFIG": str(config), "RUN_DIR": str(tmp_path / "run"),
-                "JAI_REPO": REPO_ROOT, **env}
+                "JAI_REPO": REPO_ROOT, "PYTHON": sys.executable,
+                "DRY_RUN_ARGS": "--no-file-checks", **env}
     proc = run_cmd(["bash", SBATCH, *args], env=full_env, check=False)
     argv = out.read_text().splitlines() if out.exists() else None
     return proc, argv
@@ -240,15 +251,14 @@ def test_sbatch_time_limit_checkpoints_and_requeues(tmp_path):
     (bin_dir / "scontrol").write_text(
         '#!/bin/bash\nif [ "$1 $2" = "show hostnames" ]; then printf "node-17\\n"; '
         'else echo "scontrol $*" >> "$LOG"; fi\n')
-    config = tmp_path / "jai.yaml"
-    config.write_text("seq_length: 4096\n")
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
            "SLURM_NNODES": "8", "SLURM_JOB_NODELIST": "node-17", "SLURM_JOB_ID": "4242",
-           "FAKE_SRUN_OUT": str(tmp_path / "started"), "LOG": str(log), "CONFIG": str(config),
-           "RUN_DIR": str(tmp_path / "run"), "JAI_REPO": REPO_ROOT}
+           "FAKE_SRUN_OUT": str(tmp_path / "started"), "LOG": str(log),
+           "CONFIG": str(_toy_config(tmp_path)), "RUN_DIR": str(tmp_path / "run"),
+           "JAI_REPO": REPO_ROOT, "PYTHON": sys.executable, "DRY_RUN_ARGS": "--no-file-checks"}
     proc = subprocess.Popen(["bash", SBATCH], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 20
+    deadline = time.time() + 120  # the dry run comes first
     while not (tmp_path / "started").exists() and time.time() < deadline:
         time.sleep(0.05)
     assert (tmp_path / "started").exists(), "srun was not launched"

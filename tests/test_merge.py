@@ -313,7 +313,10 @@ def test_layouts_merge_then_train_and_export(tmp_path):
     assert "summary: 3 steps to iteration 3" in text, text
 
     merged = CheckpointReader(str(tmp_path / "merged"))
-    mcore_to_hf(str(tmp_path / "merged"), str(tmp_path / "hf"), progress=False)
+    from export_helpers import tiny_tokenizer
+
+    mcore_to_hf(str(tmp_path / "merged"), str(tmp_path / "hf"), progress=False,
+                tokenizer=tiny_tokenizer(str(tmp_path / "tok")))  # the inputs carry none
     with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
         names = list(f.keys())
         down = [n for n in names if "layers.1." in n and "experts" in n and ("w2" in n or "down" in n)]

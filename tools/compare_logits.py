@@ -29,13 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hf-dir", required=True, help="Hugging Face directory (Phi-3, Mixtral, JAI)")
     p.add_argument("--mcore-dir", required=True, help="Megatron-Core checkpoint root")
-    p.add_argument("--tp", type=int, default=1, help="tensor parallel size")
-    p.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
-    p.add_argument("--ep", type=int, default=1, help="expert parallel size (MoE / Mixtral)")
-    p.add_argument("--first-stage-layers", type=int, default=None,
-                   help="layers of the first pipeline stage (uneven split)")
-    p.add_argument("--last-stage-layers", type=int, default=None,
-                   help="layers of the last pipeline stage (uneven split)")
+    cli.add_layout_arguments(p)
     p.add_argument("--seq-len", type=int, default=32, help="tokens per sequence")
     p.add_argument("--batch", type=int, default=2, help="sequences")
     p.add_argument("--seed", type=int, default=0, help="seed of the random token ids")

@@ -18,6 +18,7 @@ assumed to be on GPUs (bf16 and the distributed optimizer unless the config says
 from __future__ import annotations
 
 import os
+import sys
 from typing import Optional
 
 from megatron_jai.training.faults import TrainingError
@@ -266,8 +267,9 @@ class DryRun:
     def _finish(self, cfg, phases, world: int) -> int:
         for line in self.out:
             print(line)
+        sys.stdout.flush()
         for message in self.problems:
-            print(f"{self.prog}: error: {message}", flush=True)
+            print(f"{self.prog}: error: {message}", file=sys.stderr, flush=True)
         what = f"{cfg.name} on {world} GPU(s)" if cfg is not None else f"{world} GPU(s)"
         if self.problems:
             print(f"dry run: {len(self.problems)} problem(s) that would fail the launch of {what}")

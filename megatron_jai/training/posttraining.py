@@ -412,11 +412,17 @@ def _forward_only(trainer, model, batches: list, seq_length: int, mbs: int) -> l
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     collect: list = []
+    # The routers' load counts for aux-loss-free balancing belong to training steps only.
+    counters = [m.local_tokens_per_expert for m in model.modules()
+                if isinstance(getattr(m, "local_tokens_per_expert", None), torch.Tensor)]
+    saved = [c.clone() for c in counters]
     with torch.no_grad():
         get_forward_backward_func()(
             forward_step_func=_logps_forward_step(collect), data_iterator=iter(batches),
             model=[model], num_microbatches=len(batches), seq_length=seq_length,
             micro_batch_size=2 * mbs, forward_only=True)
+        for counter, value in zip(counters, saved):
+            counter.copy_(value)
     if trainer.cfg.is_moe:  # the reference's routing is not the next step's statistics
         from megatron_jai.moe.layer import collect_router_stats
 
@@ -469,9 +475,9 @@ def reference_pass(trainer, prefix: str, seq_length: int, identity: dict, object
     dist.all_reduce(counts)
     elapsed = time.perf_counter() - t0
     path = reference_file(prefix, identity)
+    if bool((counts == 0).any()):  # the same on every rank (all-reduced)
+        raise TrainingError(f"reference pass over {prefix}: some pairs were not scored")
     if trainer.rank == 0:
-        if bool((counts == 0).any()):
-            raise TrainingError(f"reference pass over {prefix}: some pairs were not scored")
         values = (sums / counts[:, None]).cpu().numpy()
         _write_reference_file(path, prefix, identity, values[:, :2], values[:, 2:], seq_length)
         tokens = 2 * total * seq_length
