@@ -127,10 +127,12 @@ def test_rollback_keep_last_extension_and_bad_inputs(tmp_path, common, corpus):
     # A: 6 steps, a checkpoint every 2, keep 2; validation every 2 steps on its own data.
     run_python(PRETRAIN, *common, "--train-iters", 6, "--save", root, "--save-interval", 2,
                "--keep-last", 2, "--eval-interval", 2, "--eval-iters", 1,
-               "--valid-data-path", corpus["thai"], "--metrics-file", first)
+               "--valid-data-path", 0.5, corpus["thai"], 0.5, corpus["english"],
+               "--metrics-file", first)
     a = {r["step"]: r for r in read_metrics(first)}
     assert iterations(root) == ["iter_0000004", "iter_0000006"]
     assert [s for s, r in a.items() if "valid_loss" in r] == [2, 4, 6]
+    assert {"valid_loss/thai", "valid_loss/english"} <= set(a[2])  # the validation blend's own
 
     # A typo in --data-path with --overwrite-save: refused before anything is deleted.
     proc = run_python(PRETRAIN, *common[2:], "--data-path", tmp_path / "typo", "--train-iters", 2,

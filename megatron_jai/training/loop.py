@@ -402,15 +402,18 @@ class Trainer:
         return batches, scale
 
     def run_schedule(self, model, batches: list, run: PhaseRun, scale: float,
-                     forward_only: bool, inject_nan: bool = False) -> list:
-        """Megatron's forward(-backward) schedule over ``batches`` with the objective's loss."""
+                     forward_only: bool, inject_nan: bool = False,
+                     labels: Optional[tuple] = None) -> list:
+        """Megatron's forward(-backward) schedule over ``batches`` with the objective's loss;
+        ``labels``: the datasets of the batches' blend (default the phase's training blend)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         objective = self.objective
+        labels = run.labels if labels is None else labels
 
         def forward_step(data_iter, chunk):
             batch = next(data_iter)
-            output, loss_terms = objective.forward(chunk, batch, run.labels)
+            output, loss_terms = objective.forward(chunk, batch, labels)
             return output, make_loss_func(loss_terms, scale, inject_nan)
 
         return get_forward_backward_func()(
@@ -519,12 +522,16 @@ class Trainer:
         if self.objective.valid_alphas == "inference" and self.cfg.skip_connections and \
                 any(s.alpha_train != s.alpha_infer for s in self.cfg.skip_connections):
             modes.append(("_train_alphas", "train"))
+        phase = run.phase
+        labels = phase.valid_dataset_names or tuple(f"valid{i}"
+                                                    for i in range(len(phase.valid_blend)))
+        names = self.objective.stat_names(labels)
         self.ddp_model.eval()
         try:
             for suffix, alphas in modes:
                 it = data_iterator(run.valid_ds, 0, min(len(run.valid_ds), args.eval_iters * run.gbs),
                                    run.mbs, self.dp_rank, self.dp, 0, self.objective.collate)
-                total = torch.zeros(len(run.stat_names), dtype=torch.float64)
+                total = torch.zeros(len(names), dtype=torch.float64)
                 with torch.no_grad(), skip_alphas(self.model, alphas):
                     for _ in range(args.eval_iters):
                         try:
@@ -532,12 +539,11 @@ class Trainer:
                         except StopIteration:
                             break
                         batches = self.objective.prepare_batches(self, batches, run,
-                                                                 run.phase.valid_blend)
+                                                                 phase.valid_blend)
                         losses = self.run_schedule(self.ddp_model, batches, run, scale,
-                                                   forward_only=True)
-                        total += self.reduce_stats(losses, len(run.stat_names))[0]
-                metrics = self.objective.summarize(sums_by_name(total, run.stat_names),
-                                                   run.labels)
+                                                   forward_only=True, labels=labels)
+                        total += self.reduce_stats(losses, len(names))[0]
+                metrics = self.objective.summarize(sums_by_name(total, names), labels)
                 out.update({f"valid_{k}{suffix}": v for k, v in metrics.items()})
         finally:
             self.ddp_model.train()
