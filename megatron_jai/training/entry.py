@@ -13,7 +13,6 @@ def train_main(prog: str, argv: list, parser=None,
 
     quiet_warnings()
     from megatron_jai.training.arguments import parse_args
-    from megatron_jai.training.faults import TrainingError
 
     try:
         args = parse_args(argv, parser)
@@ -24,8 +23,8 @@ def train_main(prog: str, argv: list, parser=None,
             return dry_run(args, objective, prog)
         from megatron_jai.training.loop import run
 
-        return run(args, objective, prog)
-    except (TrainingError, UserError) as err:
+        return run(args, objective)
+    except UserError as err:  # TrainingError and the package's other error types
         rank = int(os.environ.get("RANK", "0"))
         specific = getattr(err, "rank_specific", False)
         if specific or rank == 0:

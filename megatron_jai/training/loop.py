@@ -66,13 +66,13 @@ class PhaseRun:
     valid_ds: object
     scheduler: object
     num_micro: int  # micro-batches per step on each DP rank
+    tokens_per_step: int  # all positions of a global batch (DPO: both answers of each pair)
     data_iter: object = None
 
 
 @dataclass
 class StepResult:
     step: int
-    sums: dict
     lr: float
     grad_norm: float
     updated: bool
@@ -354,7 +354,9 @@ class Trainer:
                                           args.use_checkpoint_schedule):
                 self._print(f"phase {phase.name}: {line}")
         run = PhaseRun(index, phase, gbs, mbs, iters, labels, self.objective.stat_names(labels),
-                       train_ds, valid_ds, scheduler, num_micro=gbs // (mbs * self.dp))
+                       train_ds, valid_ds, scheduler, num_micro=gbs // (mbs * self.dp),
+                       tokens_per_step=gbs * phase.seq_length
+                       * self.objective.sequences_per_sample)
         run.data_iter = data_iterator(train_ds, state.phase_consumed_samples, iters * gbs, mbs,
                                       self.dp_rank, self.dp, args.num_workers,
                                       self.objective.collate)
@@ -396,10 +398,10 @@ class Trainer:
                                     f"({self.cfg.vocab_size} ids)", rank_specific=True)
             units += self.objective.units(batch)
             batches.append({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
-        total = torch.tensor([float(units)], dtype=torch.float64, device=self.device)
+        total = torch.tensor(float(units), dtype=torch.float32, device=self.device)
         dist.all_reduce(total, group=ps.get_data_parallel_group())
-        scale = num_micro * self.dp / float(total) if total > 0 else 0.0
-        return batches, scale
+        # A device tensor: no host synchronisation (no units at all: every loss sum is 0 anyway).
+        return batches, num_micro * self.dp / total.clamp(min=1.0)
 
     def run_schedule(self, model, batches: list, run: PhaseRun, scale: float,
                      forward_only: bool, inject_nan: bool = False,
@@ -440,14 +442,13 @@ class Trainer:
         step = self.state.iteration + 1
         t0 = time.perf_counter()
         batches, scale = self.global_batch(run.data_iter, run.num_micro)
-        batches = self.objective.prepare_batches(self, batches, run, run.phase.blend)
+        batches = self.objective.prepare_batches(self, batches, run)
         self.ddp_model.zero_grad_buffer()
         self.optimizer.zero_grad()
         losses = self.run_schedule(self.ddp_model, batches, run, scale, forward_only=False,
                                    inject_nan=step in self._inject)
         stats, preempted = self.reduce_stats(losses, len(run.stat_names), preemption.requested)
-        sums = sums_by_name(stats, run.stat_names)
-        metrics = self.objective.summarize(sums, run.labels)
+        metrics = self.objective.summarize(sums_by_name(stats, run.stat_names), run.labels)
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
         updated, grad_norm = self._optimizer_step(math.isfinite(metrics["loss"]))
         if updated:
@@ -458,8 +459,8 @@ class Trainer:
                 update_expert_biases(self.model)
         if self.on_gpu:  # the optimizer step's kernels belong to this step's time
             torch.cuda.synchronize()
-        return StepResult(step, sums, lr, grad_norm, updated, time.perf_counter() - t0,
-                          preempted, metrics)
+        return StepResult(step, lr, grad_norm, updated, time.perf_counter() - t0, preempted,
+                          metrics)
 
     def _optimizer_step(self, loss_finite: bool) -> tuple:
         """Megatron's optimizer step, split so a non-finite loss or gradient skips the update."""
@@ -481,11 +482,10 @@ class Trainer:
     def advance(self, run: PhaseRun, result: StepResult) -> None:
         """Count the step in the training state (what the next checkpoint records)."""
         state = self.state
-        tokens = run.gbs * run.phase.seq_length * self.objective.sequences_per_sample
         state.iteration = result.step
         state.phase_step += 1
         state.phase_consumed_samples += run.gbs
-        state.consumed_tokens += tokens
+        state.consumed_tokens += run.tokens_per_step
         self.skips.record(not result.updated)
         state.skipped_steps = self.skips.total
         state.scheduler = run.scheduler.state_dict()
@@ -494,10 +494,9 @@ class Trainer:
             state.finish_phase(run.phase.name, run.scheduler.state_dict())
 
     def step_record(self, run: PhaseRun, result: StepResult) -> dict:
-        tokens = run.gbs * run.phase.seq_length * self.objective.sequences_per_sample
         record = {"step": result.step, "phase": run.phase.name, **result.metrics,
                   "lr": result.lr, "grad_norm": result.grad_norm,
-                  **throughput(tokens, result.elapsed,
+                  **throughput(run.tokens_per_step, result.elapsed,
                                self.cfg.flops_per_token(run.phase.seq_length), self.world,
                                self.args.peak_tflops),
                   "skipped": not result.updated, "skipped_total": self.skips.total,
@@ -538,8 +537,7 @@ class Trainer:
                             batches, scale = self.global_batch(it, run.num_micro)
                         except StopIteration:
                             break
-                        batches = self.objective.prepare_batches(self, batches, run,
-                                                                 phase.valid_blend)
+                        batches = self.objective.prepare_batches(self, batches, run)
                         losses = self.run_schedule(self.ddp_model, batches, run, scale,
                                                    forward_only=True, labels=labels)
                         total += self.reduce_stats(losses, len(names))[0]
@@ -547,6 +545,10 @@ class Trainer:
                 out.update({f"valid_{k}{suffix}": v for k, v in metrics.items()})
         finally:
             self.ddp_model.train()
+            if self.cfg.is_moe:  # evaluation's routing is not the next step's statistics
+                from megatron_jai.moe.layer import collect_router_stats
+
+                collect_router_stats(self.model)
         return out
 
     # == the loop ===============================================================================
@@ -590,10 +592,6 @@ class Trainer:
                     if args.eval_interval and run.valid_ds is not None and \
                             result.step % args.eval_interval == 0:
                         record.update(self.evaluate(run))
-                        if self.cfg.is_moe:  # evaluation's routing is not the next step's
-                            from megatron_jai.moe.layer import collect_router_stats
-
-                            collect_router_stats(self.model)
                     self.metrics.log(record)
                     self.skips.check(result.step)
                     self._count(summary, run, result)
@@ -618,7 +616,7 @@ class Trainer:
             summary.first_loss = loss
         summary.last_loss, summary.steps = loss, summary.steps + 1
         if summary.steps > 1:
-            self._rate[0] += run.gbs * run.phase.seq_length * self.objective.sequences_per_sample
+            self._rate[0] += run.tokens_per_step
             self._rate[1] += result.elapsed
 
     def after_step(self, run: PhaseRun, result: StepResult, summary: RunSummary) -> bool:
@@ -761,7 +759,7 @@ def _plain(obj):
     return str(obj)
 
 
-def run(args, objective: Optional[Objective] = None, prog: str = "pretrain_jai.py") -> int:
+def run(args, objective: Optional[Objective] = None) -> int:
     """Set up, train all phases, print the summary. Returns the exit code."""
     from megatron_jai import parallel
 

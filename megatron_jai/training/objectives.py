@@ -71,9 +71,9 @@ class Objective:
     def collate(self, items: list) -> dict:
         return collate(items)
 
-    def prepare_batches(self, trainer, batches: list, run, blend) -> list:
-        """The step's (device) micro-batches before the schedule runs (e.g. DPO attaches its
-        reference log-probs); ``blend`` is the data they come from."""
+    def prepare_batches(self, trainer, batches: list, run) -> list:
+        """The step's (device) micro-batches before the schedule runs (e.g. DPO's live reference
+        attaches its log-probs)."""
         return batches
 
     def units(self, batch: dict) -> int:
@@ -88,12 +88,24 @@ class Objective:
         return names
 
     def forward(self, model, batch: dict, labels: tuple) -> tuple:
-        """Run the model on a (device) micro-batch. Returns ``(output, loss_terms)`` where
-        ``loss_terms(output) -> (loss_sum, stats)`` on the last pipeline stage."""
-        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-        return output, lambda out: self._lm_loss(out, batch, len(labels))
+        """Run the model on a (device) micro-batch (packed sequences when it carries
+        ``cu_seqlens``). Returns ``(output, loss_terms)`` where ``loss_terms(output) ->
+        (loss_sum, stats)`` (:meth:`loss`) on the last pipeline stage."""
+        packed = None
+        if "cu_seqlens" in batch:
+            from megatron.core.packed_seq_params import PackedSeqParams
 
-    def _lm_loss(self, per_token_loss: torch.Tensor, batch: dict, n_datasets: int):
+            cu, top = batch["cu_seqlens"], int(batch["max_seqlen"])
+            packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                     max_seqlen_q=top, max_seqlen_kv=top)
+        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+                       packed_seq_params=packed)
+        return output, lambda out: self.loss(out, batch, labels)
+
+    def loss(self, per_token_loss: torch.Tensor, batch: dict, labels: tuple) -> tuple:
+        """``(loss_sum, stats)`` of a micro-batch from Megatron's per-token cross entropy:
+        the masked tokens' sum, and per dataset of a blend."""
+        n_datasets = len(labels)
         mask = batch["loss_mask"].float()
         per_sample = (per_token_loss.float() * mask).sum(dim=1)
         loss_sum = per_sample.sum()
@@ -124,10 +136,10 @@ class Objective:
         return self.name
 
 
-def make_loss_func(loss_terms: Callable, scale: float, inject_nan: bool) -> Callable:
+def make_loss_func(loss_terms: Callable, scale, inject_nan: bool) -> Callable:
     """Megatron's ``loss_func`` for a micro-batch: the objective's loss sum scaled so that the
     schedule's division by the micro-batch count and DDP's average over DP give the global-batch
-    mean (``scale = micro-batches * DP / global units``)."""
+    mean (``scale = micro-batches * DP / global units``, a number or a 0-dim tensor)."""
 
     def loss_func(output_tensor):
         loss_sum, stats = loss_terms(output_tensor)

@@ -127,18 +127,6 @@ class SFTObjective(ChatObjective):
             batch["max_seqlen"] = torch.tensor(int(items[0]["max_seqlen"]))
         return batch
 
-    def forward(self, model, batch: dict, labels: tuple) -> tuple:
-        packed = None
-        if "cu_seqlens" in batch:
-            from megatron.core.packed_seq_params import PackedSeqParams
-
-            cu, top = batch["cu_seqlens"], int(batch["max_seqlen"])
-            packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                                     max_seqlen_q=top, max_seqlen_kv=top)
-        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
-                       packed_seq_params=packed)
-        return output, lambda out: self._lm_loss(out, batch, len(labels))
-
 
 def check_packing(args) -> None:
     """Packed sequences keep conversations apart only through Transformer Engine's THD attention."""
@@ -192,8 +180,7 @@ class DPOObjective(ChatObjective):
 
     def __init__(self, args):
         super().__init__(args)
-        self.reference_logps: dict = {}  # prefix -> float64 [N, 2] (+ lengths [N, 2])
-        self.prefix_ids: dict = {}  # (phase dataset id in a blend) -> prefix, per blend
+        self.reference_logps: dict = {}  # prefix -> {"logps": [N, 2], "lengths": [N, 2]}
         self.reference_model = None
 
     def describe(self) -> str:
@@ -202,10 +189,26 @@ class DPOObjective(ChatObjective):
                 + (f", nll weight {a.dpo_nll_weight:g}" if a.dpo_nll_weight else "")
                 + f", {a.reference_mode} reference)")
 
+    def build_dataset(self, blend, seq_length: int, num_samples: int, seed: int):
+        return self._with_reference(super().build_dataset(blend, seq_length, num_samples, seed),
+                                    blend)
+
+    def build_valid_dataset(self, blend, seq_length: int, num_samples: int, seed: int):
+        return self._with_reference(
+            super().build_valid_dataset(blend, seq_length, num_samples, seed), blend)
+
+    def _with_reference(self, dataset, blend):
+        if self.reference_model is not None:  # live: computed per step (prepare_batches)
+            return dataset
+        return _WithReference(dataset, [self.reference_logps[prefix] for _, prefix in blend])
+
     def collate(self, items: list) -> dict:
         batch = collate(items)  # [B, 2, S] -> rows 2i (chosen), 2i + 1 (rejected)
         for key in ("tokens", "labels", "loss_mask", "position_ids"):
             batch[key] = batch[key].reshape(-1, batch[key].shape[-1])
+        if "ref_logps" in items[0]:
+            for key in ("ref_logps", "ref_lengths"):
+                batch[key] = torch.stack([item[key] for item in items])
         return batch
 
     def units(self, batch: dict) -> int:
@@ -214,11 +217,7 @@ class DPOObjective(ChatObjective):
     def stat_names(self, labels: tuple) -> list:
         return list(DPO_STATS)
 
-    def forward(self, model, batch: dict, labels: tuple) -> tuple:
-        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-        return output, lambda out: self._dpo_loss(out, batch)
-
-    def _dpo_loss(self, per_token_loss: torch.Tensor, batch: dict):
+    def loss(self, per_token_loss: torch.Tensor, batch: dict, labels: tuple) -> tuple:
         a = self.args
         logp, lengths = answer_logps(per_token_loss, batch["loss_mask"])
         ref = batch["ref_logps"].to(logp.dtype)
@@ -254,7 +253,7 @@ class DPOObjective(ChatObjective):
         if reference is None:
             raise TrainingError("DPO needs a reference model: --init-from the SFT checkpoint (it "
                                 "is the reference too) or --reference CKPT")
-        self.reference_root = reference
+        self.reference_root = reference  # (read by tools/bench_posttrain.py)
         if a.reference_mode == "live":
             self.reference_model = build_reference_model(trainer, reference)
             trainer._print(f"reference model: {reference} (live, frozen)")
@@ -282,25 +281,33 @@ class DPOObjective(ChatObjective):
         for prefix in _chat_blends(trainer.phases):
             self.reference_logps[prefix] = load_reference_file(reference_file(prefix, identity))
 
-    def prepare_batches(self, trainer, batches: list, run, blend) -> list:
-        """Attach the reference log-probs of every pair: looked up (precomputed) or computed by
-        the frozen reference model (live)."""
+    def prepare_batches(self, trainer, batches: list, run) -> list:
+        """``--reference-mode live``: the frozen reference model's log-probs of the step's pairs
+        (precomputed ones come with the samples: :class:`_WithReference`)."""
         if self.reference_model is not None:
             refs = reference_forward(trainer, self.reference_model, batches, run)
             for batch, (logps, lengths) in zip(batches, refs):
                 batch["ref_logps"], batch["ref_lengths"] = logps, lengths
-            return batches
-        prefixes = [prefix for _, prefix in blend]
-        for batch in batches:
-            ids = batch["dataset_id"].tolist()
-            rows = batch["record_index"].tolist()
-            logps = numpy.stack([self.reference_logps[prefixes[d]]["logps"][r]
-                                 for d, r in zip(ids, rows)])
-            lengths = numpy.stack([self.reference_logps[prefixes[d]]["lengths"][r]
-                                   for d, r in zip(ids, rows)])
-            batch["ref_logps"] = torch.from_numpy(logps).to(batch["tokens"].device)
-            batch["ref_lengths"] = torch.from_numpy(lengths).to(batch["tokens"].device)
         return batches
+
+
+class _WithReference(torch.utils.data.Dataset):
+    """DPO samples with their pair's stored reference log-probs (looked up by the sample's
+    ``dataset_id`` and ``record_index``, in the loader, not on the training step's path)."""
+
+    def __init__(self, dataset, references: list):
+        self.dataset, self.references = dataset, references
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        item = self.dataset[i]
+        ref = self.references[int(item["dataset_id"])]
+        row = int(item["record_index"])
+        item["ref_logps"] = torch.from_numpy(ref["logps"][row])
+        item["ref_lengths"] = torch.from_numpy(ref["lengths"][row])
+        return item
 
 
 # ---- reference log-probs -----------------------------------------------------------------------

@@ -70,7 +70,6 @@ def check_dpo(init, prefix, tokenizer, work):
     trainer = trainer_for("dpo", common)  # precomputed: computes (or reuses) the file
     run = trainer.enter_phase(0)
     batches, scale = trainer.global_batch(run.data_iter, run.num_micro)
-    batches = trainer.objective.prepare_batches(trainer, batches, run, run.phase.blend)
     live = build_reference_model(trainer, init)
     for batch, (logps, lengths) in zip(batches, reference_forward(trainer, live, batches, run)):
         assert torch.allclose(batch["ref_logps"], logps, rtol=0, atol=1e-6), \
