@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import REPO_ROOT, run_cmd, run_tool
+from conftest import REPO_ROOT, load_tool, run_cmd, run_tool
 from megatron_jai.upscale import tokenizer as T
 
 TOOLS = os.path.join(REPO_ROOT, "tools")
@@ -152,6 +152,74 @@ def test_sentencepiece_and_hf_encode_identically(tiny_tok, samples):
     chat = auto.apply_chat_template([{"role": "user", "content": "สวัสดี"}], tokenize=True)
     chat = chat["input_ids"] if isinstance(chat, dict) or hasattr(chat, "keys") else chat
     assert chat[:2] == [1, 32010] and chat[-2:] == [32001, 13]
+
+
+def make_english_base_tokenizers(tmp_path_factory, shared_dir, vocab=600, target=1200):
+    """A base tokenizer other than Phi-3's: an English BPE of its own with Phi-3's special tokens
+    and chat template (trained on a slice of enwiki valid), and its extension by the tiny Thai BPE
+    to ``target`` ids, both through the CLIs, once per test session. Returns (base, extended)."""
+    from megatron_jai import cli
+
+    work = str(tmp_path_factory.getbasetemp() / "english_base_tokenizer")
+    base, ext = os.path.join(work, "english_base"), os.path.join(work, "english_thai")
+    if os.path.isfile(os.path.join(ext, "vocab_map.json")):
+        return base, ext
+    bpe, _ = make_tiny_thai_tokenizer(tmp_path_factory, shared_dir)
+    os.makedirs(work, exist_ok=True)
+    slice_path = os.path.join(work, "english_slice.jsonl")
+    with open(slice_path, "w", encoding="utf-8") as g:
+        g.writelines(json.dumps({"text": t}) + "\n" for t in _lines(
+            os.path.join(shared_dir, "data", "english", "enwiki.valid.jsonl.gz"), 400))
+    assert cli.run("train_tokenizer.py", load_tool("train_tokenizer").main, [
+        "--input", slice_path, "--vocab-size", str(vocab), "--threads", "1", "--quiet",
+        "--special-tokens-from", "phi3", "--out", base]) == 0
+    assert cli.run("extend_tokenizer.py", load_tool("extend_tokenizer").main, [
+        "--base", base, "--add", bpe, "--target-vocab", str(target), "--threads", "1",
+        "--out", ext]) == 0
+    return base, ext
+
+
+def test_other_base_tokenizer_with_phi3_chat_format(tmp_path_factory, shared_dir, samples):
+    """train_tokenizer --special-tokens-from phi3 stacks Phi-3's 11 special tokens right above an
+    English BPE's own pieces with Phi-3's chat template; that tokenizer is a base that
+    extend_tokenizer grows to about twice its size: base ids and English encodings kept, specials
+    kept, chat turns rendered with the special ids."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    from megatron_jai.data.tokenizer import load_tokenizer
+
+    base, ext = make_english_base_tokenizers(tmp_path_factory, shared_dir)
+    phi3 = T.load_base_tokenizer("phi3")
+    with open(os.path.join(base, "added_tokens.json")) as f:
+        added = json.load(f)
+    assert added == {c: 600 + i - 32000 for c, i in phi3.specials.items()}
+    with open(os.path.join(base, "tokenizer_config.json")) as f:
+        cfg = json.load(f)
+    assert cfg["chat_template"] == phi3.config["chat_template"] and cfg["eos_token"] == "<|endoftext|>"
+    assert "padded_vocab_size" not in cfg and "model_max_length" not in cfg
+    assert {int(i): t["content"] for i, t in cfg["added_tokens_decoder"].items()} == \
+        {i: c for c, i in added.items()}
+    tok = load_tokenizer(base)
+    assert tok.vocab_size == 611 and tok.eod == added["<|endoftext|>"]
+
+    merged = T.read_model_proto(os.path.join(ext, "tokenizer.model"))
+    assert len(merged.pieces) == 1200
+    assert [p.piece for p in merged.pieces[:600]] == [p.piece for p in T.read_model_proto(
+        os.path.join(base, "tokenizer.model")).pieces]
+    assert {merged.pieces[i].piece: i for i in range(600, 611)} == added
+    assert all(T.is_thai_piece(p.piece) for p in merged.pieces[611:])
+    assert T.load_vocab_map(ext)["old_to_new"] == list(range(611))
+    sp_base = spm.SentencePieceProcessor(model_file=os.path.join(base, "tokenizer.model"))
+    sp_ext = spm.SentencePieceProcessor(model_file=os.path.join(ext, "tokenizer.model"))
+    assert sp_ext.encode(samples["english"]) == sp_base.encode(samples["english"])
+    assert sum(map(len, sp_ext.encode(samples["thai"]))) < 0.6 * sum(map(len, sp_base.encode(samples["thai"])))
+    auto = AutoTokenizer.from_pretrained(ext)
+    chat = auto.apply_chat_template([{"role": "user", "content": "สวัสดี"},
+                                     {"role": "assistant", "content": "hi"}], tokenize=True)
+    chat = chat["input_ids"] if isinstance(chat, dict) or hasattr(chat, "keys") else chat
+    assert chat[:2] == [1, added["<|user|>"]] and added["<|assistant|>"] in chat
+    assert chat[-2:] == [added["<|end|>"], sp_base.piece_to_id("<0x0A>")]
 
 
 def test_merge_drops_unreachable_pieces(shared_dir):

@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-sentence-chars", type=int, default=1000,
                    help="longer lines are cut at spaces into chunks of at most this many characters")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--special-tokens-from", metavar="TOK",
+                   help="also take the added special tokens and chat template of this tokenizer "
+                        "directory (e.g. phi3), stacked right above the trained pieces: a base "
+                        "tokenizer in the Phi-3 layout (added_tokens.json, tokenizer_config.json)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--quiet", action="store_true", help="no sentencepiece log, no progress bar")
     return p
@@ -46,8 +50,11 @@ def main(argv=None) -> int:
                   max_sentences=args.max_sentences, threads=args.threads,
                   character_coverage=args.character_coverage, max_piece_length=args.max_piece_length,
                   clean=args.clean, max_sentence_chars=args.max_sentence_chars, seed=args.seed,
-                  force=args.force, progress=not args.quiet, verbose=not args.quiet)
-    print(f"train_tokenizer: BPE vocab {r.vocab_size} trained on {r.sentences:,} sentences "
+                  special_tokens_from=args.special_tokens_from, force=args.force,
+                  progress=not args.quiet, verbose=not args.quiet)
+    specials = (f" + {r.special_tokens} special tokens and the chat template of "
+                f"{args.special_tokens_from}" if args.special_tokens_from else "")
+    print(f"train_tokenizer: BPE vocab {r.vocab_size}{specials} trained on {r.sentences:,} sentences "
           f"({r.characters:,} characters, at most {args.max_sentences:,} sampled) in {r.seconds:.0f} s "
           f"-> {r.model_path}")
     return 0

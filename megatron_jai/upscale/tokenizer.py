@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Sequence
+from typing import Callable, Iterator, List, Optional, Sequence
 
 from megatron_jai.data.tokenizer import TokenizerError
 from megatron_jai.paths import shared_path
@@ -126,6 +126,7 @@ class TrainResult:
     sentences: int
     characters: int
     seconds: float
+    special_tokens: int = 0  # added above the pieces (special_tokens_from)
 
 
 MIN_BPE_VOCAB = 300  # byte fallback alone takes 259 pieces
@@ -152,12 +153,16 @@ def train_bpe(
     clean: str = "none",
     max_sentence_chars: int = 1000,
     seed: int = 0,
+    special_tokens_from: Optional[str] = None,
     force: bool = False,
     progress: bool = True,
     verbose: bool = True,
 ) -> TrainResult:
     """Train a sentencepiece BPE (byte fallback) on the documents of ``inputs``; writes
-    ``out_dir/tokenizer.model`` and ``out_dir/train_args.json``.
+    ``out_dir/tokenizer.model`` and ``out_dir/train_args.json``. With ``special_tokens_from`` (a
+    tokenizer directory such as phi3) it also takes that tokenizer's added special tokens and
+    config, chat template included (:func:`adopt_special_tokens`): the result is a base tokenizer
+    in the Phi-3 layout.
 
     Normalisation matches the Llama-2/Phi-3 base model (identity, dummy prefix, whitespace kept,
     digits split), so that the learned pieces are spelled the way the base model sees text and can
@@ -171,6 +176,8 @@ def train_bpe(
         if not os.path.isfile(path):
             raise TokenizerError(f"no such file: {path}")
     cleaner = CLEANERS[clean]
+    if special_tokens_from is not None:
+        load_base_tokenizer(special_tokens_from)  # a bad source fails before any work
     if os.path.exists(out_dir) and not force:
         raise TokenizerError(f"{out_dir} exists (use --force to replace it)")
     parent = os.path.dirname(os.path.abspath(out_dir))
@@ -231,10 +238,16 @@ def train_bpe(
         proto.trainer_spec.model_prefix = "tokenizer"
         with open(os.path.join(result_dir, SP_MODEL_FILE), "wb") as f:
             f.write(proto.SerializeToString())
+        added = {}
+        if special_tokens_from is not None:
+            added, config = adopt_special_tokens(proto, special_tokens_from)
+            _write_json(os.path.join(result_dir, "added_tokens.json"), added)
+            _write_json(os.path.join(result_dir, "tokenizer_config.json"), config)
         args = dict(inputs=[os.path.abspath(p) for p in inputs], vocab_size=vocab_size,
                     json_key=json_key, max_sentences=max_sentences, clean=clean,
                     character_coverage=character_coverage, max_piece_length=max_piece_length,
-                    max_sentence_chars=max_sentence_chars, sentences=n_sent, characters=n_chars,
+                    max_sentence_chars=max_sentence_chars, special_tokens_from=special_tokens_from,
+                    sentences=n_sent, characters=n_chars,
                     train_seconds=round(seconds, 1))
         _write_json(os.path.join(result_dir, "train_args.json"), args)
         os.chmod(result_dir, 0o755)
@@ -243,7 +256,8 @@ def train_bpe(
         os.replace(result_dir, out_dir)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-    return TrainResult(os.path.join(out_dir, SP_MODEL_FILE), vocab_size, n_sent, n_chars, seconds)
+    return TrainResult(os.path.join(out_dir, SP_MODEL_FILE), vocab_size, n_sent, n_chars, seconds,
+                       len(added))
 
 
 def _write_json(path: str, obj, indent=1) -> None:
@@ -504,6 +518,41 @@ def load_base_tokenizer(path: str) -> BaseTokenizer:
                                  f"sentencepiece piece {proto.pieces[sid].piece!r}")
     specials = {c: i for c, i in specials.items() if i >= len(proto.pieces)}
     return BaseTokenizer(path, proto, specials, config)
+
+
+def adopt_special_tokens(proto, source: str) -> tuple:
+    """The added special tokens and ``tokenizer_config.json`` of the tokenizer ``source`` (a
+    directory, or phi3) for the sentencepiece model ``proto``, as a user moves a chat format onto a
+    new tokenizer: the tokens keep their order and are stacked right above the model's pieces
+    (Phi-3's ``<|endoftext|>`` = 32000 ... ``<|user|>`` = 32010 become N ... N+10 above N pieces);
+    the config (chat template, bos/eos/unk/pad names, token flags) is the source's with those ids,
+    without what only holds for the source's model (its padded vocabulary, context length).
+    Returns ``(added_tokens, tokenizer_config)``."""
+    src = load_base_tokenizer(source)
+    pieces = {p.piece: i for i, p in enumerate(proto.pieces)}
+    added = {}
+    for content, _ in sorted(src.specials.items(), key=lambda kv: kv[1]):
+        if content in pieces:
+            raise TokenizerError(f"special token {content!r} of {source} is already a piece of "
+                                 f"the trained model")
+        added[content] = len(proto.pieces) + len(added)
+    config = {k: v for k, v in src.config.items() if k not in ("padded_vocab_size", "model_max_length")}
+    decoder = {}
+    for sid, token in src.config.get("added_tokens_decoder", {}).items():
+        content = token.get("content")
+        new_id = added.get(content, pieces.get(content))
+        if new_id is None:
+            raise TokenizerError(f"{source}: token {content!r} (id {sid}) is neither a special "
+                                 f"token nor a piece of the trained model")
+        decoder[str(new_id)] = token
+    if decoder:
+        config["added_tokens_decoder"] = dict(sorted(decoder.items(), key=lambda kv: int(kv[0])))
+    for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        name = config.get(key)
+        name = name.get("content") if isinstance(name, dict) else name
+        if name and name not in added and name not in pieces:
+            raise TokenizerError(f"{source}: {key} {name!r} is not a token of the trained model")
+    return added, config
 
 
 @dataclass
