@@ -17,14 +17,14 @@ from megatron_jai.upscale.recipe import STAGES
 PLAN = "name: tiny8\nblock_size: 1\nmultiplicities: [1, 2, 3, 2]\n"  # skips 1->2, 3->4, 3->5, 6->7
 
 
-def _tiny_phi3(path):
+def _tiny_phi3(path, vocab_size=32064, eos=32000):
     """A random HF Phi-3 with Phi-3's 32,064-row vocabulary (the vocab surgery uses its tokenizer)."""
     from transformers import Phi3Config, Phi3ForCausalLM
 
     torch.manual_seed(0)
-    cfg = Phi3Config(vocab_size=32064, hidden_size=64, intermediate_size=160, num_hidden_layers=4,
+    cfg = Phi3Config(vocab_size=vocab_size, hidden_size=64, intermediate_size=160, num_hidden_layers=4,
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                     pad_token_id=32000, bos_token_id=1, eos_token_id=32000)
+                     pad_token_id=eos, bos_token_id=1, eos_token_id=eos)
     Phi3ForCausalLM(cfg).save_pretrained(path)
 
 
@@ -124,3 +124,24 @@ def test_recipe_then_train_ep2(shared_dir, tmp_path, capsys):
     losses = [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
     assert len(losses) == 8 and all(map(lambda x: x == x and abs(x) < 1e9, losses)), losses
     assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.1, losses
+
+
+def test_recipe_with_the_base_models_own_tokenizer(shared_dir, tmp_path_factory, tmp_path, capsys):
+    """A base model whose tokenizer is not Phi-3's (an English BPE of 600 pieces + Phi-3's 11
+    specials, in its HF directory): the recipe takes that tokenizer as the base by default."""
+    import shutil
+
+    from megatron_jai.checkpoint.stream import CheckpointReader
+    from test_tokenizer import make_english_base_tokenizers
+
+    base_tok, ext = make_english_base_tokenizers(tmp_path_factory, shared_dir)
+    hf, plan = tmp_path / "hf", tmp_path / "tiny8.yaml"
+    _tiny_phi3(hf, vocab_size=611, eos=600)
+    for name in ("tokenizer.model", "added_tokens.json", "tokenizer_config.json"):
+        shutil.copyfile(os.path.join(base_tok, name), hf / name)
+    plan.write_text(PLAN)
+    stdout, _ = upscale(capsys, "recipe", "jai", "--hf-dir", hf, "--tokenizer", ext, "--plan", plan,
+                        "--experts", 0, "--out", tmp_path / "M")
+    assert "611 -> 1200 ids, 589 new rows" in stdout, stdout
+    cfg = CheckpointReader(str(tmp_path / "M")).config
+    assert (cfg.num_layers, cfg.vocab_size) == (8, 1200)

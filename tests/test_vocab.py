@@ -10,7 +10,7 @@ from megatron_jai.checkpoint.stream import CheckpointReader, CheckpointWriter
 from megatron_jai.config import TINY
 from megatron_jai.upscale import vocab as V
 from megatron_jai.upscale.tokenizer import iter_lines
-from test_tokenizer import EXTRA_IDS, make_tiny_thai_tokenizer
+from test_tokenizer import EXTRA_IDS, make_english_base_tokenizers, make_tiny_thai_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 UPSCALE = os.path.join(REPO_ROOT, "tools", "upscale.py")
@@ -78,6 +78,44 @@ def test_new_rows_are_means_of_base_splits(fake_ckpt, ext_tok, tmp_path, shared_
     for key in ("decoder.final_layernorm.weight", "decoder.layers.mlp.linear_fc2.weight"):
         assert torch.equal(r.read(key), tensors[key])
     assert os.path.isfile(os.path.join(out, V.TOKENIZER_SUBDIR, "tokenizer.json"))
+
+
+def test_base_tokenizer_is_the_checkpoints_own(tmp_path_factory, tmp_path, shared_dir):
+    """A base other than Phi-3's (an English BPE of 600 pieces + Phi-3's 11 specials): without
+    --base-tokenizer, new rows are the means of the split by the tokenizer the checkpoint carries."""
+    import shutil
+
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+    base, ext = make_english_base_tokenizers(tmp_path_factory, shared_dir)
+    cfg = TINY.replace(name="tiny-en", vocab_size=611)
+    gen = torch.Generator().manual_seed(1)
+    tables = {k: torch.randn(cfg.padded_vocab_size, cfg.hidden_size, generator=gen)
+              for k in (V.EMBEDDING_KEY, V.OUTPUT_KEY)}
+    src = str(tmp_path / "base")
+    with CheckpointWriter(src, cfg) as w:
+        for k, t in tables.items():
+            w.write(k, t)
+        shutil.copytree(base, os.path.dirname(w.path(os.path.join(V.TOKENIZER_SUBDIR, "x"))),
+                        dirs_exist_ok=True)
+    assert V.checkpoint_base_tokenizer(src) == os.path.join(src, V.TOKENIZER_SUBDIR)
+    out = run_cmd([sys.executable, UPSCALE, "vocab", "--in", src, "--tokenizer", ext, "--out",
+                   str(tmp_path / "ext")]).stdout
+    assert "vocab: 611 -> 1200 ids (padded 1280), 589 new rows" in out, out
+    proto = sp_pb2.ModelProto()
+    with open(os.path.join(base, "tokenizer.model"), "rb") as f:
+        proto.ParseFromString(f.read())
+    proto.normalizer_spec.add_dummy_prefix = False
+    english = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+    new_sp = spm.SentencePieceProcessor(model_file=os.path.join(ext, "tokenizer.model"))
+    r = CheckpointReader(str(tmp_path / "ext"))
+    for key, old in tables.items():
+        new = r.read(key)
+        assert torch.equal(new[:611], old[:611])
+        for i in (611, 900, 1199):
+            ids = english.encode(new_sp.id_to_piece(i).replace("\u2581", " "))
+            torch.testing.assert_close(new[i], old[ids].mean(0), rtol=1e-5, atol=1e-6)
 
 
 def test_vocab_extension_preserves_function_tp2(tmp_path, ext_tok, shared_dir):

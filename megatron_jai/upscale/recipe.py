@@ -51,8 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                           "Thai BPE on")
     tok.add_argument("--tokenizer", help="a prepared extended tokenizer directory "
                                          "(tools/extend_tokenizer.py output): skips training")
-    tok.add_argument("--base-tokenizer", default=shared_path("tokenizers", "phi3"),
-                     help="the base model's tokenizer (default: %(default)s)")
+    tok.add_argument("--base-tokenizer", default=None,
+                     help="the base model's tokenizer (default: the sentencepiece tokenizer of "
+                          "--hf-dir, or the one the --in checkpoint carries, else Phi-3's)")
     tok.add_argument("--thai-vocab", type=int, default=40000,
                      help="pieces of the Thai BPE (default: %(default)s)")
     tok.add_argument("--target-vocab", type=int, default=64000,
@@ -95,16 +96,20 @@ def check(args):
     from megatron_jai.checkpoint.stream import CheckpointReader
     from megatron_jai.upscale.dus import dus_config
     from megatron_jai.upscale.plan import load_plan
-    from megatron_jai.upscale.tokenizer import (check_bpe_options, load_base_tokenizer,
-                                                load_vocab_map)
+    from megatron_jai.upscale.tokenizer import (SP_MODEL_FILE, check_bpe_options,
+                                                load_base_tokenizer, load_vocab_map)
     from megatron_jai.upscale.upcycle import moe_config
+    from megatron_jai.upscale.vocab import checkpoint_base_tokenizer
 
     if os.path.exists(args.out) and not args.force:
         raise UserError(f"output {args.out} already exists (use --force to replace it)")
     if args.hf_dir:
         base = model_config_from_hf(read_hf_config(args.hf_dir), name=f"{args.name}-base")
+        own = args.hf_dir if os.path.isfile(os.path.join(args.hf_dir, SP_MODEL_FILE)) else None
     else:
-        base = CheckpointReader(args.src).config
+        reader = CheckpointReader(args.src)
+        base, own = reader.config, checkpoint_base_tokenizer(reader.root)
+    args.base_tokenizer = args.base_tokenizer or own or shared_path("tokenizers", "phi3")
     base_vocab = load_base_tokenizer(args.base_tokenizer).vocab_size
     if args.tokenizer is None:
         if not args.thai_corpus:

@@ -12,6 +12,8 @@ Given a checkpoint trained with a base tokenizer and a tokenizer extended from i
   are zero;
 - every other tensor is copied, streaming (one layer of one tensor in memory at a time).
 
+The base tokenizer (the one the checkpoint was trained with) is, unless given, the one the
+checkpoint carries in ``tokenizer/`` (written by ``hf-to-mcore`` and by training), else Phi-3's.
 The checkpoint stores global tensors, so the result loads at any TP (vocab-parallel shards are
 cut at load time).
 """
@@ -83,6 +85,13 @@ def extended_table(old: torch.Tensor, old_to_new: List[int], new_ids: List[int],
     return out
 
 
+def checkpoint_base_tokenizer(root: str) -> str:
+    """The tokenizer a checkpoint was trained with: its ``tokenizer/`` when that holds a
+    sentencepiece model, else Phi-3's (checkpoints converted before tokenizers travelled)."""
+    own = os.path.join(root, TOKENIZER_SUBDIR)
+    return own if os.path.isfile(os.path.join(own, SP_MODEL_FILE)) else shared_path("tokenizers", "phi3")
+
+
 def extend_vocab(src: str, tokenizer: str, out: str, base_tokenizer: Optional[str] = None,
                  norm_correction: bool = False, name: Optional[str] = None, force: bool = False,
                  progress: bool = True) -> dict:
@@ -94,10 +103,10 @@ def extend_vocab(src: str, tokenizer: str, out: str, base_tokenizer: Optional[st
                                                 CheckpointWriter)
     from megatron_jai.upscale.dus import model_keys
 
-    base_tokenizer = base_tokenizer or shared_path("tokenizers", "phi3")
     vmap = load_vocab_map(tokenizer)
     old_to_new, new_vocab = [int(i) for i in vmap["old_to_new"]], int(vmap["vocab_size"])
     reader = CheckpointReader(src)
+    base_tokenizer = base_tokenizer or checkpoint_base_tokenizer(reader.root)
     base_cfg = reader.config
     if len(old_to_new) > base_cfg.vocab_size:
         raise TokenizerError(f"{tokenizer} maps {len(old_to_new)} base ids, but the checkpoint has "
@@ -152,8 +161,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="extended tokenizer directory (tools/extend_tokenizer.py output, "
                         "with vocab_map.json)")
     p.add_argument("--out", required=True, help="output checkpoint root")
-    p.add_argument("--base-tokenizer", default=shared_path("tokenizers", "phi3"),
-                   help="the tokenizer the input checkpoint was trained with (default: %(default)s)")
+    p.add_argument("--base-tokenizer", default=None,
+                   help="the tokenizer the input checkpoint was trained with (default: the one it "
+                        "carries in tokenizer/, else Phi-3's)")
     p.add_argument("--norm-correction", action="store_true",
                    help="rescale new rows to the mean norm of the base rows")
     p.add_argument("--name", help="model name in the new config (default: <base>-vocab<V>)")
