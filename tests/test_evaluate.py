@@ -68,6 +68,42 @@ def test_uniform_model_bits_per_char(models):
     lm.close()
 
 
+def test_score_vocab_scores_over_the_first_ids(models, tmp_path, capsys):
+    """--score-vocab N: probabilities over ids < N only (a vocabulary-extended model scored as its
+    base): log2(N) bits a token for the uniform model; a checkpoint and its export agree; fewer
+    competing ids cost fewer bits; a text with an id >= N is refused."""
+    from megatron_jai.cli import UserError
+    from megatron_jai.evaluation.runner import EvalOptions, run_task
+    from megatron_jai.evaluation.tasks import Task
+    from megatron_jai.inference.lm import load_language_model
+
+    text = "It was a sunny day and the cat sat on the mat, as it does."
+    path = tmp_path / "plain.txt"
+    path.write_text(text + "\n")
+    lm = load_language_model(models["uniform"])
+    ids = [lm.tokenizer.eod] + lm.tokenizer.encode(text)
+    n = max(ids) + 1
+    assert n < DENSE.vocab_size
+    task = Task("plain", "bits", str(path))
+    r = run_task(lm, task, EvalOptions(context=16, score_vocab=n, progress=False))
+    assert r["bits_per_char"] == pytest.approx(math.log2(n) * (len(ids) - 1) / len(text), rel=1e-6)
+    with pytest.raises(UserError, match=f"outside --score-vocab {n - 1}"):
+        run_task(lm, task, EvalOptions(score_vocab=n - 1, progress=False))
+    with pytest.raises(UserError, match="--score-vocab must be between 2 and"):
+        run_task(lm, task, EvalOptions(score_vocab=DENSE.vocab_size + 1, progress=False))
+    lm.close()
+    bits = {}
+    for kind in ("dense", "hf"):
+        for vocab in (None, n):
+            out = tmp_path / f"{kind}{vocab}.json"
+            rc = run_tool("evaluate", "--model", models[kind], "--text", path, "--no-progress",
+                          "--output", out, *(["--score-vocab", vocab] if vocab else []))
+            assert rc == 0, capsys.readouterr().err
+            bits[kind, vocab] = json.loads(out.read_text())["bits_per_char"]["plain.txt"]
+    assert abs(bits["dense", n] - bits["hf", n]) < 1e-4
+    assert bits["dense", n] < bits["dense", None] - 1e-3
+
+
 def test_thai_exact_match_and_f1():
     from megatron_jai.evaluation.metrics import answer_tokens, exact_match, token_f1
 

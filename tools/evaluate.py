@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=None, help="scoring window (default: the model's)")
     p.add_argument("--stride", type=int, default=None,
                    help="new tokens per scoring window of long documents (default: context - 1)")
+    p.add_argument("--score-vocab", type=int, default=None, metavar="N",
+                   help="bits tasks: probabilities over the first N ids only (a vocabulary-extended "
+                        "model scored as its base on text the base ids encode)")
     p.add_argument("--shots", type=int, default=3, help="translation examples in the prompt")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="generation tasks (default: translation 256, QA 64)")
@@ -90,7 +93,7 @@ def main(argv=None) -> int:
     opts = EvalOptions(limit=args.limit, batch_size=args.batch_size, context=args.context,
                        stride=args.stride, shots=args.shots, max_new_tokens=args.max_new_tokens,
                        chat=args.chat, text_key=args.text_key, progress=not args.no_progress,
-                       lm_eval_dirs=tuple(args.lm_eval_include))
+                       lm_eval_dirs=tuple(args.lm_eval_include), score_vocab=args.score_vocab)
     tasks = resolve_tasks(args.task or ([] if args.text else ["bits"]), args.text,
                           opts.lm_eval_dirs)
     kind = model_kind(args.model)

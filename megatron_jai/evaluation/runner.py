@@ -41,9 +41,10 @@ class EvalOptions:
     text_key: str = "text"
     progress: bool = True
     lm_eval_dirs: tuple = ()
+    score_vocab: Optional[int] = None  # bits: probabilities over the first N ids only
 
     def __post_init__(self):
-        for name in ("limit", "batch_size", "context", "stride", "max_new_tokens"):
+        for name in ("limit", "batch_size", "context", "stride", "max_new_tokens", "score_vocab"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -74,7 +75,8 @@ def run_bits(lm, task: Task, opts: EvalOptions) -> dict:
     texts = read_texts(task.path, opts.text_key, opts.limit)
     context = min(opts.context or lm.context_length, lm.context_length)
     with _bar(lm, opts, len(texts), task.name) as bar:
-        tally = score_documents(lm, texts, context, opts.stride, opts.batch_size, progress=bar)
+        tally = score_documents(lm, texts, context, opts.stride, opts.batch_size, progress=bar,
+                                vocab=opts.score_vocab)
     return {"file": os.path.abspath(task.path), "context": context,
             "stride": opts.stride or context - 1, **tally.metrics()}
 

@@ -48,9 +48,13 @@ def windows(num_positions: int, context: int, stride: Optional[int] = None) -> L
 
 
 def score_documents(lm, texts: Iterable[str], context: int, stride: Optional[int] = None,
-                    batch_size: int = 4, progress=None) -> BitsTally:
+                    batch_size: int = 4, progress=None, vocab: Optional[int] = None) -> BitsTally:
     """Bits of every text under ``lm`` (a :class:`~megatron_jai.inference.lm.LanguageModel`);
-    ``progress`` (a tqdm bar or None) advances by one per document."""
+    ``progress`` (a tqdm bar or None) advances by one per document. ``vocab``: probabilities over
+    the first ``vocab`` ids only (every token of the texts must be one of them)."""
+    if vocab is not None and not 2 <= vocab <= lm.vocab_size:
+        raise UserError(f"--score-vocab must be between 2 and the model's {lm.vocab_size} ids, "
+                        f"got {vocab}")
     tally = BitsTally()
     pending: List[tuple] = []  # (token sequence, window)
 
@@ -61,13 +65,17 @@ def score_documents(lm, texts: Iterable[str], context: int, stride: Optional[int
         batch = torch.full((len(pending), width), int(lm.tokenizer.eod), dtype=torch.long)
         for row, (seq, w) in enumerate(pending):
             batch[row, : w.end - w.begin] = torch.tensor(seq[w.begin: w.end])
-        log_probs = lm.log_probs(batch)  # [b, width - 1]; entry j predicts position begin + j + 1
+        # [b, width - 1]; entry j predicts position begin + j + 1
+        log_probs = lm.log_probs(batch, vocab)
         for row, (_, w) in enumerate(pending):
             tally.add_log_probs(log_probs[row, w.first_scored - w.begin - 1: w.end - w.begin - 1])
         pending.clear()
 
     for text in texts:
         seq = [int(lm.tokenizer.eod)] + lm.tokenizer.encode(text)
+        if vocab is not None and max(seq) >= vocab:
+            raise UserError(f"a text encodes to id {max(seq)}, outside --score-vocab {vocab} (score "
+                            f"with the first N ids only text that those ids encode)")
         tally.add_document(text)
         for w in windows(len(seq), context, stride):
             pending.append((seq, w))

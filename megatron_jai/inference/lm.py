@@ -7,8 +7,9 @@ any TP/PP/EP, under torchrun) and Hugging Face directories (``transformers``, an
 * ``tokenizer`` (:mod:`megatron_jai.data.tokenizer`; the same encoder on both kinds, so scores
   compare), ``vocab_size`` (rows that carry meaning: probabilities are over these),
   ``context_length``;
-* ``log_probs(ids [b, s]) -> [b, s-1]``: natural-log probability of every next token (every rank
-  gets the result);
+* ``log_probs(ids [b, s], vocab=None) -> [b, s-1]``: natural-log probability of every next token
+  (every rank gets the result), over the first ``vocab`` ids when given (a vocabulary-extended
+  model scored as its base: the base ids keep the base model's logits);
 * ``generate(prompt_ids, params, stop, use_cache)`` -> :class:`~megatron_jai.inference.generation.Generation`;
 * ``is_main``: the rank that prints and writes; ``close()``.
 """
@@ -93,7 +94,7 @@ class LanguageModel:
     context_length: int
     is_main: bool = True
 
-    def log_probs(self, ids: torch.Tensor) -> torch.Tensor:
+    def log_probs(self, ids: torch.Tensor, vocab: Optional[int] = None) -> torch.Tensor:
         raise NotImplementedError
 
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams, stop: StopCondition,
@@ -131,7 +132,7 @@ class MegatronLM(LanguageModel):
         self.is_main = dist.get_rank() == 0
         self.iteration = reader.iteration
 
-    def log_probs(self, ids: torch.Tensor) -> torch.Tensor:
+    def log_probs(self, ids: torch.Tensor, vocab: Optional[int] = None) -> torch.Tensor:
         from megatron.core import parallel_state
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
@@ -150,7 +151,7 @@ class MegatronLM(LanguageModel):
             logits = logits.float()
             shard = logits.shape[-1]
             first = parallel_state.get_tensor_model_parallel_rank() * shard
-            padding = torch.arange(first, first + shard, device=device) >= self.vocab_size
+            padding = torch.arange(first, first + shard, device=device) >= (vocab or self.vocab_size)
             logits = logits.masked_fill(padding, float("-inf"))  # Megatron's vocabulary padding
             with torch.no_grad():
                 result = -vocab_parallel_cross_entropy(logits, targets)
@@ -241,12 +242,13 @@ class HuggingFaceLM(LanguageModel):
             raise UserError(f"transformers cannot load {path}: {str(err).splitlines()[0]}") from None
         self.model.to(device).eval()
 
-    def log_probs(self, ids: torch.Tensor) -> torch.Tensor:
+    def log_probs(self, ids: torch.Tensor, vocab: Optional[int] = None) -> torch.Tensor:
         device = next(self.model.parameters()).device
         rows = []
         with torch.no_grad():
             for row in ids.to(device):  # one sequence at a time bounds the fp32 logits
-                logits = self.model(input_ids=row[None, :-1]).logits[0, :, : self.vocab_size].float()
+                logits = self.model(input_ids=row[None, :-1]).logits[0, :, : vocab or self.vocab_size]
+                logits = logits.float()
                 rows.append(torch.log_softmax(logits, -1).gather(-1, row[1:, None])[:, 0])
         return torch.stack(rows).cpu()
 
