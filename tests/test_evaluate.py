@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 
 import pytest
 
@@ -102,6 +103,39 @@ def test_score_vocab_scores_over_the_first_ids(models, tmp_path, capsys):
             bits[kind, vocab] = json.loads(out.read_text())["bits_per_char"]["plain.txt"]
     assert abs(bits["dense", n] - bits["hf", n]) < 1e-4
     assert bits["dense", n] < bits["dense", None] - 1e-3
+
+
+def test_expert_load_of_the_scored_text(models, tmp_path):
+    """An MoE checkpoint's bits task reports the share of routed slots per layer and expert for
+    that text only: with zero router weights every token ties and takes the same two experts."""
+    import torch
+
+    from megatron_jai.checkpoint.dist import TOKENIZER_SUBDIR, save_checkpoint
+    from megatron_jai.evaluation.runner import EvalOptions, run_task
+    from megatron_jai.evaluation.tasks import Task
+    from megatron_jai.inference.lm import load_language_model
+    from megatron_jai.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(JAI)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "router" in name:
+                p.zero_()
+    root = str(tmp_path / "tied_router")
+    save_checkpoint(root, [model], JAI, iteration=1)
+    shutil.copytree(models["tokenizer"], os.path.join(root, TOKENIZER_SUBDIR))
+    task = Task("docs", "bits", models["texts"])
+    lm = load_language_model(root)
+    lm.log_probs(torch.tensor([[1, 2, 3]]))  # routing before the task is not counted
+    r = run_task(lm, task, EvalOptions(context=64, batch_size=1, limit=1, progress=False))
+    lm.close()
+    load = r["expert_load"]
+    assert len(load) == JAI.num_layers and all(row == load[0] for row in load)
+    assert sorted(load[0]) == [0.0, 0.0, 0.5, 0.5]
+    dense = load_language_model(models["dense"])
+    assert "expert_load" not in run_task(dense, task, EvalOptions(limit=1, progress=False))
+    dense.close()
 
 
 def test_thai_exact_match_and_f1():

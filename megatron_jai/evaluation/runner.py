@@ -74,11 +74,16 @@ def run_task(lm, task: Task, opts: EvalOptions) -> dict:
 def run_bits(lm, task: Task, opts: EvalOptions) -> dict:
     texts = read_texts(task.path, opts.text_key, opts.limit)
     context = min(opts.context or lm.context_length, lm.context_length)
+    routing = getattr(lm, "expert_load", None)  # MoE checkpoints: the routing of this text
+    if routing:
+        routing()
     with _bar(lm, opts, len(texts), task.name) as bar:
         tally = score_documents(lm, texts, context, opts.stride, opts.batch_size, progress=bar,
                                 vocab=opts.score_vocab)
+    load = routing() if routing else None
     return {"file": os.path.abspath(task.path), "context": context,
-            "stride": opts.stride or context - 1, **tally.metrics()}
+            "stride": opts.stride or context - 1, **tally.metrics(),
+            **({"expert_load": load} if load else {})}
 
 
 def _generate_answers(lm, prompts: List[list], opts: EvalOptions, kind: str, desc: str):

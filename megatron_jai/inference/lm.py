@@ -158,6 +158,17 @@ class MegatronLM(LanguageModel):
         return broadcast_from_result_rank(result, result_rank(), tuple(targets.shape),
                                           torch.float32).cpu()
 
+    def expert_load(self) -> Optional[list]:
+        """Share of the routed token slots each expert took, per layer (``[layers][experts]``),
+        over the forward passes since the last call; None for a dense model. Collective."""
+        if not self.cfg.is_moe:
+            return None
+        from megatron_jai.moe.layer import expert_load, global_router_table
+
+        device = next(self.model.parameters()).device
+        return expert_load(global_router_table(self.model, self.cfg.num_layers,
+                                               self.cfg.num_experts, device).cpu())
+
     def generate(self, prompt_ids, params, stop, use_cache=True, on_token=None) -> Generation:
         return megatron_generate(self.model, self.tokenizer, self.vocab_size, prompt_ids, params,
                                  stop, self.context_length, use_cache=use_cache, on_token=on_token)

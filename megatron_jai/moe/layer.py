@@ -190,6 +190,30 @@ def router_stat_table(model, num_layers: int, reset: bool = True) -> tuple:
     return table, top_k
 
 
+def global_router_table(model, num_layers: int, num_experts: int, device) -> torch.Tensor:
+    """:func:`router_stat_table` (reset) summed over every rank of the job: each pipeline stage adds
+    its layers, data-parallel ranks their tokens; TP ranks (and sequence-parallel ones, which route
+    the gathered tokens) see the same tokens, so only TP rank 0 contributes. Collective."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    width = len(RouterStats.FIELDS) + num_experts
+    table, _ = router_stat_table(model, num_layers)
+    table = table.to(device)
+    if table.shape[1] != width:  # no MoE layer on this stage: the right width for the all-reduce
+        table = torch.zeros(num_layers, width, dtype=torch.float64, device=device)
+    if ps.get_tensor_model_parallel_rank() != 0:
+        table.zero_()
+    dist.all_reduce(table)
+    return table
+
+
+def expert_load(table: torch.Tensor) -> list:
+    """Per layer of a router table, the share of the routed token slots each expert took."""
+    counts = table[:, len(RouterStats.FIELDS):]
+    return [(row / row.sum()).tolist() if row.sum() > 0 else [0.0] * len(row) for row in counts]
+
+
 def summarize_router_table(table: torch.Tensor, top_k: int) -> dict:
     """Routing statistics from a :func:`router_stat_table` (see :func:`collect_router_stats`)."""
     out, layers = {}, []
