@@ -209,15 +209,16 @@ class Chain:
         with open(os.path.join(out, "config.json"), encoding="utf-8") as f:
             return {"hf": out, "architectures": json.load(f).get("architectures")}
 
-    def evaluate_bits(self, name: str, model: Optional[str] = None) -> None:
+    def evaluate_bits(self, name: str, model: Optional[str] = None, ntrex: bool = True) -> None:
         """``eval/NAME/bits.json``: bits per character of the Thai and English validation slices
         and of NTREX (both languages), at the short context."""
         sc, out = self.scale, self.eval_dir(name)
         os.makedirs(out, exist_ok=True)
+        tasks = ("--task", "ntrex_tha", "--task", "ntrex_eng", "--limit", sc.ntrex_lines) if ntrex else ()
         self.evaluate(model or self.hf(name), os.path.join(out, "bits.json"),
                       "--text", self.path("data", "thai_valid.jsonl"),
-                      "--text", self.path("data", "english_valid.jsonl"), "--task", "ntrex_tha",
-                      "--task", "ntrex_eng", "--limit", sc.ntrex_lines, "--context", sc.seq)
+                      "--text", self.path("data", "english_valid.jsonl"), *tasks,
+                      "--context", sc.seq)
 
     def evaluate(self, model: str, output: str, *argv) -> None:
         self.tool(tool("evaluate"), "--model", model, *argv, "--output", output, "--no-progress")
@@ -291,17 +292,16 @@ class Chain:
     def snapshot_interval(self) -> int:
         """JAI-1 takes its 4 experts at 0/2K/4K/6K steps of English recovery: here at 0, 1/3, 2/3
         and the end of phase 1; every run saves at that interval (the points of the curves)."""
-        return max(1, self.scale.phase_steps[0] // 3)
+        return self.scale.phase_steps[0] // 3
 
     def jai_english(self, seed: int) -> None:
         self.pretrain(f"jai-english-s{seed}", self.run_config("english", PHASES[:1]), seed,
                       "--init-from", self.model("dus"))
 
     def snapshots(self, seed: int) -> List[str]:
-        root = self.model(f"jai-english-s{seed}")
-        return [self.model("dus")] + [os.path.join(root, f"iter_{i:07d}") for i in
-                                      range(self.snapshot_interval, self.scale.phase_steps[0] + 1,
-                                            self.snapshot_interval)][-3:]
+        """The DUS model and the saves at 1/3, 2/3 and the end of phase 1."""
+        root, k = self.model(f"jai-english-s{seed}"), self.snapshot_interval
+        return [self.model("dus")] + [os.path.join(root, f"iter_{i * k:07d}") for i in (1, 2, 3)]
 
     def jai_moe(self, seed: int) -> dict:
         inputs = self.snapshots(seed)
@@ -353,7 +353,7 @@ class Chain:
                     if sc.curve_points < 2 and offset + it not in ends:
                         continue
                     out = self.path("eval", "curve", arm, f"step{offset + it:06d}")
-                    self.evaluate_bits(os.path.relpath(out, self.path("eval")),
+                    self.evaluate_bits(os.path.relpath(out, self.path("eval")), ntrex=False,
                                        model=os.path.join(self.model(run), f"iter_{it:07d}"))
                     points.append({"arm": arm, "step": offset + it, "eval": out})
         return {"points": points}
@@ -372,7 +372,8 @@ class Chain:
                 name = f"{lang}_dpo_{split}"
                 self.tool(tool("preprocess_chat"), "--kind", "dpo", "--input",
                           os.path.join(chat, f"{name}.jsonl"), "--output-prefix",
-                          os.path.join(chat, name), "--tokenizer", tok, "--seq-length", seq,
+                          os.path.join(chat, name), "--tokenizer", tok, "--seq-length",
+                          self.scale.dpo_seq,
                           "--max-bad-fraction", 1, "--workers", 1, "--no-progress", "--force")
 
     def sft(self, name: str, seed: int) -> None:
@@ -392,7 +393,7 @@ class Chain:
         sc, chat = self.scale, self.path("data", "chat")
         self.train(POSTTRAIN, "dpo", "dpo", "--init-from", self.model("merge"), "--data-path",
                    0.7, os.path.join(chat, "en_dpo_train"), 0.3, os.path.join(chat, "th_dpo_train"),
-                   "--seq-length", sc.long_seq, "--micro-batch-size", 1, "--global-batch-size",
+                   "--seq-length", sc.dpo_seq, "--micro-batch-size", 1, "--global-batch-size",
                    sc.dpo_batch, "--train-iters", sc.dpo_steps, "--lr", sc.dpo_lr, "--min-lr",
                    sc.dpo_lr * sc.min_lr_ratio, "--warmup-iters", max(1, sc.dpo_steps // 10),
                    "--dpo-beta", 0.1, "--seed", self.seeds[0])
@@ -403,7 +404,7 @@ class Chain:
         heldout = [self.path("data", "chat", f"{lang}_dpo_heldout") for lang in DPO_SOURCES]
         self.tool(POSTTRAIN, "dpo-reference", "--reference", self.model("merge"), "--data-path",
                   heldout[0], "--valid-data-path", *heldout[1:], "--seq-length",
-                  self.scale.long_seq, "--micro-batch-size", 1, "--global-batch-size", 1)
+                  self.scale.dpo_seq, "--micro-batch-size", 1, "--global-batch-size", 1)
         out = {}
         for lang in DPO_SOURCES:
             prefix = self.path("data", "chat", f"{lang}_dpo_heldout")
@@ -414,7 +415,7 @@ class Chain:
                 os.remove(metrics)
             self.tool(POSTTRAIN, "dpo", "--eval-only", "--init-from", self.model("dpo"),
                       "--reference", self.model("merge"), "--valid-data-path", prefix,
-                      "--seq-length", self.scale.long_seq, "--micro-batch-size", 1,
+                      "--seq-length", self.scale.dpo_seq, "--micro-batch-size", 1,
                       "--global-batch-size", pairs, "--eval-iters", 1, "--metrics-file", metrics)
             out[lang] = {"pairs": pairs, "metrics": metrics}
         return out

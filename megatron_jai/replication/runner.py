@@ -107,13 +107,14 @@ class StageRunner:
             if getattr(self.stream, "isatty", lambda: False)():
                 print(f"{head}: {stage.what} ...", end="\r", file=self.stream, flush=True)
             self.current = stage.name
-            t0 = time.time()
+            t0, cpu0 = time.time(), cpu_seconds()
             info = stage.fn() or {}
             seconds = time.time() - t0
             self.current = None
             gc.collect()
-            _write_json(self.record_path(stage.name), {"stage": stage.name, "seconds": seconds,
-                                                       "finished": time.time(), **info})
+            _write_json(self.record_path(stage.name), {
+                "stage": stage.name, "seconds": seconds, "cpu_seconds": cpu_seconds() - cpu0,
+                "finished": time.time(), **info})
             self.rows.append((stage.name, "ran", seconds))
             print(f"{head}: {stage.what} ({seconds:.1f} s)", file=self.stream, flush=True)
 
@@ -126,18 +127,30 @@ class StageRunner:
         prog = os.path.basename(script)
         with open(log, "a", encoding="utf-8") as f:
             f.write(f"$ {script} {' '.join(argv)}\n")
+        hook = sys.excepthook  # torch.distributed wraps it at every process-group start
         with output_to(log):
             try:
                 rc = cli.run(prog, entry_module(script).main, argv)
             except Exception:  # noqa: BLE001 - a tool's bug: its traceback goes to the log
                 traceback.print_exc()
                 rc = None
+            finally:
+                sys.excepthook = hook
         if rc in (cli.EXIT_INTERRUPTED, cli.EXIT_TERMINATED):
             raise KeyboardInterrupt
         if rc != 0:
             status = "raised an exception" if rc is None else f"exited with status {rc}"
             raise StageError(f"stage {self.current}: {prog} {status}: {_last_line(log)} "
                              f"(log: {log})")
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (what the wall time of a stage would
+    be on an idle machine, one thread)."""
+    import resource
+
+    return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
+                                                 resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
 def _last_line(path: str) -> str:

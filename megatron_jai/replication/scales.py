@@ -63,6 +63,12 @@ class Scale:
     layers: int = 10
     min_lr_ratio: float = 0.1
 
+    def __post_init__(self):
+        if self.phase_steps[0] % 3:  # the snapshots at 1/3, 2/3 and the end are saves
+            raise ValueError(f"scale {self.name}: phase 1 steps must be a multiple of 3")
+        if self.batch % LONG_FACTOR:
+            raise ValueError(f"scale {self.name}: the batch must be a multiple of {LONG_FACTOR}")
+
     @property
     def phase_tokens(self) -> Tuple[int, int, int]:
         return tuple(s * self.batch * self.seq for s in self.phase_steps)
@@ -70,6 +76,11 @@ class Scale:
     @property
     def long_seq(self) -> int:
         return LONG_FACTOR * self.seq
+
+    @property
+    def dpo_seq(self) -> int:
+        """DPO pairs are padded to this (the preference data is short: less padding)."""
+        return 3 * self.seq
 
     @property
     def long_rotary_base(self) -> float:
@@ -92,13 +103,13 @@ SMOKE = Scale(
 )
 
 SMALL = Scale(
-    name="small", english_docs=600, thai_docs=4000, sft_records=2000, dpo_pairs=400,
+    name="small", english_docs=600, thai_docs=2000, sft_records=1000, dpo_pairs=160,
     base_vocab=8000, thai_vocab=12000, target_vocab=16000,
-    hidden=128, heads=8, seq=128, batch=16, base_steps=600, base_lr=2e-3,
-    phase_steps=(240, 240, 60), lr=1e-3, curve_points=2,
-    sft_steps=60, sft_batch=8, sft_lr=5e-4, dpo_steps=30, dpo_batch=8, dpo_lr=5e-5,
-    thai_eval_docs=60, english_eval_docs=30, eval_chars=4000, ntrex_lines=400, iapp_items=100, long_docs=20,
-    dpo_heldout_pairs=230, seeds=2,
+    hidden=64, heads=4, seq=128, batch=16, base_steps=360, base_lr=3e-3,
+    phase_steps=(135, 135, 33), lr=1.5e-3, curve_points=2,
+    sft_steps=40, sft_batch=8, sft_lr=5e-4, dpo_steps=20, dpo_batch=8, dpo_lr=1e-4,
+    thai_eval_docs=30, english_eval_docs=15, eval_chars=1500, ntrex_lines=200, iapp_items=30,
+    long_docs=10, dpo_heldout_pairs=60, seeds=2,
 )
 
 SCALES = {s.name: s for s in (SMOKE, SMALL)}
