@@ -132,7 +132,6 @@ class MegatronLM(LanguageModel):
         self.iteration = reader.iteration
 
     def log_probs(self, ids: torch.Tensor) -> torch.Tensor:
-        from megatron.core import parallel_state
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
         from megatron_jai.inference.forward import (
@@ -146,14 +145,9 @@ class MegatronLM(LanguageModel):
         targets = ids[:, 1:]
         logits = forward_logits(self.model, ids[:, :-1], gather=False)
         result = None
-        if logits is not None:
-            logits = logits.float()
-            shard = logits.shape[-1]
-            first = parallel_state.get_tensor_model_parallel_rank() * shard
-            padding = torch.arange(first, first + shard, device=device) >= self.vocab_size
-            logits = logits.masked_fill(padding, float("-inf"))  # Megatron's vocabulary padding
+        if logits is not None:  # (the model masks its vocabulary padding)
             with torch.no_grad():
-                result = -vocab_parallel_cross_entropy(logits, targets)
+                result = -vocab_parallel_cross_entropy(logits.float(), targets)
         return broadcast_from_result_rank(result, result_rank(), tuple(targets.shape),
                                           torch.float32).cpu()
 

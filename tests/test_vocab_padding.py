@@ -1,0 +1,113 @@
+"""Megatron's vocabulary padding takes no part (issue 15): the output layer's rows at or above the
+model's ``vocab_size`` (which the export drops) are masked out of every softmax, so our log-probs,
+training loss (pretraining cross entropy and SFT alike: one output layer) and DPO log-probs are the
+exported model's, and the padding rows never move."""
+import gzip
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from conftest import REPO_ROOT, run_python, torchrun
+from eval_helpers import JAI, export_hf, make_checkpoint, make_tokenizer
+from megatron_jai.config import SkipConnection
+
+POSTTRAIN = os.path.join(REPO_ROOT, "posttrain_jai.py")
+SFT_RECORDS = 12  # one global batch holds every record once: the first loss is over all of them
+
+
+def test_mask_vocab_padding_values_and_gradients():
+    """Against the plain-torch reference (``masked_fill`` of the ids >= vocab_size) on random
+    shapes, shards (``first_id``) and dtypes: the logits, and the gradient through a softmax."""
+    from megatron_jai.model.output_layer import mask_vocab_padding
+
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(12):
+        shard = int(torch.randint(1, 40, (1,), generator=gen))
+        first_id = shard * int(torch.randint(0, 4, (1,), generator=gen))
+        vocab = int(torch.randint(1, 4 * shard + 1, (1,), generator=gen))
+        dtype = (torch.float32, torch.float64, torch.bfloat16)[trial % 3]
+        shape = (int(torch.randint(1, 4, (1,), generator=gen)), 5, shard)
+        logits = torch.randn(shape, generator=gen).to(dtype)
+        weights = torch.randn(shape, generator=gen)
+        padding = torch.arange(first_id, first_id + shard) >= vocab
+
+        def run(mask):
+            x = logits.clone().requires_grad_()
+            out = mask(x * 1)  # (in place on a non-leaf, as on the output layer's result)
+            loss = (torch.softmax(out.float(), -1) * weights).sum()
+            return out.detach(), torch.autograd.grad(loss, x)[0]
+
+        mine, grad = run(lambda x: mask_vocab_padding(x, vocab, first_id))
+        ref, ref_grad = run(lambda x: x.masked_fill(padding, torch.finfo(dtype).min))
+        assert torch.equal(mine, ref) and torch.equal(grad, ref_grad), (vocab, first_id, shard)
+        assert not grad[..., padding].any()  # padding gets no gradient
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, shared_dir):
+    """A JAI-shaped checkpoint (skips + experts, vocabulary 300 padded to 384) and one with Phi-3's
+    vocabulary (32,064 ids padded to 32,128, a skip) and tokenizer, each with its HF export; the
+    SFT data of the latter: the first records of the Thai and English SFT sets."""
+    from megatron_jai import parallel
+    from megatron_jai.data.chat import preprocess_chat
+
+    root = tmp_path_factory.mktemp("vocab_padding")
+    parallel.initialize(1, 1, seed=5)
+    tok = make_tokenizer(shared_dir, str(root / "tok"))
+    phi3 = os.path.join(shared_dir, "tokenizers", "phi3")
+    chat_cfg = JAI.replace(name="tiny-phi3-vocab", vocab_size=32064, num_experts=0, moe_top_k=0,
+                           skip_connections=(SkipConnection(0, 2, 0.9, 0.7),))
+    out = {"root": root, "jai": make_checkpoint(str(root / "jai"), JAI, tok, seed=1),
+           "chat": make_checkpoint(str(root / "chat"), chat_cfg, phi3, seed=2)}
+    parallel.destroy()
+    export_hf(out["jai"], str(root / "jai_hf"), tok)
+    export_hf(out["chat"], str(root / "chat_hf"), phi3)
+    with open(root / "sft.jsonl", "w", encoding="utf-8") as f:
+        for name in ("th_sft_wangchanglm_oasst1", "en_sft_dolly_open_qa"):
+            with gzip.open(os.path.join(shared_dir, "data", "post", f"{name}.jsonl.gz"), "rt") as g:
+                f.writelines(line for _, line in zip(range(SFT_RECORDS // 2), g))
+    preprocess_chat("sft", [str(root / "sft.jsonl")], str(root / "sft"), phi3, seq_length=256,
+                    progress=False)
+    return out
+
+
+def _hf_model(path, train=False):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=True,
+                                                 dtype=torch.float32, attn_implementation="eager")
+    return model.train(train)
+
+
+def _hf_token_logps(model, ids):
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.float()
+    return torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
+
+
+def test_log_probs_per_token_equal_the_export(models):
+    """fp32, on the same random ids: Megatron's per-token log-probs (the training forward's cross
+    entropy, eval mode) equal the HF export's within 1e-5, although the padding rows hold random
+    weights that, softmaxed along, would move every log-prob."""
+    from megatron_jai import parallel
+    from megatron_jai.checkpoint.dist import load_checkpoint
+    from megatron_jai.model import build_model
+
+    parallel.initialize(1, 1, seed=5)
+    try:
+        model = build_model(JAI)
+        load_checkpoint(models["jai"], [model])
+        model.eval()
+        padding_rows = model.output_layer.weight[JAI.vocab_size:]
+        assert padding_rows.shape[0] == 84 and padding_rows.abs().min() > 0
+        ids = torch.randint(0, JAI.vocab_size, (3, 40), generator=torch.Generator().manual_seed(1))
+        positions = torch.arange(39).expand(3, 39)
+        with torch.no_grad():
+            ours = -model(ids[:, :-1], positions, None, labels=ids[:, 1:])
+    finally:
+        parallel.destroy()
+    theirs = _hf_token_logps(_hf_model(models["root"] / "jai_hf"), ids)
+    assert (ours - theirs).abs().max() < 1e-5, float((ours - theirs).abs().max())
