@@ -111,3 +111,51 @@ def test_log_probs_per_token_equal_the_export(models):
         parallel.destroy()
     theirs = _hf_token_logps(_hf_model(models["root"] / "jai_hf"), ids)
     assert (ours - theirs).abs().max() < 1e-5, float((ours - theirs).abs().max())
+
+
+def _output_rows(root):
+    from megatron_jai.checkpoint.dist import latest_iteration
+    from megatron_jai.checkpoint.stream import CheckpointReader
+
+    reader = CheckpointReader(os.path.join(root, f"iter_{latest_iteration(root):07d}"))
+    return reader.read("output_layer.weight"), reader.read("embedding.word_embeddings.weight")
+
+
+@pytest.mark.dist
+def test_first_sft_loss_is_the_exports_and_padding_rows_never_move(models, tmp_path):
+    """SFT through posttrain_jai.py at TP=1 and TP=2 (the second TP shard holds the 64 padding
+    rows): the first step's loss equals the HF export's mean NLL over the assistant tokens of the
+    same global batch (every record once), and with weight decay 0 the padding rows of the
+    output layer (and of the embedding) are bit-identical after training while the real rows move."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megatron_jai.data.chat import mask_prefix
+
+    root = models["root"]
+    sft = ["sft", "--init-from", models["chat"], "--data-path", root / "sft", "--seq-length", 256,
+           "--global-batch-size", SFT_RECORDS, "--micro-batch-size", 3, "--train-iters", 2,
+           "--lr", 1e-2, "--warmup-iters", 0, "--weight-decay", 0, "--log-interval", 1,
+           "--data-cache-dir", tmp_path / "cache"]
+    run_python(POSTTRAIN, *sft, "--save", tmp_path / "tp1", "--metrics-file", tmp_path / "tp1.jsonl")
+    torchrun(2, POSTTRAIN, *sft, "--tp", 2, "--save", tmp_path / "tp2",
+             "--metrics-file", tmp_path / "tp2.jsonl")
+
+    model = _hf_model(root / "chat_hf", train=True)  # training forward: the skip's train alpha
+    tokens, masks = IndexedDataset(str(root / "sft")), IndexedDataset(mask_prefix(str(root / "sft")))
+    total = count = 0.0
+    for i in range(len(tokens)):
+        ids = torch.as_tensor(tokens[i].astype("int64"))[None]
+        mask = torch.as_tensor(masks[i][1:].astype("float64"))
+        total -= float((_hf_token_logps(model, ids)[0].double() * mask).sum())
+        count += float(mask.sum())
+    assert len(tokens) == SFT_RECORDS and count > 0
+    init_out, init_emb = _output_rows(models["chat"])
+    vocab = init_out.shape[0] - 64
+    for run in ("tp1", "tp2"):
+        with open(tmp_path / f"{run}.jsonl") as f:
+            first = json.loads(f.readline())["loss"]
+        assert abs(first - total / count) < 1e-5, (run, first, total / count)
+        out, emb = _output_rows(tmp_path / run)
+        assert torch.equal(out[vocab:], init_out[vocab:]) and torch.equal(emb[vocab:], init_emb[vocab:])
+        assert not torch.equal(out[:vocab], init_out[:vocab])
+    assert math.isfinite(first)
