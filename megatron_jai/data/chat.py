@@ -10,8 +10,10 @@ Records (JSON lines, plain or gzip)
 
 Rendering (:class:`ChatTokenizer`)
   The tokenizer directory's chat template is rendered and tokenized by the same Hugging Face
-  tokenizer, so the ids are exactly ``AutoTokenizer.from_pretrained(T).apply_chat_template(
-  messages, tokenize=True)``: the BOS token is whatever the template writes (Phi-3's writes
+  tokenizer, the one a model trained with it is exported with (a sentencepiece directory, Phi-3's
+  layout, converted exactly: ``megatron_jai.data.tokenizer.write_hf_tokenizer``), so the ids are
+  exactly ``AutoTokenizer.from_pretrained(EXPORT).apply_chat_template(messages, tokenize=True)``,
+  what TRL and serving engines feed the model: the BOS token is whatever the template writes (Phi-3's writes
   ``{{ bos_token }}``; none is added), and no generation prompt ends a sequence (every sequence ends
   with an assistant turn). A template that ignores system messages (Phi-3's) drops them; the tool
   counts the records affected.
@@ -93,10 +95,8 @@ class ChatTokenizer:
         if not os.path.isdir(self.path):
             raise ChatDataError(f"tokenizer {self.path!r} is not a directory (a chat template "
                                 f"lives in a tokenizer directory's tokenizer_config.json)")
-        from transformers import AutoTokenizer
-
         try:
-            self.hf = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+            self.hf = _load_hf_tokenizer(self.path)
         except Exception as err:  # transformers raises many types for unloadable directories
             raise ChatDataError(f"cannot load the tokenizer in {self.path}: "
                                 f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
@@ -163,6 +163,24 @@ class ChatTokenizer:
         if header < 0 or probe[len(before):len(before) + header] != turn[:header]:
             header = max(turn.find(messages[i]["content"]), 0)
         return len(before) + header, len(before) + len(turn.rstrip())
+
+
+def _load_hf_tokenizer(path: str):
+    """``AutoTokenizer`` of the tokenizer directory ``path`` as the export writes it
+    (:func:`~megatron_jai.data.tokenizer.write_hf_tokenizer`): a sentencepiece directory (Phi-3's
+    layout) is converted exactly, not by transformers' own converter."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    from megatron_jai.data.tokenizer import write_hf_tokenizer
+
+    if os.path.isfile(os.path.join(path, "tokenizer.json")) or \
+            not os.path.isfile(os.path.join(path, "tokenizer.model")):
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    with tempfile.TemporaryDirectory(prefix="jai_tokenizer_") as tmp:
+        write_hf_tokenizer(path, tmp)
+        return AutoTokenizer.from_pretrained(tmp, local_files_only=True)
 
 
 @functools.lru_cache(maxsize=4)
@@ -417,7 +435,7 @@ def preprocess_chat(kind: str, inputs: Sequence[str], output_prefix: str, tokeni
     renamed at the end: on any error or interrupt no output appears, and an existing dataset is
     only replaced with ``overwrite=True`` (and only once everything succeeded).
     """
-    from tqdm import tqdm
+    from megatron_jai.cli import progress as progress_bar
 
     if log is None:
         def log(msg):
@@ -468,8 +486,8 @@ def preprocess_chat(kind: str, inputs: Sequence[str], output_prefix: str, tokeni
         else:
             _init_worker(*init_args)
             results = map(_encode_chunk, _chunks(inputs, stats))
-        with tqdm(total=total_bytes, unit="B", unit_scale=True, disable=not progress,
-                  desc=f"preprocess_chat {kind}", dynamic_ncols=True) as bar:
+        with progress_bar(total=total_bytes, unit="B", unit_scale=True, enabled=progress,
+                          desc=f"preprocess_chat {kind}") as bar:
             for file_index, position, records, bad in results:
                 for seqs, status, has_system in records:
                     stats.system_ignored += int(has_system and chat.ignores_system)

@@ -241,3 +241,57 @@ def load_tokenizer(path: str) -> Tokenizer:
         eos = None if "<|endoftext|>" in added else _configured_eos(path)
         return SentencePieceTokenizer(sp_model, added_tokens=added, eod_token=eos)
     return HuggingFaceTokenizer(path)
+
+
+TOKENIZER_CONFIG = "tokenizer_config.json"
+
+
+def write_hf_tokenizer(src: str, out_dir: str) -> dict:
+    """Write the Hugging Face form of the tokenizer ``src`` (a tokenizer directory or a
+    sentencepiece ``.model``) into ``out_dir``; returns its ``tokenizer_config.json``. The one
+    definition of what ``AutoTokenizer`` loads for a tokenizer: chat data is rendered with it and
+    the export writes it, so both give the same ids.
+
+    * A directory with ``tokenizer.json`` is copied as it is.
+    * A sentencepiece model (a ``.model``; a directory with ``tokenizer.model``, optionally
+      ``added_tokens.json`` and ``tokenizer_config.json``: Phi-3's layout) gets a ``tokenizer.json``
+      that encodes like sentencepiece; every added token keeps the attributes (``rstrip``,
+      ``lstrip``, ``normalized``, ``special``, ``single_word``) of the source's
+      ``added_tokens_decoder``, and the source's ``tokenizer_config.json`` is kept, with
+      ``tokenizer_class`` ``PreTrainedTokenizerFast`` (read ``tokenizer.json`` as it is) and the
+      model's own ``<unk>`` / ``<s>`` where it names none. BOS is added by the tokenizer only where
+      the source says so (``add_bos_token``)."""
+    import shutil
+
+    from megatron_jai.checkpoint.dist import tokenizer_files
+
+    if os.path.isdir(src) and os.path.isfile(os.path.join(src, "tokenizer.json")):
+        for name, path in tokenizer_files(src).items():
+            shutil.copyfile(path, os.path.join(out_dir, name))
+        config_path = os.path.join(src, TOKENIZER_CONFIG)
+        return _read_json(config_path) if os.path.isfile(config_path) else {}
+    from megatron_jai.upscale.tokenizer import hf_tokenizer_from_proto, load_base_tokenizer
+
+    try:
+        base = load_base_tokenizer(src)
+    except ValueError as err:
+        raise TokenizerError(str(err)) from None
+    config = dict(base.config)
+    add_bos = bool(config.get("add_bos_token", False))
+    attributes = {t["content"]: {k: v for k, v in t.items() if k != "content"}
+                  for t in config.get("added_tokens_decoder", {}).values()}
+    hf_tokenizer_from_proto(base.proto, base.specials, add_bos, attributes).save(
+        os.path.join(out_dir, "tokenizer.json"))
+    sp_model = src if os.path.isfile(src) else os.path.join(src, "tokenizer.model")
+    shutil.copyfile(sp_model, os.path.join(out_dir, "tokenizer.model"))
+    if base.specials:
+        with open(os.path.join(out_dir, "added_tokens.json"), "w", encoding="utf-8") as f:
+            json.dump(base.specials, f, indent=2, ensure_ascii=False)
+    spec = base.proto.trainer_spec
+    for key, i in (("unk_token", spec.unk_id), ("bos_token", spec.bos_id)):
+        if i >= 0:
+            config.setdefault(key, base.proto.pieces[i].piece)
+    config.update(tokenizer_class="PreTrainedTokenizerFast", add_bos_token=add_bos)
+    with open(os.path.join(out_dir, TOKENIZER_CONFIG), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, ensure_ascii=False)
+    return config

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Sequence
+from typing import Callable, Iterator, List, Optional, Sequence
 
 from megatron_jai.data.tokenizer import TokenizerError
 from megatron_jai.paths import shared_path
@@ -164,7 +164,7 @@ def train_bpe(
     be merged into its vocabulary.
     """
     import sentencepiece as spm
-    from tqdm import tqdm
+    from megatron_jai.cli import progress as progress_bar
 
     check_bpe_options(vocab_size, clean)
     for path in inputs:
@@ -186,8 +186,8 @@ def train_bpe(
         n_sent = n_chars = 0
         with open(corpus, "w", encoding="utf-8") as f:
             for path in inputs:
-                docs = tqdm(iter_documents(path, json_key), desc=f"reading {os.path.basename(path)}",
-                            unit=" docs", disable=not progress)
+                docs = progress_bar(iter_documents(path, json_key), enabled=progress,
+                                    desc=f"reading {os.path.basename(path)}", unit=" docs")
                 for doc in docs:
                     for sent in split_sentences(cleaner(doc), max_sentence_chars):
                         f.write(sent)
@@ -615,11 +615,13 @@ def candidate_pieces(base: BaseTokenizer, add_proto, piece_filter: Callable[[str
     return out
 
 
-def hf_tokenizer_from_proto(proto, specials: dict, add_bos: bool = True):
+def hf_tokenizer_from_proto(proto, specials: dict, add_bos: bool = True,
+                            attributes: Optional[dict] = None):
     """A ``tokenizers.Tokenizer`` that encodes like the sentencepiece BPE ``proto`` (Llama-style,
     non-legacy: the word-boundary "▁" is prepended to the first segment only), with the model's
     normalizer (e.g. NFKC and whitespace folding of a sentencepiece default model) and a BOS
-    post-processor when ``add_bos``.
+    post-processor when ``add_bos``. ``attributes`` (content -> ``rstrip``, ``lstrip``,
+    ``normalized``, ``special``, ``single_word``) override the added tokens' defaults.
 
     sentencepiece BPE merges the adjacent pair whose union has the highest score; HF BPE merges the
     pair of lowest rank. Listing every split (left, right) of every piece, ranked by the piece's
@@ -658,9 +660,9 @@ def hf_tokenizer_from_proto(proto, specials: dict, add_bos: bool = True):
                                      decoders.Fuse(), decoders.Strip(" ", 1, 0)])
     ts = proto.trainer_spec
     controls = [proto.pieces[i].piece for i in (ts.unk_id, ts.bos_id, ts.eos_id) if i >= 0]
-    tok.add_special_tokens([AddedToken(c, special=True, normalized=False) for c in controls])
-    tok.add_special_tokens([AddedToken(c, special=True, normalized=False, lstrip=False, rstrip=False)
-                            for c in sorted(specials, key=specials.get)])
+    defaults = {"special": True, "normalized": False}
+    tok.add_tokens([AddedToken(c, **{**defaults, **(attributes or {}).get(c, {})})
+                    for c in controls + sorted(specials, key=specials.get)])
     if add_bos and ts.bos_id >= 0:
         bos = proto.pieces[ts.bos_id].piece
         tok.post_processor = processors.TemplateProcessing(

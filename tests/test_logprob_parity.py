@@ -1,7 +1,11 @@
-"""Megatron's vocabulary padding takes no part (issue 15): the output layer's rows at or above the
-model's ``vocab_size`` (which the export drops) are masked out of every softmax, so our log-probs,
-training loss (pretraining cross entropy and SFT alike: one output layer) and DPO log-probs are the
-exported model's, and the padding rows never move."""
+"""Our log-probs are the exported model's (issue 15).
+
+Megatron's vocabulary padding takes no part: the output layer's rows at or above the model's
+``vocab_size`` (which the export drops) are masked out of every softmax, so our per-token log-probs,
+the training loss (pretraining cross entropy and SFT alike: one output layer) and DPO log-probs are
+the export's, and the padding rows never move. On the export, TRL computes the same per-pair DPO
+policy log-probs as our DPO pass, on the same ids and completion masks.
+"""
 import gzip
 import json
 import math
@@ -16,6 +20,7 @@ from megatron_jai.config import SkipConnection
 
 POSTTRAIN = os.path.join(REPO_ROOT, "posttrain_jai.py")
 SFT_RECORDS = 12  # one global batch holds every record once: the first loss is over all of them
+DPO_SEQ = 192  # about a third of the 40 pairs fit whole
 
 
 def test_mask_vocab_padding_values_and_gradients():
@@ -49,8 +54,8 @@ def test_mask_vocab_padding_values_and_gradients():
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, shared_dir):
     """A JAI-shaped checkpoint (skips + experts, vocabulary 300 padded to 384) and one with Phi-3's
-    vocabulary (32,064 ids padded to 32,128, a skip) and tokenizer, each with its HF export; the
-    SFT data of the latter: the first records of the Thai and English SFT sets."""
+    vocabulary (32,064 ids padded to 32,128, a skip) and tokenizer, each with its HF export; chat
+    data for the latter: the first records of the Thai and English SFT and DPO sets."""
     from megatron_jai import parallel
     from megatron_jai.data.chat import preprocess_chat
 
@@ -65,12 +70,17 @@ def models(tmp_path_factory, shared_dir):
     parallel.destroy()
     export_hf(out["jai"], str(root / "jai_hf"), tok)
     export_hf(out["chat"], str(root / "chat_hf"), phi3)
-    with open(root / "sft.jsonl", "w", encoding="utf-8") as f:
-        for name in ("th_sft_wangchanglm_oasst1", "en_sft_dolly_open_qa"):
-            with gzip.open(os.path.join(shared_dir, "data", "post", f"{name}.jsonl.gz"), "rt") as g:
-                f.writelines(line for _, line in zip(range(SFT_RECORDS // 2), g))
-    preprocess_chat("sft", [str(root / "sft.jsonl")], str(root / "sft"), phi3, seq_length=256,
-                    progress=False)
+    for kind, sources, seq_length in (
+            ("sft", {"th_sft_wangchanglm_oasst1": SFT_RECORDS // 2,
+                     "en_sft_dolly_open_qa": SFT_RECORDS // 2}, 256),
+            ("dpo", {"th_dpo_wangchanglm_crowd": 24, "en_dpo_hh_rlhf_harmless_test": 16}, DPO_SEQ)):
+        with open(root / f"{kind}.jsonl", "w", encoding="utf-8") as f:
+            for name, n in sources.items():
+                with gzip.open(os.path.join(shared_dir, "data", "post", f"{name}.jsonl.gz"),
+                               "rt", encoding="utf-8") as g:
+                    f.writelines(line for _, line in zip(range(n), g))
+        preprocess_chat(kind, [str(root / f"{kind}.jsonl")], str(root / kind), phi3,
+                        seq_length=seq_length, progress=False)
     return out
 
 
@@ -159,3 +169,59 @@ def test_first_sft_loss_is_the_exports_and_padding_rows_never_move(models, tmp_p
         assert torch.equal(out[vocab:], init_out[vocab:]) and torch.equal(emb[vocab:], init_emb[vocab:])
         assert not torch.equal(out[:vocab], init_out[:vocab])
     assert math.isfinite(first)
+
+
+@pytest.mark.dist
+def test_dpo_policy_log_probs_equal_trl(models, tmp_path):
+    """Our DPO pass (``posttrain_jai.py dpo-reference``: the policy's training forward over every
+    pair, fp32) and TRL's own DPO code on the export (its tokenization of the same records, its
+    collator and per-pair log-prob sum, the model in training mode, fp32): for every pair that fits
+    DPO_SEQ whole, the same ids, the same completion mask (the answer and its closing <|end|>) and
+    the same per-pair log-probs."""
+    import glob
+
+    import numpy
+    from datasets import Dataset
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from transformers import AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from megatron_jai.data.chat import mask_prefix
+
+    root, prefix = models["root"], str(models["root"] / "dpo")
+    run_python(POSTTRAIN, "dpo-reference", "--init-from", models["chat"], "--data-path", prefix,
+               "--seq-length", DPO_SEQ, "--global-batch-size", 4, "--micro-batch-size", 2,
+               "--data-cache-dir", tmp_path / "cache")
+    [ref_file] = glob.glob(f"{prefix}.dpo_ref.*.npz")
+    ours = numpy.load(ref_file)["logps"]  # [pairs, (chosen, rejected)]
+
+    with open(root / "dpo.jsonl", encoding="utf-8") as f:
+        records = [json.loads(line) for line in f]
+    pairs = Dataset.from_list([{"prompt": r["prompt"],
+                                "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                                "rejected": [{"role": "assistant", "content": r["rejected"]}]}
+                               for r in records])
+    model = _hf_model(root / "chat_hf", train=True)
+    trainer = DPOTrainer(model=model, train_dataset=pairs,
+                         processing_class=AutoTokenizer.from_pretrained(str(root / "chat_hf")),
+                         args=DPOConfig(output_dir=str(tmp_path / "trl"), bf16=False, use_cpu=True,
+                                        max_length=None, trust_remote_code=True, report_to=[]))
+    model.train()
+    tokens, masks = IndexedDataset(prefix), IndexedDataset(mask_prefix(prefix))
+    end = trainer.processing_class.convert_tokens_to_ids("<|end|>")
+    compared = 0
+    for i, example in enumerate(trainer.train_dataset):
+        prompt = example["prompt_ids"]
+        answers = [example["chosen_ids"], example["rejected_ids"]]
+        if max(len(prompt) + len(a) for a in answers) > DPO_SEQ:
+            continue  # we cut it to DPO_SEQ tokens
+        compared += 1
+        for j, answer in enumerate(answers):
+            assert tokens[2 * i + j].tolist() == prompt + answer, (i, j)
+            assert masks[2 * i + j].tolist() == [0] * len(prompt) + [1] * len(answer), (i, j)
+            assert answer[-1] == end
+        theirs = trainer.compute_ref_log_probs(model, trainer.data_collator([example]))
+        for j, answer in enumerate(answers):
+            diff = abs(float(theirs[j][0]) - ours[i, j])
+            assert diff <= 1e-5 * len(answer), (i, j, float(theirs[j][0]), ours[i, j])
+    assert 10 <= compared < len(records), compared
