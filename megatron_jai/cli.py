@@ -109,3 +109,56 @@ def _one_line(err: BaseException) -> str:
         return f"{err.filename}: {err.strerror}"
     text = str(err) or type(err).__name__
     return " ".join(text.split())
+
+
+class _ProgressLines:
+    """Progress for a log file: a plain line ``DESC: N/TOTAL UNIT (P%), S s`` on stderr at most
+    every ``interval`` seconds (no carriage returns, no bar), nothing for short work."""
+
+    def __init__(self, iterable=None, total=None, desc: str = "", unit: str = "it",
+                 interval: float = 60.0, **_):
+        import time
+
+        self.iterable, self.total, self.desc, self.unit = iterable, total, desc, unit.strip()
+        self.interval, self.n, self._clock = interval, 0, time.monotonic
+        self._start = self._last = self._clock()
+        if self.total is None and hasattr(iterable, "__len__"):
+            self.total = len(iterable)
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update(1)
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = self._clock()
+        if now - self._last >= self.interval:
+            self._last = now
+            done = f"{self.n:,}/{self.total:,}" if self.total else f"{self.n:,}"
+            share = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
+            print(f"{self.desc}: {done} {self.unit}{share}, {now - self._start:.0f} s",
+                  file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def progress(iterable=None, enabled: bool = True, log_interval: float = 60.0, **kwargs):
+    """The progress of long work: a ``tqdm`` bar when stderr is a terminal, plain lines every
+    ``log_interval`` seconds when it is a log file (:class:`_ProgressLines`), nothing when
+    ``enabled`` is false (``--no-progress``, ranks other than the one that reports). ``kwargs`` are
+    tqdm's (``total``, ``desc``, ``unit``, ...)."""
+    from tqdm import tqdm
+
+    if not enabled:
+        return tqdm(iterable, disable=True, **kwargs)
+    if not sys.stderr.isatty():
+        return _ProgressLines(iterable, interval=log_interval, **kwargs)
+    return tqdm(iterable, dynamic_ncols=True, **kwargs)

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from conftest import run_cmd, run_tool
+from megatron_jai import cli
 
 # (tool, arguments with a bad input, expected fragment of the one error line)
 BAD_INPUTS = [
@@ -89,14 +90,27 @@ def test_data_tools_do_not_import_megatron_core(tmp_path):
         assert json.load(f) == CheckpointingConfig("torch_dist").__dict__
 
 
-def test_tokens_per_char_progress_counts_tokenizers(tmp_path, capsys):
+def test_progress_bar_on_a_terminal_plain_lines_in_a_log(tmp_path, capsys, monkeypatch):
     from megatron_jai.data.demo import ensure_demo_data
 
     text = tmp_path / "t.txt"
     text.write_text("hello world\nanother line\n")
     tok = ensure_demo_data().tokenizer_path
-    out, err = run_tool(capsys, "tokens_per_char", "--tokenizer", tok, "--tokenizer", tok,
-                        "--text", text)
+    args = ("--tokenizer", tok, "--tokenizer", tok, "--text", text)
+    # stderr is a log (captured): no bar, no carriage return; short work prints no line either
+    out, err = run_tool(capsys, "tokens_per_char", *args)
+    assert err == "", err
+    assert out.strip().endswith("tokens_per_char: 2 tokenizers x 1 texts (2 lines)")
+    # a terminal: the bar, counting tokenizers
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    out, err = run_tool(capsys, "tokens_per_char", *args)
     assert "2/2" in err and (" tokenizer/s" in err or "s/ tokenizer" in err), err
     assert "tok/s" not in err
-    assert out.strip().endswith("tokens_per_char: 2 tokenizers x 1 texts (2 lines)")
+    # a log of long work: one plain line per interval
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    with cli.progress(total=4, desc="reference log-probs", unit="batch", log_interval=0) as bar:
+        bar.update(1)
+        bar.update(3)
+    assert [line.split(", ")[0] for line in capsys.readouterr().err.splitlines()] == \
+        ["reference log-probs: 1/4 batch (25%)", "reference log-probs: 4/4 batch (100%)"]
+    assert list(cli.progress(range(3), enabled=False)) == [0, 1, 2]

@@ -132,9 +132,9 @@ def atomic_directory(out: str, force: bool) -> Iterator[str]:
 
 
 def _progress(total: int, desc: str, enabled: bool, unit: str = "tensor"):
-    from tqdm import tqdm
+    from megatron_jai.cli import progress
 
-    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True)
+    return progress(total=total, desc=desc, unit=unit, enabled=enabled)
 
 
 # ---- HF -> Megatron ----------------------------------------------------------------------------

@@ -460,10 +460,10 @@ def reference_pass(trainer, prefix: str, seq_length: int, identity: dict, object
     steps = total // per_step
     t0, done = time.perf_counter(), 0
     trainer.ddp_model.train()
-    from tqdm import tqdm
+    from megatron_jai.cli import progress
 
-    bar = tqdm(total=steps, desc=f"reference log-probs {os.path.basename(prefix)}",
-               unit="batch", disable=trainer.rank != 0, leave=False)
+    bar = progress(total=steps, desc=f"reference log-probs {os.path.basename(prefix)}",
+                   unit="batch", enabled=trainer.rank == 0, leave=False)
     while done < steps:
         batches = []
         for _ in range(min(chunk, steps - done)):

@@ -9,9 +9,8 @@ from __future__ import annotations
 import os
 import shutil
 
-from tqdm import tqdm
-
 from megatron_jai.checkpoint.stream import CheckpointReader, CheckpointWriter
+from megatron_jai.cli import progress as progress_bar
 from megatron_jai.config import ModelConfig
 from megatron_jai.upscale.plan import LayerPlan, PlanError, save_plan
 
@@ -78,8 +77,8 @@ def depth_upscale(src: str, out: str, plan: LayerPlan, *, name: str | None = Non
     with CheckpointWriter(out, cfg, force=force) as writer:
         for key in others:
             writer.write(key, reader.read(key))
-        for new, old in enumerate(tqdm(layer_map, desc="dus layers", unit="layer",
-                                       disable=not progress)):
+        for new, old in enumerate(progress_bar(layer_map, desc="dus layers", unit="layer",
+                                               enabled=progress)):
             for key in stacked:
                 writer.write_layer(key, new, cfg.num_layers, reader.read_layer(key, old))
         copy_side_files(reader.root, writer)

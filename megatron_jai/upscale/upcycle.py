@@ -28,10 +28,9 @@ import os
 from typing import Sequence
 
 import torch
-from tqdm import tqdm
 
 from megatron_jai.checkpoint.stream import CheckpointReader, CheckpointWriter
-from megatron_jai.cli import UserError
+from megatron_jai.cli import UserError, progress as progress_bar
 from megatron_jai.config import ModelConfig
 from megatron_jai.upscale.dus import copy_side_files, model_keys
 
@@ -111,7 +110,7 @@ def upcycle(sources: Sequence[str], out: str, num_experts: int = 4, top_k: int =
     with CheckpointWriter(out, cfg, force=force) as writer:
         for key in others:
             writer.write(key, shared(key))
-        for layer in tqdm(range(L), desc="moe layers", unit="layer", disable=not progress):
+        for layer in progress_bar(range(L), desc="moe layers", unit="layer", enabled=progress):
             norm_weight = None
             for key in stacked:
                 if key in FFN_MAP:

@@ -88,7 +88,7 @@ def extend_vocab(src: str, tokenizer: str, out: str, base_tokenizer: Optional[st
                  progress: bool = True) -> dict:
     """Write checkpoint ``out``: ``src`` with embedding/output rows for the tokenizer
     ``tokenizer`` (a directory written by tools/extend_tokenizer.py). Returns a summary dict."""
-    from tqdm import tqdm
+    from megatron_jai.cli import progress as progress_bar
 
     from megatron_jai.checkpoint.stream import (CheckpointFormatError, CheckpointReader,
                                                 CheckpointWriter)
@@ -124,13 +124,13 @@ def extend_vocab(src: str, tokenizer: str, out: str, base_tokenizer: Optional[st
                                         f"padded vocabulary is {base_cfg.padded_vocab_size}")
     t0 = time.time()
     with CheckpointWriter(out, cfg, force=force) as writer:
-        for key in tqdm(table_keys, desc="vocab tables", unit=" table", disable=not progress):
+        for key in progress_bar(table_keys, desc="vocab tables", unit=" table", enabled=progress):
             writer.write(key, extended_table(reader.read(key), old_to_new, new_ids, splits,
                                              cfg.padded_vocab_size, norm_correction))
         for key in [k for k in others if k not in table_keys]:
             writer.write(key, reader.read(key))
         layers = max((reader.shape(k)[0] for k in stacked), default=0)
-        for layer in tqdm(range(layers), desc="copy layers", unit=" layer", disable=not progress):
+        for layer in progress_bar(range(layers), desc="copy layers", unit=" layer", enabled=progress):
             for key in stacked:
                 n = reader.shape(key)[0]
                 if layer < n:
