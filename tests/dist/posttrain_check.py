@@ -44,7 +44,7 @@ def check_sft(init, prefix, tokenizer, work):
     with torch.no_grad():
         for b in batches:
             logits = trainer.model(b["tokens"], b["position_ids"], None).float()  # [b, s, V]
-            logp = torch.log_softmax(logits, dim=-1)  # Megatron normalises over the padded vocab
+            logp = torch.log_softmax(logits, dim=-1)  # (the model masks its vocabulary padding)
             token_logp = logp.gather(-1, b["labels"].unsqueeze(-1)).squeeze(-1)
             total += float(-(token_logp * b["loss_mask"]).sum())
             count += float(b["loss_mask"].sum())
