@@ -255,7 +255,8 @@ def _assert_carried(exported, config):
     assert tok.chat_template == config["chat_template"]
     for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
         value = config.get(key)
-        assert getattr(tok, key) == (value.get("content") if isinstance(value, dict) else value), key
+        expected = value.get("content") if isinstance(value, dict) else value
+        assert getattr(tok, key) == expected, key
     return tok
 
 

@@ -13,10 +13,10 @@ Rendering (:class:`ChatTokenizer`)
   tokenizer, the one a model trained with it is exported with (a sentencepiece directory, Phi-3's
   layout, converted exactly: ``megatron_jai.data.tokenizer.write_hf_tokenizer``), so the ids are
   exactly ``AutoTokenizer.from_pretrained(EXPORT).apply_chat_template(messages, tokenize=True)``,
-  what TRL and serving engines feed the model: the BOS token is whatever the template writes (Phi-3's writes
-  ``{{ bos_token }}``; none is added), and no generation prompt ends a sequence (every sequence ends
-  with an assistant turn). A template that ignores system messages (Phi-3's) drops them; the tool
-  counts the records affected.
+  what TRL and serving engines feed the model: the BOS token is whatever the template writes
+  (Phi-3's writes ``{{ bos_token }}``; none is added), and no generation prompt ends a sequence
+  (every sequence ends with an assistant turn). A template that ignores system messages (Phi-3's)
+  drops them; the tool counts the records affected.
 
 Loss mask: an assistant turn is the text that rendering the conversation up to and including it
 (``Q``) adds to rendering it up to the turn with the generation prompt (``P``); its trained span

@@ -130,7 +130,8 @@ def extend_vocab(src: str, tokenizer: str, out: str, base_tokenizer: Optional[st
         for key in [k for k in others if k not in table_keys]:
             writer.write(key, reader.read(key))
         layers = max((reader.shape(k)[0] for k in stacked), default=0)
-        for layer in progress_bar(range(layers), desc="copy layers", unit=" layer", enabled=progress):
+        for layer in progress_bar(range(layers), desc="copy layers", unit=" layer",
+                                  enabled=progress):
             for key in stacked:
                 n = reader.shape(key)[0]
                 if layer < n:
