@@ -22,6 +22,7 @@ Backward (``dout [N, H]``):
      ``dw_down[e] = sum_i dout[n]^T wact[i]`` (``wact`` recomputed from ``gu`` when
      ``recompute_activation``) and ``dw_gate_up[e] = sum_i dgu[i]^T x[n]`` (gathered rows). Both
      operands are plain loads, so the loop pipelines (the routing weight already sits in ``wact``).
+The row-tile GEMMs (steps 1, 2, 4, 5) share one K loop, ``_dot_k_loop``.
 Tiles: the row-tile -> (expert, first row) map is computed inside each program from ``offsets`` (a
 vectorised search, on the device, no host synchronisation); the grid is the upper bound
 ``cdiv(S, BLOCK_M) + E`` row tiles and tiles past the last expert exit at once. Grouped-M swizzling
@@ -121,6 +122,27 @@ def _expert_row_tile(tile, offsets_ptr, num_experts, BLOCK_M: tl.constexpr, BLOC
     return tl.where(expert < num_experts, expert, -1), row_start, row_end
 
 
+@triton.jit
+def _dot_k_loop(acc, a_ptrs, b_ptrs, stride_ak, stride_bk, K, INPUT_PRECISION: tl.constexpr,
+                EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``acc + A @ B`` over ``K`` in steps of ``BLOCK_K``: ``a_ptrs`` ``[BLOCK_M, BLOCK_K]`` and ``b_ptrs``
+    ``[BLOCK_K, BLOCK_N]`` point at the first step and advance by ``BLOCK_K * stride`` along K. The
+    K tail is masked unless ``EVEN_K``."""
+    ks = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_mask = ks < K - k0
+            a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_mask[:, None], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    return acc
+
+
 # Main loops load without masks where they can: out-of-range rows/columns are clamped to the last valid
 # one (their results are masked at the store), K is unmasked when it is a multiple of BLOCK_K (EVEN_K).
 
@@ -152,17 +174,7 @@ def _gate_up_swiglu_kernel(
     w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + w_rows[None, :].to(tl.int64) * stride_wf \
         + ks[:, None] * stride_wh
     acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        if EVEN_K:
-            x = tl.load(x_ptrs)
-            w = tl.load(w_ptrs)
-        else:
-            k_mask = ks < H - k0
-            x = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
-        acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
-        x_ptrs += BLOCK_K * stride_xh
-        w_ptrs += BLOCK_K * stride_wh
+    acc = _dot_k_loop(acc, x_ptrs, w_ptrs, stride_xh, stride_wh, H, INPUT_PRECISION, EVEN_K, BLOCK_K)
     gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
     out_dtype = gu_ptr.dtype.element_ty
     gate = gate.to(out_dtype)
@@ -208,17 +220,7 @@ def _rows_gemm_scatter_kernel(
     a_ptrs = a_ptr + rows_ld[:, None] * stride_a + ks[None, :] * stride_ak
     w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + cols_ld[None, :] * stride_wn + ks[:, None] * stride_wk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            w = tl.load(w_ptrs)
-        else:
-            k_mask = ks < K - k0
-            a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
-        acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        w_ptrs += BLOCK_K * stride_wk
+    acc = _dot_k_loop(acc, a_ptrs, w_ptrs, stride_ak, stride_wk, K, INPUT_PRECISION, EVEN_K, BLOCK_K)
     slots = tl.load(sorted_slots_ptr + rows_ld)
     out_ptrs = out_ptr + slots[:, None].to(tl.int64) * stride_out + cols[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
@@ -256,17 +258,7 @@ def _down_bwd_swiglu_kernel(
     w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + ks[:, None].to(tl.int64) * stride_wh \
         + cols_ld[None, :] * stride_wf
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        if EVEN_K:
-            d = tl.load(d_ptrs)
-            w = tl.load(w_ptrs)
-        else:
-            k_mask = ks < H - k0
-            d = tl.load(d_ptrs, mask=k_mask[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
-        acc = tl.dot(d, w, acc, input_precision=INPUT_PRECISION)
-        d_ptrs += BLOCK_K * stride_douth
-        w_ptrs += BLOCK_K * stride_wh
+    acc = _dot_k_loop(acc, d_ptrs, w_ptrs, stride_douth, stride_wh, H, INPUT_PRECISION, EVEN_K, BLOCK_K)
     # Everything that depends on gu only first (one layout), then one meeting with the accumulator:
     # the compiler converts the accumulator once instead of bouncing each temporary between layouts.
     mask = row_mask[:, None] & col_mask[None, :]
