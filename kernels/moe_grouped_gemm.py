@@ -62,8 +62,8 @@ def _configs(gpu_configs, interpret_tile=(16, 16, 16)):
     return configs if _autotune_enabled() else configs[:1]
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), best guess first; `compile_check(90, True)`
-# lists registers, spills and shared memory of each (docs/kernels.md). The gate/up kernel's dot is
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), best guess first; `tools/compile_kernels.py
+# --all-configs` lists registers, spills and shared memory of each (docs/kernels.md). The gate/up kernel's dot is
 # 2*BLOCK_N wide (gate and up columns interleaved); the down-backward kernel has a heavy SwiGLU
 # epilogue and stays at 64 columns.
 GATE_UP_CONFIGS = _configs([(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 8, 4),
@@ -542,64 +542,3 @@ def grouped_expert_ffn_triton(hidden, expert_ids, weights, w_gate_up, w_down, re
         raise ValueError(f"hidden, w_gate_up and w_down must share a dtype, got {hidden.dtype}, "
                          f"{w_gate_up.dtype}, {w_down.dtype}")
     return GroupedExpertFFN.apply(hidden, expert_ids, weights, w_gate_up, w_down, bool(recompute_activation))
-
-
-# ---- ahead-of-time compilation check (no GPU needed) ---------------------------------------------
-
-JAI_75B_LAYER = (8192, 5120, 17920, 4, 2)  # (T, H, F, E, k) of one JAI-75B MoE layer
-
-
-def _record_all_launches(shape, dtype):
-    """Run every launch wrapper on ``meta`` tensors of ``shape`` and record the launches."""
-    from megatron_jai.kernels import triton_aot
-
-    t, h, f, e, k = shape
-    s = t * k
-
-    def empty(*size, dt=dtype):
-        return torch.empty(*size, dtype=dt, device="meta")
-
-    x, dout = empty(t, h), empty(t, h)
-    w_gate_up, w_down = empty(e, 2 * f, h), empty(e, h, f)
-    slots, offsets, weights = empty(s, dt=torch.int64), empty(e + 1, dt=torch.int64), empty(s, dt=torch.float32)
-    with triton_aot.recording() as launches:
-        gu, wact = gate_up_swiglu_forward(x, w_gate_up, slots, offsets, weights, k)
-        y = rows_gemm_scatter(wact, w_down, w_down.stride(1), w_down.stride(2), h, slots, offsets)
-        combine_slots(y, empty(t, k, dt=torch.int64), e, dtype)
-        dgu, _ = down_backward_swiglu(dout, w_down, gu, slots, offsets, weights, k)
-        rows_gemm_scatter(dgu, w_gate_up, w_gate_up.stride(2), w_gate_up.stride(1), h, slots, offsets)
-        for rhs, mode in ((wact, 0), (gu, 1)):
-            expert_wgrad(dout, rhs, slots, offsets, weights, k, e, h, f, dtype, lhs_gather=True, rhs_mode=mode, f=f)
-        for splits in (1, 2):  # split-K writes fp32 partial sums: another specialisation
-            expert_wgrad(dgu, x, slots, offsets, None, k, e, 2 * f, h, dtype, lhs_gather=False, rhs_mode=2,
-                         splits=splits)
-    return launches
-
-
-def compile_check(capability: int = 90, dtype: torch.dtype = torch.bfloat16, all_configs: bool = False,
-                  shape=JAI_75B_LAYER):
-    """Compile every kernel launch of one forward + backward of ``shape`` = (T, H, F, E, k) for
-    ``sm_<capability>`` without a GPU (Triton + ptxas), specialised exactly as the launcher would
-    (:mod:`megatron_jai.kernels.triton_aot`). Returns one dict per compiled kernel: name, variant
-    constexprs, config, shared memory, count of Hopper wgmma instructions, and the registers / stack /
-    local (spill) bytes per thread from ``cuobjdump -res-usage``. Raises on a compile error. Needs
-    the kernels imported *without* ``TRITON_INTERPRET``."""
-    if INTERPRET:
-        raise RuntimeError("compile_check needs the kernels imported without TRITON_INTERPRET=1")
-    from megatron_jai.kernels import triton_aot
-
-    results = []
-    for kernel, args, kwargs in _record_all_launches(shape, dtype):
-        name = triton_aot._jit_function(kernel).__name__
-        variant = {k: v for k, v in kwargs.items() if k in ("LHS_GATHER", "RHS_MODE")}
-        if name == "_expert_wgrad_kernel":
-            variant["splits"] = args[7]
-        for kw, compiled in triton_aot.compile_recorded(kernel, args, kwargs, capability, all_configs):
-            results.append({
-                "kernel": name, "variant": variant,
-                "config": {k: v for k, v in kw.items() if k.startswith("BLOCK_") or k.startswith("EVEN_")},
-                "num_warps": compiled.metadata.num_warps, "num_stages": compiled.metadata.num_stages,
-                "shared_bytes": compiled.metadata.shared,
-                "wgmma": compiled.asm["ptx"].count("wgmma.mma_async"),
-                **triton_aot.resource_usage(compiled.asm["cubin"])})
-    return results

@@ -1,14 +1,14 @@
 """Triton expert kernels under TRITON_INTERPRET=1 (fp32) against the torch reference -- outputs and the
 gradients of hidden, both weight tensors and the routing weights -- plus gradcheck of the reference in
-fp64, the functional API, an sm_90 ahead-of-time compilation of every kernel, and the benchmark's smoke
-mode. The interpreter is slow: shapes are tiny and tiles are 16 wide."""
+fp64, the functional API, an sm_90 ahead-of-time compilation of every kernel (tools/compile_kernels.py),
+and the benchmark's smoke mode. The interpreter is slow: shapes are tiny and tiles are 16 wide."""
 import os
 import sys
 
 import pytest
 import torch
 
-from conftest import REPO_ROOT, run_cmd
+from conftest import REPO_ROOT, load_tool, run_cmd, run_tool
 
 
 def _import_kernels_interpreted():
@@ -258,22 +258,34 @@ def test_rectangular_interpreter_tiles():
         assert err < 1e-5, (tile, proc.stdout)
 
 
-def test_kernels_compile_for_sm90(tmp_path):
-    """Every kernel launch of a JAI-75B layer's forward + backward compiles to sm_90 (Triton + ptxas, no
-    GPU), specialised as the launcher does (unit strides are constants), uses Hopper wgmma, and the
-    first (JAI_MOE_AUTOTUNE=0) configurations neither spill nor use a stack."""
-    script = ("from megatron_jai.kernels.moe_grouped_gemm import compile_check\n"
-              "rows = compile_check(90)\n"
-              "for r in rows: print(r['kernel'], r['variant'], r['config'], r['shared_bytes'], r['wgmma'], "
-              "r.get('reg'), r.get('stack'), r.get('local'))\n"
-              "gemms = [r for r in rows if r['kernel'] != '_combine_slots_kernel']\n"
-              "assert all(r['wgmma'] > 0 for r in gemms), 'a GEMM kernel does not use wgmma'\n"
-              "assert all(r.get('stack', 0) == 0 and r.get('local', 0) == 0 for r in rows), 'spills'\n"
-              "print('compiled', len(rows))\n")
+def test_compile_kernels_for_sm90(tmp_path):
+    """tools/compile_kernels.py: every kernel launch of a JAI-75B layer's forward + backward compiles to
+    sm_90 (Triton + ptxas, no GPU), specialised as the launcher does (unit strides are constants), uses
+    Hopper wgmma, and the first (JAI_MOE_AUTOTUNE=0) configurations neither spill nor use a stack."""
     # A fresh Triton cache, so the kernels really go through Triton's compiler and ptxas here.
-    proc = run_cmd([sys.executable, "-c", script], timeout=600,
+    proc = run_cmd([sys.executable, os.path.join(REPO_ROOT, "tools", "compile_kernels.py")], timeout=600,
                    env={"TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path / "triton-cache")})
-    assert "compiled 9" in proc.stdout, proc.stdout
+    assert "9 compiles for sm_90 (jai75b, bf16, first configurations): no problems" in proc.stdout, proc.stdout
+    gemms = [line.split() for line in proc.stdout.splitlines() if line.startswith(("_gate", "_rows", "_down", "_exp"))]
+    assert len(gemms) == 8 and all(int(row[-3]) > 0 and row[-1] == "0/0" for row in gemms), proc.stdout
+
+
+def test_compile_kernels_audit_and_refusals(capsys):
+    """What the audit rejects (on rows it is given), and the tool's refusals: an unknown shape, and
+    kernels imported in the interpreter (as in this process)."""
+    tool = load_tool("compile_kernels")
+    ok = {"kernel": "_rows_gemm_scatter_kernel", "variant": {}, "config": {"BLOCK_M": 64, "BLOCK_N": 64,
+                                                                        "BLOCK_K": 32}, "wgmma": 4, "stack": 0}
+    rows = [ok, {**ok, "stack": 160}, {**ok, "wgmma": 0}, {**ok, "local": 8},
+            {**ok, "kernel": "_combine_slots_kernel", "wgmma": 0}, {**ok, "config": {}, "error": "out of resources"}]
+    found = tool.problems(rows, 90)
+    assert len(found) == 4 and "160 stack" in found[0] and "no wgmma" in found[1] and "8 local" in found[2] \
+        and "does not compile: out of resources" in found[3], found
+    assert len(tool.problems(rows, 80)) == 3  # wgmma is Hopper's
+    _, err = run_tool(capsys, "compile_kernels", "--shapes", "huge", expect_rc=2)
+    assert "unknown shape" in err
+    _, err = run_tool(capsys, "compile_kernels", expect_rc=2)
+    assert "TRITON_INTERPRET" in err and len(err.strip().splitlines()) == 1
 
 
 def test_bench_smoke_and_cpu_refusal():
