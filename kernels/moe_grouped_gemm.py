@@ -1,9 +1,10 @@
-"""Triton grouped-GEMM expert FFN (SwiGLU experts), forward and backward, as one autograd Function.
+"""Triton grouped-GEMM expert FFN (SwiGLU experts): the kernels, their launch wrappers, the autograd
+Function :class:`GroupedExpertFFN` and the plain-torch reference :func:`grouped_expert_ffn_reference`.
 
 Weights: ``w_gate_up [E, 2F, H]`` (``[gate; up]``), ``w_down [E, H, F]``. Routing: ``expert_ids [N, k]``
 (local ids, -1 = skip) and ``weights [N, k]``; slots ``s = n*k + j`` are stable-sorted by expert by the
-routing op (``megatron_jai.kernels.routing``), giving each expert a contiguous group of sorted
-positions ``offsets[e]:offsets[e+1]``. Conventions: ``megatron_jai/moe/reference.py``.
+routing op (``routing.py``, which documents the slot conventions), giving each expert a contiguous
+group of sorted positions ``offsets[e]:offsets[e+1]``. The expert is ``down(silu(gate x) * up x)``.
 
 Forward (``i`` = sorted position, ``s = sorted_slots[i]``, ``n = s // k``, ``e`` = its expert):
   1. ``_gate_up_swiglu_kernel``: ``gu[i] = x[n] @ w_gate_up[e]^T`` with the token rows *gathered
@@ -11,7 +12,8 @@ Forward (``i`` = sorted position, ``s = sorted_slots[i]``, ``n = s // k``, ``e``
      dot reads the A tile once; SwiGLU and the routing weight in the epilogue: stores the
      pre-activation ``gu [S, 2F]`` (for backward) and ``wact = weights[s] * silu(gate) * up [S, F]``.
   2. ``_rows_gemm_scatter_kernel``: ``y[s] = wact[i] @ w_down[e]^T``, scattered back to slot order.
-  3. ``combine_slots``: ``out[n] = sum_j y[n*k+j]`` over routed slots (fp32, deterministic).
+  3. ``combine_slots`` (``moe_combine.py``): ``out[n] = sum_j y[n*k+j]`` over routed slots (fp32,
+     deterministic).
 Backward (``dout [N, H]``):
   4. ``_down_bwd_swiglu_kernel``: ``g[i] = dout[n] @ w_down[e]`` (gathered rows); epilogue: grad of the
      routing weight ``<g[i], act[i]>`` (per column tile, summed after), ``dact = weights[s] * g``, and
@@ -39,11 +41,9 @@ import torch
 import triton
 import triton.language as tl
 
-from megatron_jai.kernels.moe_combine import combine_slots
-from megatron_jai.kernels.routing import routing_metadata
-from megatron_jai.kernels.triton_aot import launch
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+from .moe_combine import combine_slots
+from .routing import routing_metadata
+from .triton_aot import INTERPRET, launch
 
 
 def _autotune_enabled() -> bool:
@@ -537,8 +537,74 @@ class GroupedExpertFFN(torch.autograd.Function):
 
 
 def grouped_expert_ffn_triton(hidden, expert_ids, weights, w_gate_up, w_down, recompute_activation=False):
-    """Triton path of :func:`megatron_jai.moe.functional.grouped_expert_ffn` (no argument checks here)."""
+    """:class:`GroupedExpertFFN` (argument checks: :func:`check_expert_inputs`, done by the caller)."""
     if not (hidden.dtype == w_gate_up.dtype == w_down.dtype):
         raise ValueError(f"hidden, w_gate_up and w_down must share a dtype, got {hidden.dtype}, "
                          f"{w_gate_up.dtype}, {w_down.dtype}")
     return GroupedExpertFFN.apply(hidden, expert_ids, weights, w_gate_up, w_down, bool(recompute_activation))
+
+
+# ---- plain-torch reference -----------------------------------------------------------------------
+
+SUPPORTED_ACTIVATIONS = ("swiglu",)
+
+
+def check_expert_inputs(hidden, expert_ids, weights, w_gate_up, w_down, activation="swiglu"):
+    """Shape/dtype checks shared by the reference and the kernels (one clear ValueError)."""
+    if activation not in SUPPORTED_ACTIVATIONS:
+        raise ValueError(f"activation {activation!r} is not supported (choose from {SUPPORTED_ACTIVATIONS})")
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be [N, H], got shape {tuple(hidden.shape)}")
+    n, h = hidden.shape
+    if expert_ids.dim() != 2 or expert_ids.shape[0] != n:
+        raise ValueError(f"expert_ids must be [N={n}, k], got shape {tuple(expert_ids.shape)}")
+    if expert_ids.dtype.is_floating_point or expert_ids.dtype == torch.bool:
+        raise ValueError(f"expert_ids must be an integer tensor, got {expert_ids.dtype}")
+    if weights.shape != expert_ids.shape:
+        raise ValueError(f"weights must have the shape of expert_ids {tuple(expert_ids.shape)}, "
+                         f"got {tuple(weights.shape)}")
+    if w_gate_up.dim() != 3 or w_gate_up.shape[2] != h or w_gate_up.shape[1] % 2:
+        raise ValueError(f"w_gate_up must be [E, 2F, H={h}], got shape {tuple(w_gate_up.shape)}")
+    e, two_f, _ = w_gate_up.shape
+    if tuple(w_down.shape) != (e, h, two_f // 2):
+        raise ValueError(f"w_down must be [E={e}, H={h}, F={two_f // 2}], got shape {tuple(w_down.shape)}")
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for ``gate_up = [gate | up]`` along the last dimension."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+def grouped_expert_ffn_reference(
+    hidden: torch.Tensor,
+    expert_ids: torch.Tensor,
+    weights: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    activation: str = "swiglu",
+) -> torch.Tensor:
+    """``out[n] = sum_j weights[n, j] * expert_{ids[n, j]}(hidden[n])``, skipped slots excluded.
+
+    hidden ``[N, H]``, expert_ids ``[N, k]`` (local ids; -1 = skip), weights ``[N, k]``,
+    w_gate_up ``[E, 2F, H]``, w_down ``[E, H, F]`` -> ``[N, H]`` in ``hidden.dtype``. The weighted sum
+    over the k choices is accumulated in fp32 (fp64 for fp64 inputs). Loop over experts; differentiable
+    in hidden, weights and both weight tensors.
+    """
+    check_expert_inputs(hidden, expert_ids, weights, w_gate_up, w_down, activation)
+    n, h = hidden.shape
+    k = expert_ids.shape[1]
+    num_experts = w_gate_up.shape[0]
+    acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    out = hidden.new_zeros((n, h), dtype=acc_dtype)
+    flat_ids = expert_ids.reshape(-1)
+    flat_w = weights.reshape(-1)
+    for e in range(num_experts):
+        slots = torch.nonzero(flat_ids == e, as_tuple=True)[0]
+        if slots.numel() == 0:
+            continue
+        tokens = slots // k
+        x = hidden.index_select(0, tokens)
+        y = swiglu(x @ w_gate_up[e].t()) @ w_down[e].t()
+        out = out.index_add(0, tokens, y.to(acc_dtype) * flat_w.index_select(0, slots).to(acc_dtype)[:, None])
+    return out.to(hidden.dtype)

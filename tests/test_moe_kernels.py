@@ -1,7 +1,9 @@
 """Triton expert kernels under TRITON_INTERPRET=1 (fp32) against the torch reference -- outputs and the
-gradients of hidden, both weight tensors and the routing weights -- plus gradcheck of the reference in
-fp64, the functional API, an sm_90 ahead-of-time compilation of every kernel (tools/compile_kernels.py),
-and the benchmark's smoke mode. The interpreter is slow: shapes are tiny and tiles are 16 wide."""
+gradients of hidden, both weight tensors and the routing weights -- the slot combine against its
+reference, gradcheck of the reference in fp64, the functional API, kernels/ importing nothing of the
+package, an sm_90 ahead-of-time compilation of every kernel (tools/compile_kernels.py), and the
+benchmark's smoke mode. The interpreter is slow: shapes are tiny and tiles are 16 wide."""
+import ast
 import os
 import sys
 
@@ -28,12 +30,11 @@ def _import_kernels_interpreted():
 
 KERNELS = _import_kernels_interpreted()  # first: before anything else can import the kernels
 
+from megatron_jai.kernels.moe_combine import combine_slots, combine_slots_reference  # noqa: E402
+from megatron_jai.kernels.moe_grouped_gemm import grouped_expert_ffn_reference  # noqa: E402
+from megatron_jai.kernels.routing import routing_metadata_reference  # noqa: E402
 from megatron_jai.moe import functional  # noqa: E402
-from megatron_jai.moe.reference import (  # noqa: E402
-    grouped_expert_ffn_reference,
-    moe_ffn_reference,
-    routing_metadata_reference,
-)
+from megatron_jai.moe.reference import moe_ffn_reference  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -240,7 +241,7 @@ def test_rectangular_interpreter_tiles():
     """BLOCK_M != BLOCK_N != BLOCK_K (a fresh process: tiles are fixed when the kernels are imported)."""
     script = ("import torch\n"
               "from megatron_jai.kernels.moe_grouped_gemm import grouped_expert_ffn_triton\n"
-              "from megatron_jai.moe.reference import grouped_expert_ffn_reference as ref\n"
+              "from megatron_jai.kernels.moe_grouped_gemm import grouped_expert_ffn_reference as ref\n"
               "g = torch.Generator().manual_seed(0)\n"
               "x = torch.randn(29, 48, generator=g); ids = torch.randint(-1, 3, (29, 2), generator=g)\n"
               "w = torch.rand(29, 2, generator=g); a = torch.randn(3, 40, 48, generator=g) / 7\n"
@@ -256,6 +257,45 @@ def test_rectangular_interpreter_tiles():
                        env={"TRITON_INTERPRET": "1", "JAI_MOE_INTERPRET_TILE": tile})
         err = float(proc.stdout.split("max err")[1])
         assert err < 1e-5, (tile, proc.stdout)
+
+
+@pytest.mark.parametrize("n,k,e,cols", [(17, 3, 4, 70), (1, 1, 2, 5), (0, 2, 3, 8)])
+def test_combine_slots_matches_reference(n, k, e, cols):
+    """Odd column counts over the 64-wide interpreter block, skipped and out-of-range ids whose rows hold
+    NaN (ignored, not summed), fp32 and fp16 outputs."""
+    _kernels()
+    g = torch.Generator().manual_seed(n + cols)
+    ids = torch.randint(-1, e + 1, (n, k), generator=g)
+    rows = torch.randn(n * k, cols, generator=g)
+    rows[~((ids >= 0) & (ids < e)).reshape(-1)] = float("nan")
+    for rows_dtype, out_dtype in ((torch.float32, torch.float32), (torch.float16, torch.float16),
+                                  (torch.float16, torch.float32)):
+        got = combine_slots(rows.to(rows_dtype), ids, e, out_dtype)
+        want = combine_slots_reference(rows.to(rows_dtype), ids, e, out_dtype)
+        assert got.dtype == out_dtype and not got.isnan().any()
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_kernels_import_nothing_of_the_package():
+    """kernels/ stands alone: no file imports megatron_jai (also inside functions, or through importlib);
+    its own modules are imported relatively."""
+    kernels_dir = os.path.join(REPO_ROOT, "kernels")
+    offenders = []
+    for name in sorted(os.listdir(kernels_dir)):
+        if not name.endswith(".py"):
+            continue
+        for node in ast.walk(ast.parse(open(os.path.join(kernels_dir, name)).read(), name)):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                modules = [node.module or ""] if node.level == 0 else []
+            elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in (
+                    "import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant):
+                modules = [str(node.args[0].value)]
+            else:
+                continue
+            offenders += [f"{name}:{node.lineno} {m}" for m in modules if m.split(".")[0] == "megatron_jai"]
+    assert not offenders, offenders
 
 
 def test_compile_kernels_for_sm90(tmp_path):

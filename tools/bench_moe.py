@@ -236,8 +236,7 @@ def check_routing(device):
     """The compiled routing op of ``device`` (CUDA on a GPU, C++ on CPU) against the C++ op and the torch
     reference, bit for bit. Raises :class:`CheckFailed` if the op was not built (for CUDA: built
     without CUDA), instead of letting the Python entry point fall back to the reference."""
-    from megatron_jai.kernels.routing import load_extension
-    from megatron_jai.moe.reference import routing_metadata_reference
+    from megatron_jai.kernels.routing import load_extension, routing_metadata_reference
 
     ext = load_extension()
     if ext is None:
