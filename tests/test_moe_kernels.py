@@ -333,6 +333,9 @@ def test_bench_smoke_and_cpu_refusal():
     proc = run_cmd([sys.executable, bench, "--smoke"], env={"TRITON_INTERPRET": "1"}, timeout=600)
     assert "smoke" in proc.stdout and "ours vs fp32 d w_down: worst row" in proc.stdout, proc.stdout
     assert "check routing op (cpu): bit-identical to the C++ op" in proc.stdout, proc.stdout
+    kernel_rows = [line.split()[2] for line in proc.stdout.splitlines() if line.startswith("smoke (")
+                   and line.split()[2] in ("routing_metadata", "combine_slots")]
+    assert kernel_rows == ["routing_metadata", "combine_slots"], proc.stdout
     refused = run_cmd([sys.executable, bench], env={"TRITON_INTERPRET": "0"}, check=False, timeout=300)
     assert refused.returncode != 0
     assert "CUDA" in refused.stderr and "Traceback" not in refused.stderr
