@@ -71,8 +71,6 @@ def compile_check(capability: int = 90, dtype: torch.dtype = torch.bfloat16, all
     compile: kernel, variant, config, num_warps, num_stages, shared_bytes, wgmma (count of Hopper
     ``wgmma.mma_async``), reg / stack / local (bytes per thread; absent without cuobjdump), or
     ``error`` (the first line of the compiler's message)."""
-    from tqdm import tqdm
-
     from megatron_jai.kernels import triton_aot
 
     if triton_aot.INTERPRET:
@@ -80,8 +78,8 @@ def compile_check(capability: int = 90, dtype: torch.dtype = torch.bfloat16, all
     launches = record_launches(shape, dtype)
     total = sum(len(getattr(kernel, "configs", [None])) if all_configs else 1 for kernel, _, _ in launches)
     results = []
-    with tqdm(total=total, desc=f"compile sm_{capability} {shape.name}", unit="kernel",
-              disable=None if progress else True) as bar:
+    with cli.progress(total=total, desc=f"compile sm_{capability} {shape.name}", unit="kernel",
+                      enabled=progress) as bar:
         for kernel, args, kwargs in launches:
             name = triton_aot._jit_function(kernel).__name__
             variant = {k: v for k, v in kwargs.items() if k in VARIANT_KEYS}
