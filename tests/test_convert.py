@@ -115,6 +115,7 @@ def test_config_mapping():
 
 
 # ---- conversion, logits, round trip ------------------------------------------------------------
+@pytest.mark.dist
 def test_convert_and_compare_logits(tiny, capsys):
     hf, mc = tiny / "hf_sharded", tiny / "mcore_sharded"
     assert _tool_main()(["hf-to-mcore", "--hf-dir", str(hf), "--out", str(mc), "--tp", "2", "--pp", "2",
@@ -132,6 +133,7 @@ def test_convert_and_compare_logits(tiny, capsys):
         assert "argmax agreement 1.0000" in res.stdout
 
 
+@pytest.mark.dist
 def test_compare_logits_catches_plain_qkv_copy(tiny, tmp_path):
     """The trap: copying qkv_proj without regrouping must be caught by compare_logits."""
     from megatron_jai.checkpoint.convert import hf_to_mcore

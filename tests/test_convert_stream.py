@@ -81,6 +81,7 @@ def test_reader_rejects_non_checkpoints(tmp_path):
         CheckpointReader(str(root)).read("decoder.layers.self_attention.linear_qkv.weight")
 
 
+@pytest.mark.dist
 def test_reader_writer_with_megatron_models(tmp_path):
     """save_checkpoint -> reader, writer -> load_checkpoint at TP=2, PP=2 and TP=1 (2 processes)."""
     out = torchrun(2, os.path.join(HERE, "dist", "convert_stream.py"), tmp_path).stdout

@@ -224,6 +224,7 @@ def test_dus_identity_plan_equals_base(base_checkpoint, tmp_path, capsys):
     torch.testing.assert_close(_logits(out, tokens), _logits(base_checkpoint, tokens), rtol=0, atol=0)
 
 
+@pytest.mark.dist
 def test_dus_duplication_layer_order_and_pp2(base_checkpoint, tmp_path, capsys):
     from megatron_jai.checkpoint.stream import CheckpointReader
 

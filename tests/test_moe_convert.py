@@ -61,6 +61,7 @@ def test_mixtral_converts_to_our_keys_and_config(mixtral):
     assert torch.equal(reader.read_layer("decoder.layers.mlp.experts.weight_down", 1)[2], w2)
 
 
+@pytest.mark.dist
 def test_mixtral_logits_match_at_ep1_ep2_and_tp2(mixtral):
     args = ["--hf-dir", mixtral / "hf", "--mcore-dir", mixtral / "mcore", "--seq-len", "24"]
     ep1 = run_python(COMPARE, *args, timeout=300)

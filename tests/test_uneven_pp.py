@@ -54,6 +54,7 @@ def test_stage_layer_flags_are_checked_early():
         parse_args(["--pp", "2", "--last-stage-layers", "0", "--train-iters", "1"])
 
 
+@pytest.mark.dist
 def test_dus_model_trains_under_uneven_pp2_and_reloads_at_pp1(shared_dir, tmp_path):
     """6 layers split 2+4: skip 0->1 stays on stage 0, 2->5 on stage 1 (an even 3+3 split would
     carry it), 1->3 is carried across the uneven boundary."""

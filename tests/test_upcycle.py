@@ -130,6 +130,7 @@ def test_default_router_is_near_uniform_and_spreads_tokens(dense_checkpoints, tm
         assert load.min().item() > 0.1, f"layer {layer}: tokens not spread over the experts: {load}"
 
 
+@pytest.mark.dist
 def test_upcycle_under_expert_parallelism(dense_checkpoints, tmp_path, capsys):
     out = tmp_path / "moe_ep"
     _upcycle(capsys, "--in", dense_checkpoints[1], "--experts", 4, "--top-k", 2, "--router-std", 0.5,

@@ -80,6 +80,7 @@ def test_new_rows_are_means_of_base_splits(fake_ckpt, ext_tok, tmp_path, shared_
     assert os.path.isfile(os.path.join(out, V.TOKENIZER_SUBDIR, "tokenizer.json"))
 
 
+@pytest.mark.dist
 def test_vocab_extension_preserves_function_tp2(tmp_path, ext_tok, shared_dir):
     """Logits of the extended model equal the base model's on the old vocabulary slice (English
     text whose base and new encodings coincide), both loaded at TP=2."""
