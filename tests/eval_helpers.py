@@ -10,7 +10,8 @@ import shutil
 
 import torch
 
-from megatron_jai.config import TINY, SkipConnection
+from megatron_jai.config import SkipConnection
+from megatron_jai.presets import TINY
 
 SPECIALS = ["<|endoftext|>", "<s>", "<|user|>", "<|assistant|>", "<|end|>"]
 # Weights large enough that greedy decoding has no near-ties between the two implementations.

@@ -17,7 +17,8 @@ from megatron_jai.checkpoint.hf_phi3 import (
     qkv_hf_to_mcore,
     qkv_mcore_to_hf,
 )
-from megatron_jai.config import PHI3_MEDIUM, TINY, SkipConnection
+from megatron_jai.config import SkipConnection
+from megatron_jai.presets import PHI3_MEDIUM, TINY
 
 CONVERT = os.path.join(REPO_ROOT, "tools", "convert_checkpoint.py")
 COMPARE = os.path.join(REPO_ROOT, "tools", "compare_logits.py")

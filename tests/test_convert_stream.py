@@ -6,7 +6,7 @@ import torch
 
 from conftest import torchrun
 from megatron_jai.checkpoint.stream import CheckpointFormatError, CheckpointReader, CheckpointWriter
-from megatron_jai.config import TINY
+from megatron_jai.presets import TINY
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

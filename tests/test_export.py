@@ -124,7 +124,7 @@ def test_export_layout_config_and_round_trip_are_bit_exact(work, parity, tmp_pat
 def test_jai_config_round_trips_every_model_config():
     from megatron_jai.checkpoint.hf_jai import jai_hf_config_from_model_config, model_config_from_jai
     from megatron_jai.checkpoint.hf_phi3 import ConversionError
-    from megatron_jai.config import JAI_75B
+    from megatron_jai.presets import JAI_75B
 
     for cfg in (JAI, SKIPS, EXPERTS, JAI_75B,
                 JAI_75B.replace(moe_capacity_factor=1.25, tie_embeddings=True, kv_channels=96)):

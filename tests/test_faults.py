@@ -133,7 +133,7 @@ def test_load_without_a_checkpoint_is_refused(common, tmp_path):
 
 
 def test_vocabulary_mismatch_is_refused(common, shared_dir, tmp_path):
-    from megatron_jai.config import TINY
+    from megatron_jai.presets import TINY
     from megatron_jai.training.faults import TrainingError
     from megatron_jai.training.data_loading import check_vocabulary
     from megatron_jai.training.phases import Phase

@@ -16,7 +16,7 @@ from conftest import REPO_ROOT, torchrun
 
 from megatron_jai import cli
 from megatron_jai.checkpoint.stream import CheckpointReader, CheckpointWriter
-from megatron_jai.config import TINY_MOE
+from megatron_jai.presets import TINY_MOE
 
 TOOL = os.path.join(REPO_ROOT, "tools", "merge_checkpoints.py")
 CFG = TINY_MOE.replace(name="tiny-moe-merge", num_layers=2)

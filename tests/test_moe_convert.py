@@ -120,7 +120,7 @@ def test_bad_expert_layouts_and_configs_fail_cleanly(mixtral, tmp_path):
         mixtral_hf_config_from_model_config,
         model_config_from_hf,
     )
-    from megatron_jai.config import TINY, TINY_MOE
+    from megatron_jai.presets import TINY, TINY_MOE
 
     res = run_cmd([sys.executable, CONVERT, "hf-to-mcore", "--hf-dir", str(mixtral / "hf"),
                    "--out", str(tmp_path / "m"), "--ep", "3"], check=False)

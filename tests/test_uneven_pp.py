@@ -8,7 +8,9 @@ import pytest
 
 from conftest import REPO_ROOT, torchrun
 
-from megatron_jai.config import JAI_75B, TINY, SkipConnection, pipeline_stage_layers
+from megatron_jai.config import SkipConnection
+from megatron_jai.parallel import pipeline_stage_layers
+from megatron_jai.presets import JAI_75B, TINY
 from megatron_jai.training.faults import TrainingError
 
 TRAIN_AND_RELOAD = os.path.join(REPO_ROOT, "tests", "dist", "train_uneven_pp_reload.py")

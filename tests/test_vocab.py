@@ -7,7 +7,7 @@ import torch
 
 from conftest import REPO_ROOT, run_cmd, torchrun
 from megatron_jai.checkpoint.stream import CheckpointReader, CheckpointWriter
-from megatron_jai.config import TINY
+from megatron_jai.presets import TINY
 from megatron_jai.upscale import vocab as V
 from megatron_jai.upscale.tokenizer import iter_lines
 from test_tokenizer import EXTRA_IDS, make_tiny_thai_tokenizer

@@ -20,7 +20,7 @@ from megatron_jai import parallel
 from megatron_jai.checkpoint.compare import compare_logits
 from megatron_jai.checkpoint.convert import mcore_to_hf
 from megatron_jai.checkpoint.dist import save_checkpoint
-from megatron_jai.config import load_model_config
+from megatron_jai.presets import load_model_config
 from megatron_jai.model import build_model
 
 
