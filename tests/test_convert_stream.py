@@ -93,8 +93,8 @@ def test_reader_writer_with_megatron_models(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from export_helpers import tiny_tokenizer
-    from megatron_jai.checkpoint.convert import mcore_to_hf
-    from megatron_jai.checkpoint.hf_phi3 import qkv_mcore_to_hf
+    from megatron_jai.checkpoint.formats.phi3 import qkv_mcore_to_hf
+    from megatron_jai.hf.export import mcore_to_hf
 
     reader = CheckpointReader(str(tmp_path / "saved"))
     mcore_to_hf(str(tmp_path / "saved"), str(tmp_path / "hf"), progress=False,

@@ -305,7 +305,7 @@ def test_layouts_merge_then_train_and_export(tmp_path):
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    from megatron_jai.checkpoint.convert import mcore_to_hf
+    from megatron_jai.hf.export import mcore_to_hf
 
     text = torchrun(2, os.path.join(REPO_ROOT, "tests", "dist", "merge_layouts.py"), tmp_path).stdout
     assert text.count("merged == mean of the inputs saved at TP=2, PP=2, EP=2") == 2, text
