@@ -1,12 +1,14 @@
 """The command-line convention shared by every tool (megatron_jai/cli.py): bad input is one line on
 stderr and exit 2; data-only tools start without importing Megatron-Core."""
+import ast
 import json
 import os
+import re
 import sys
 
 import pytest
 
-from conftest import run_cmd, run_tool
+from conftest import REPO_ROOT, run_cmd, run_tool
 
 # (tool, arguments with a bad input, expected fragment of the one error line)
 BAD_INPUTS = [
@@ -36,6 +38,30 @@ def test_bad_input_is_one_line_and_exit_2(tool, args, fragment, tmp_path, capsys
     assert len(lines) == 1 and lines[0].startswith(f"{tool}.py: error: "), err
     assert fragment in lines[0], lines[0]
     assert os.listdir(tmp_path) == [], "bad input wrote something"
+
+
+def test_every_error_type_is_a_user_error_listed_in_developers_md():
+    """Every exception class of the package derives from UserError (one line, exit 2), and
+    DEVELOPERS.md names them all."""
+    import importlib
+
+    from megatron_jai.cli import UserError
+
+    found = {}
+    for directory, _, files in os.walk(os.path.join(REPO_ROOT, "megatron_jai")):
+        for name in (f for f in files if f.endswith(".py")):
+            path = os.path.join(directory, name)
+            with open(path, encoding="utf-8") as f:
+                tree = ast.parse(f.read())
+            module = os.path.relpath(path[:-3], REPO_ROOT).replace(os.sep, ".")
+            found.update({c.name: module for c in tree.body
+                          if isinstance(c, ast.ClassDef) and c.name.endswith("Error")})
+    assert len(found) > 10, found
+    for cls, module in found.items():
+        assert issubclass(getattr(importlib.import_module(module), cls), UserError), cls
+    with open(os.path.join(REPO_ROOT, "DEVELOPERS.md"), encoding="utf-8") as f:
+        listed = set(re.findall(r"`(\w+Error)`", f.read()))
+    assert sorted(set(found) - listed - {"UserError"}) == []
 
 
 _DATA_TOOLS_SCRIPT = r"""
