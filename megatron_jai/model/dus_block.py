@@ -11,7 +11,7 @@ with the activations: the stage output becomes ``cat([h, saved_1, ..., saved_k],
 stage splits it again (gradients flow back the same way). Because the width of that tensor differs
 between stage boundaries, the model's config gets ``variable_seq_lengths = True`` on every rank, so
 Megatron's P2P communicator exchanges shapes before each transfer. Layouts that keep every skip
-inside one stage avoid that traffic: ``megatron_jai.upscale.plan.stage_local_layouts`` lists them.
+inside one stage avoid that traffic: ``megatron_jai.parallel.stage_local_layouts`` lists them.
 
 Full activation recompute (``recompute_granularity="full"``): Megatron's ``_checkpointed_forward``
 runs chunks of layers inside ``tensor_parallel.checkpoint``, whose forward runs without autograd, so
