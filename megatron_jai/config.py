@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -92,8 +93,8 @@ def repeat_skips(block_size: int, multiplicities: Sequence[int],
 
 
 # The value types of ModelConfig's fields, as annotated (``Optional[...]`` also takes None).
-_FIELD_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,),
-                "tuple": (tuple,)}
+_FIELD_TYPES = {"int": numbers.Integral, "float": numbers.Real, "bool": bool, "str": str,
+                "tuple": tuple}
 _AT_LEAST_ONE = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
                  "ffn_hidden_size", "vocab_size", "max_position_embeddings", "kv_channels",
                  "make_vocab_size_divisible_by", "moe_ffn_hidden_size")
