@@ -15,8 +15,10 @@ FLOORS = (
     ("training", "hf", "evaluation"),
 )
 # Groups of modules (or packages) that import nothing of the package but each other: the JAI
-# modeling code is copied into every export and loaded by transformers on its own.
-STANDALONE = (("megatron_jai.hf.configuration_jai", "megatron_jai.hf.modeling_jai"),)
+# modeling code is copied into every export and loaded by transformers on its own; the kernels
+# carry their own torch references.
+STANDALONE = (("megatron_jai.hf.configuration_jai", "megatron_jai.hf.modeling_jai"),
+              ("megatron_jai.kernels",))
 # Where each package's files are (setup.py installs kernels/ as megatron_jai.kernels).
 PACKAGE_DIRS = {"megatron_jai": "megatron_jai", "megatron_jai.kernels": "kernels"}
 
