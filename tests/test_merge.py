@@ -16,7 +16,7 @@ from conftest import REPO_ROOT, torchrun
 
 from megatron_jai import cli
 from megatron_jai.checkpoint.stream import CheckpointReader, CheckpointWriter
-from megatron_jai.config import TINY_MOE
+from megatron_jai.presets import TINY_MOE
 
 TOOL = os.path.join(REPO_ROOT, "tools", "merge_checkpoints.py")
 CFG = TINY_MOE.replace(name="tiny-moe-merge", num_layers=2)
@@ -305,7 +305,7 @@ def test_layouts_merge_then_train_and_export(tmp_path):
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    from megatron_jai.checkpoint.convert import mcore_to_hf
+    from megatron_jai.hf.export import mcore_to_hf
 
     text = torchrun(2, os.path.join(REPO_ROOT, "tests", "dist", "merge_layouts.py"), tmp_path).stdout
     assert text.count("merged == mean of the inputs saved at TP=2, PP=2, EP=2") == 2, text

@@ -38,12 +38,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from tqdm import tqdm
 
-from megatron_jai.checkpoint.convert import HF_SUBDIR, peak_rss_bytes
+from megatron_jai.checkpoint.convert import peak_rss_bytes
 from megatron_jai.checkpoint.dist import TOKENIZER_SUBDIR, tokenizer_files
-from megatron_jai.checkpoint.stream import CheckpointReader, CheckpointWriter
+from megatron_jai.checkpoint.stream import (HF_SUBDIR, CheckpointReader, CheckpointWriter,
+                                            copy_side_files, model_keys)
 from megatron_jai.cli import UserError
 from megatron_jai.config import ModelConfig
-from megatron_jai.upscale.dus import copy_side_files, model_keys
 
 METHODS = ("linear", "slerp", "task_arithmetic", "ties")
 NEEDS_BASE = ("task_arithmetic", "ties")
