@@ -11,7 +11,7 @@ Records (JSON lines, plain or gzip)
 Rendering (:class:`ChatTokenizer`)
   The tokenizer directory's chat template is rendered and tokenized by the same Hugging Face
   tokenizer, the one a model trained with it is exported with (a sentencepiece directory, Phi-3's
-  layout, converted exactly: ``megatron_jai.data.tokenizer.write_hf_tokenizer``), so the ids are
+  layout, converted exactly: ``megatron_jai.data.hf_tokenizer.write_hf_tokenizer``), so the ids are
   exactly ``AutoTokenizer.from_pretrained(EXPORT).apply_chat_template(messages, tokenize=True)``,
   what TRL and serving engines feed the model: the BOS token is whatever the template writes
   (Phi-3's writes ``{{ bos_token }}``; none is added), and no generation prompt ends a sequence
@@ -170,13 +170,13 @@ class ChatTokenizer:
 
 def _load_hf_tokenizer(path: str):
     """``AutoTokenizer`` of the tokenizer directory ``path`` as the export writes it
-    (:func:`~megatron_jai.data.tokenizer.write_hf_tokenizer`): a sentencepiece directory (Phi-3's
+    (:func:`~megatron_jai.data.hf_tokenizer.write_hf_tokenizer`): a sentencepiece directory (Phi-3's
     layout) is converted exactly, not by transformers' own converter."""
     import tempfile
 
     from transformers import AutoTokenizer
 
-    from megatron_jai.data.tokenizer import write_hf_tokenizer
+    from megatron_jai.data.hf_tokenizer import write_hf_tokenizer
 
     if os.path.isfile(os.path.join(path, "tokenizer.json")) or \
             not os.path.isfile(os.path.join(path, "tokenizer.model")):

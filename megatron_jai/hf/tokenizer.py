@@ -6,7 +6,8 @@ checkpoint's own ``tokenizer/`` (written by vocabulary surgery, by ``hf-to-mcore
 training runs), else the tokenizer files an older ``hf-to-mcore`` kept in ``hf/``.
 
 What is written (:func:`export_tokenizer`): the tokenizer exactly as training saw it
-(:func:`megatron_jai.data.tokenizer.write_hf_tokenizer`, which chat preprocessing renders with too):
+(:func:`megatron_jai.data.hf_tokenizer.write_hf_tokenizer`, which chat preprocessing renders
+with too):
 
 * a complete Hugging Face tokenizer (``tokenizer.json`` + ``tokenizer_config.json``, e.g. an
   extended tokenizer or an HF model's own) is copied as it is, with the sentencepiece model when
@@ -78,7 +79,7 @@ def find_tokenizer(checkpoint_root: str, explicit: Optional[str] = None,
     :class:`TokenizerExportError` asking for ``--tokenizer`` when there is none."""
     if explicit:
         from megatron_jai.paths import shared_path
-        from megatron_jai.upscale.tokenizer import SHARED_TOKENIZERS
+        from megatron_jai.data.hf_tokenizer import SHARED_TOKENIZERS
 
         if explicit in SHARED_TOKENIZERS and not os.path.exists(explicit):
             explicit = shared_path("tokenizers", explicit)
@@ -103,8 +104,8 @@ def export_tokenizer(src: str, out_dir: str, model_vocab_size: int,
     ``out_dir`` (see the module docstring); checks it fits a model of ``model_vocab_size`` ids."""
     from tokenizers import Tokenizer as FastTokenizer
 
-    from megatron_jai.data.tokenizer import (TOKENIZER_CONFIG, TokenizerError, load_tokenizer,
-                                             write_hf_tokenizer)
+    from megatron_jai.data.hf_tokenizer import TOKENIZER_CONFIG, write_hf_tokenizer
+    from megatron_jai.data.tokenizer import TokenizerError, load_tokenizer
 
     try:
         ours = load_tokenizer(src)

@@ -16,13 +16,15 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional, Sequence
+from typing import Callable, Iterator, List, Sequence
 
 from megatron_jai.data.files import iter_documents
+from megatron_jai.data.hf_tokenizer import (SHARED_TOKENIZERS, SP_MODEL_FILE, BaseTokenizer,
+                                                  hf_tokenizer_from_proto, load_base_tokenizer,
+                                                  read_model_proto)
 from megatron_jai.data.tokenizer import TokenizerError
 from megatron_jai.paths import shared_path
 
-SP_MODEL_FILE = "tokenizer.model"
 VOCAB_MAP_FILE = "vocab_map.json"  # old id -> new id, next to an extended tokenizer
 
 # ------------------------------------------------------------------------------------------------
@@ -229,10 +231,6 @@ LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{
                   r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 QWEN2_PATTERN = LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
 
-# Short names for the reference tokenizers in shared/tokenizers.
-SHARED_TOKENIZERS = ("phi3", "llama3", "qwen2")
-
-
 @dataclass
 class TextEncoder:
     """A tokenizer reduced to what measurement needs: plain encoding, no BOS/EOS added."""
@@ -409,70 +407,6 @@ PIECE_FILTERS = {"thai": is_thai_piece, "all": _any_piece}
 
 
 @dataclass
-class BaseTokenizer:
-    """A base tokenizer directory: sentencepiece model + HF added special tokens + config."""
-
-    dir: str
-    proto: object  # sentencepiece ModelProto
-    specials: dict  # content -> id (added tokens above the sentencepiece pieces)
-    config: dict  # tokenizer_config.json (may be empty)
-
-    @property
-    def sp_size(self) -> int:
-        return len(self.proto.pieces)
-
-    @property
-    def vocab_size(self) -> int:
-        return max([self.sp_size - 1, *self.specials.values()]) + 1
-
-
-def read_model_proto(path: str):
-    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
-
-    proto = sp_pb2.ModelProto()
-    try:
-        with open(path, "rb") as f:
-            proto.ParseFromString(f.read())
-    except Exception as e:  # noqa: BLE001 - protobuf raises its own DecodeError
-        raise TokenizerError(f"{path}: not a sentencepiece model ({e})") from None
-    if not proto.pieces:
-        raise TokenizerError(f"{path}: not a sentencepiece model (no pieces)")
-    return proto
-
-
-def load_base_tokenizer(path: str) -> BaseTokenizer:
-    """A directory with ``tokenizer.model`` (+ optional ``added_tokens.json`` and
-    ``tokenizer_config.json``), a bare ``.model``, or phi3 (shared/tokenizers/phi3)."""
-    if path in SHARED_TOKENIZERS and not os.path.exists(path):
-        path = shared_path("tokenizers", path)
-    if os.path.isfile(path):
-        return BaseTokenizer(os.path.dirname(path), read_model_proto(path), {}, {})
-    model = os.path.join(path, SP_MODEL_FILE)
-    if not os.path.isfile(model):
-        raise TokenizerError(f"{path}: no {SP_MODEL_FILE} (a sentencepiece base tokenizer is "
-                             f"needed)")
-    proto = read_model_proto(model)
-    specials, config = {}, {}
-    added = os.path.join(path, "added_tokens.json")
-    if os.path.isfile(added):
-        with open(added) as f:
-            specials = {k: int(v) for k, v in json.load(f).items()}
-    cfg = os.path.join(path, "tokenizer_config.json")
-    if os.path.isfile(cfg):
-        with open(cfg) as f:
-            config = json.load(f)
-        for sid, tok in config.get("added_tokens_decoder", {}).items():
-            if int(sid) >= len(proto.pieces):
-                specials.setdefault(tok["content"], int(sid))
-    for content, sid in specials.items():
-        if sid < len(proto.pieces) and proto.pieces[sid].piece != content:
-            raise TokenizerError(f"{path}: added token {content!r} has id {sid}, which is the "
-                                 f"sentencepiece piece {proto.pieces[sid].piece!r}")
-    specials = {c: i for c, i in specials.items() if i >= len(proto.pieces)}
-    return BaseTokenizer(path, proto, specials, config)
-
-
-@dataclass
 class ExtendResult:
     out_dir: str
     base_vocab: int
@@ -579,61 +513,6 @@ def candidate_pieces(base: BaseTokenizer, add_proto, piece_filter: Callable[[str
             out.append(piece)
             seen.add(piece)
     return out
-
-
-def hf_tokenizer_from_proto(proto, specials: dict, add_bos: bool = True,
-                            attributes: Optional[dict] = None):
-    """A ``tokenizers.Tokenizer`` that encodes like the sentencepiece BPE ``proto`` (Llama-style,
-    non-legacy: the word-boundary "▁" is prepended to the first segment only), with the model's
-    normalizer (e.g. NFKC and whitespace folding of a sentencepiece default model) and a BOS
-    post-processor when ``add_bos``. ``attributes`` (content -> ``rstrip``, ``lstrip``,
-    ``normalized``, ``special``, ``single_word``) override the added tokens' defaults.
-
-    sentencepiece BPE merges the adjacent pair whose union has the highest score; HF BPE merges the
-    pair of lowest rank. Listing every split (left, right) of every piece, ranked by the piece's
-    score, makes the two agree."""
-    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
-    from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models, normalizers,
-                            pre_tokenizers, processors)
-
-    Piece = sp_pb2.ModelProto.SentencePiece
-    vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
-    mergeable = {p.piece for p in proto.pieces if p.type == Piece.NORMAL}
-    merges = []
-    for i, p in enumerate(proto.pieces):
-        if p.type != Piece.NORMAL or len(p.piece) < 2:
-            continue
-        s = p.piece
-        splits = [(s[:k], s[k:]) for k in range(1, len(s)) if s[:k] in mergeable and s[k:] in mergeable]
-        for left, right in sorted(splits, key=lambda lr: (vocab[lr[0]], vocab[lr[1]])):
-            merges.append((-p.score, i, vocab[left], left, right))
-    merges.sort(key=lambda m: m[:3])
-    model = models.BPE(vocab=vocab, merges=[(m[3], m[4]) for m in merges],
-                       unk_token=proto.pieces[proto.trainer_spec.unk_id].piece,
-                       byte_fallback=proto.trainer_spec.byte_fallback, fuse_unk=True)
-    tok = Tokenizer(model)
-    spec = proto.normalizer_spec
-    steps = [normalizers.Precompiled(spec.precompiled_charsmap)] if spec.precompiled_charsmap else []
-    if spec.remove_extra_whitespaces:  # spaces only, as sentencepiece does
-        # Leading spaces become the word boundary itself: removing them would shift the text off
-        # offset 0, where the pre-tokenizer's "first" scheme adds the dummy prefix.
-        steps += [normalizers.Replace(Regex(r"\A +\z| +\z"), ""),
-                  normalizers.Replace(Regex(r"\A +"), "\u2581"), normalizers.Replace(Regex(" {2,}"), " ")]
-    if steps:
-        tok.normalizer = normalizers.Sequence(steps)
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
-    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
-                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
-    ts = proto.trainer_spec
-    controls = [proto.pieces[i].piece for i in (ts.unk_id, ts.bos_id, ts.eos_id) if i >= 0]
-    defaults = {"special": True, "normalized": False}
-    tok.add_tokens([AddedToken(c, **{**defaults, **(attributes or {}).get(c, {})})
-                    for c in controls + sorted(specials, key=specials.get)])
-    if add_bos and ts.bos_id >= 0:
-        bos = proto.pieces[ts.bos_id].piece
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, ts.bos_id)])
-    return tok
 
 
 def hf_tokenizer_config(base: BaseTokenizer, proto, specials: dict, padded_vocab: int,

@@ -26,9 +26,10 @@ from typing import List, Optional
 import torch
 
 from megatron_jai.checkpoint.dist import TOKENIZER_SUBDIR
+from megatron_jai.data.hf_tokenizer import SP_MODEL_FILE, load_base_tokenizer
 from megatron_jai.data.tokenizer import TokenizerError
 from megatron_jai.paths import shared_path
-from megatron_jai.upscale.tokenizer import SP_MODEL_FILE, load_base_tokenizer, load_vocab_map
+from megatron_jai.upscale.tokenizer import load_vocab_map
 
 EMBEDDING_KEY = "embedding.word_embeddings.weight"
 OUTPUT_KEY = "output_layer.weight"
