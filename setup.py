@@ -45,7 +45,7 @@ setup(
         "gpu": ["transformer-engine[pytorch]", "apex"],
         "eval": ["tiktoken", "tensorboard", "matplotlib", "sacrebleu>=2.4", "lm-eval>=0.4.13,<0.5",
                  "accelerate>=0.26", "datasets"],
-        "test": ["pytest", "pytest-timeout"],
+        "test": ["pytest", "pytest-timeout", "mergekit==0.1.5"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
