@@ -55,7 +55,7 @@ from megatron_jai.checkpoint.convert import DTYPES, HF_SUBDIR, peak_rss_bytes
 from megatron_jai.checkpoint.dist import TOKENIZER_SUBDIR, tokenizer_files
 from megatron_jai.checkpoint.hf_phi3 import hf_layout, tensor_map
 from megatron_jai.checkpoint.stream import CheckpointReader, CheckpointWriter
-from megatron_jai.cli import UserError
+from megatron_jai.cli import UserError, read_yaml
 from megatron_jai.config import ModelConfig
 from megatron_jai.upscale.dus import copy_side_files, model_keys
 
@@ -651,17 +651,7 @@ def read_config(path: str) -> dict:
     """A mergekit YAML config (``models`` or one full-depth ``slices`` entry, ``base_model``,
     ``merge_method``, ``parameters``, ``dtype``, ``out_dtype``) as :func:`merge_checkpoints`'s
     keyword arguments; each model is a checkpoint of ours. One line on what is not supported."""
-    import yaml
-
-    try:
-        with open(path) as f:
-            config = yaml.safe_load(f)
-    except OSError as e:
-        raise MergeError(f"cannot read config {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise MergeError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(config, dict):
-        raise MergeError(f"config {path} must be a mapping (merge_method, models, ...)")
+    config = read_yaml(path, MergeError, "merge_method, models, ...")
     unsupported = {"modules": "modules (multi-module models) are not supported",
                    "tokenizer": "tokenizer: (vocabulary surgery) is not supported: the inputs "
                                 "share one tokenizer, which the merge carries",
