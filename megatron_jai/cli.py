@@ -36,12 +36,14 @@ class UserError(ValueError):
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """``--help`` with a flag's default where it says something: not for ``None``/``False``
-    defaults, nor when the help text already names its default."""
+    defaults, nor for a switch (``--no-x`` defaults to True: it says nothing), nor when the help
+    text already names its default."""
 
     def _get_help_string(self, action):
         text = action.help or ""
         if "default" in text or action.default in (None, False, argparse.SUPPRESS) \
-                or action.option_strings == [] or isinstance(action.default, list):
+                or action.option_strings == [] or isinstance(action.default, list) \
+                or action.nargs == 0:
             return text
         return text + " (default: %(default)s)"
 

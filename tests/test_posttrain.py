@@ -79,7 +79,7 @@ def chat(shared_dir, tmp_path_factory):
 
 
 def test_dpo_loss_equals_plain_torch():
-    from megatron_jai.training.posttraining import dpo_loss
+    from megatron_jai.training.objectives.dpo_losses import dpo_loss
 
     torch.manual_seed(0)
     for loss_type in ("sigmoid", "ipo"):

@@ -28,8 +28,11 @@ Too long (``seq_length``): with ``too_long="truncate"`` the oldest conversation 
 and what follows it, up to the next user turn) are dropped, system messages kept, until the record
 fits; the final assistant turn is always kept. If its own round (its prompt and answer) still does
 not fit, the sequence is cut at ``seq_length`` tokens (the answer loses its tail). With
-``too_long="skip"`` such records are skipped. Both are counted. A record whose final round's prompt
-alone fills ``seq_length`` (no answer token would fit) is bad input (``prompt_too_long``).
+``too_long="skip"`` such records are skipped. ``too_long="keep_start"`` is TRL's truncation: the
+whole conversation is rendered and its first ``seq_length`` tokens kept (the latest turns lose
+their tail, or all of it). All are counted. A record with no answer token within ``seq_length``
+tokens (truncate, skip: of its final round; keep_start: of the whole conversation) is bad input
+(``prompt_too_long``).
 
 Output of :func:`preprocess_chat` (Megatron-Core indexed datasets, readable with
 ``megatron.core.datasets.indexed_dataset.IndexedDataset``):
@@ -62,7 +65,7 @@ from megatron_jai.data.preprocess import (MAX_REPORTED_BAD_LINES, _chunks, _remo
 
 KINDS = ("sft", "dpo")
 ROLES = ("system", "user", "assistant")
-TOO_LONG = ("truncate", "skip")
+TOO_LONG = ("truncate", "skip", "keep_start")
 BAD_RECORD_REASONS = ("not_json", "empty", "missing_field", "bad_message", "unknown_role",
                       "no_assistant", "empty_answer", "chosen_equals_rejected", "template_error",
                       "prompt_too_long")
@@ -281,11 +284,13 @@ def fit_record(chat: ChatTokenizer, head: List[dict], tails: Sequence[List[dict]
     seqs = render(0)
     if all(len(ids) <= seq_length for ids, _ in seqs):
         return seqs, "ok"
-    for cut in cuts[-1:] if too_long == "skip" else cuts:
+    # the older rounds that may go (keep_start: none, TRL's truncation keeps the start)
+    droppable = {"truncate": cuts, "skip": cuts[-1:], "keep_start": []}[too_long]
+    for cut in droppable:
         seqs = render(cut)
         if all(len(ids) <= seq_length for ids, _ in seqs):
             return (None, "skipped") if too_long == "skip" else (seqs, "truncated")
-    # even the final round does not fit: is there room for any answer token?
+    # still too long: the sequences are cut; is there room for any answer token?
     for ids, mask in seqs:
         trained = numpy.flatnonzero(mask)
         if not trained.size or trained[0] >= seq_length:

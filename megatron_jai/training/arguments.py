@@ -17,7 +17,7 @@ from typing import Optional
 
 from megatron_jai import cli
 from megatron_jai.training.faults import TrainingError
-from megatron_jai.training.phases import Phase, build_phases, normalise_blend, validate_phase
+from megatron_jai.training.phases import Phase, build_phases, resolve_blend, validate_phase
 
 # Keys of the YAML file that are not flags.
 CONFIG_ONLY_KEYS = ("data", "valid_data", "phases", "plan")
@@ -270,7 +270,7 @@ def _blend_from_flag(spec: list, datasets: dict, flag: str) -> tuple:
         if len(spec) % 2:
             raise TrainingError(f"{flag} blend must be pairs: W1 PREFIX1 W2 PREFIX2 ...")
         blend = [[spec[i], spec[i + 1]] for i in range(0, len(spec), 2)]
-    return normalise_blend(blend, datasets, flag)
+    return resolve_blend(blend, datasets, flag)
 
 
 def flag_phase(args, demo_prefix: Optional[str] = None, name: str = "pretrain") -> Phase:

@@ -28,10 +28,10 @@ GPU_MEMORY_GIB = 80.0  # H100 SXM
 
 class DryRun:
     def __init__(self, args, objective=None, prog: str = "pretrain_jai.py"):
-        from megatron_jai.training.objectives import Objective
+        from megatron_jai.training.objectives.pretrain import PretrainObjective
 
         self.args = args
-        self.objective = objective or Objective(args)
+        self.objective = objective or PretrainObjective(args)
         self.prog = prog
         self.problems: list = []
         self.out: list = []

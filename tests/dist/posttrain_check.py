@@ -62,7 +62,8 @@ def check_sft(init, prefix, tokenizer, work):
 
 
 def check_dpo(init, prefix, tokenizer, work):
-    from megatron_jai.training.posttraining import build_reference_model, reference_forward
+    from megatron_jai.training.objectives.dpo_reference import (build_reference_model,
+                                                                reference_forward)
 
     common = ["--init-from", init, "--data-path", prefix, "--tokenizer", tokenizer,
               "--seq-length", "128", "--global-batch-size", "4", "--micro-batch-size", "2",
