@@ -71,12 +71,13 @@ def merge(capsys, *args, rc=0):
     return out, err
 
 
-def units(reader, key):
+def units(reader, key, hf_format="auto"):
     """The tensors of the Hugging Face model that one Megatron tensor holds, layer by layer (q, k
-    and v apart; a Mixtral layer's experts fused, as transformers holds them)."""
+    and v apart; a Mixtral layer's experts fused, as transformers holds them; apart in the JAI
+    layout)."""
     from megatron_jai.checkpoint.merge import merge_units
 
-    row = merge_units(reader.config).get(key)
+    row = merge_units(reader.config, hf_format).get(key)
     layers = ([reader.read_layer(key, i) for i in range(reader.shape(key)[0])]
               if reader.is_stacked(key) else [reader.read(key)])
     out = []
@@ -86,11 +87,11 @@ def units(reader, key):
     return out
 
 
-def assert_units(out, readers, reference, **tol):
+def assert_units(out, readers, reference, hf_format="auto", **tol):
     out = CheckpointReader(str(out))
     assert sorted(out.keys()) == sorted(readers[0].keys())
     for key in readers[0].keys():
-        for got, *xs in zip(units(out, key), *(units(r, key) for r in readers)):
+        for got, *xs in zip(units(out, key, hf_format), *(units(r, key, hf_format) for r in readers)):
             expected = reference(*xs)
             if tol:
                 torch.testing.assert_close(got.double(), expected.double(), **tol)
@@ -190,6 +191,12 @@ def test_task_arithmetic_and_ties(ckpts, tmp_path, capsys):
           "--weights", 1, 0.5, "--density", 0.4, "--lambda", 1.1, "--out", ties)
     assert_units(ties, [a, b, base],
                  lambda x, y, z: _ties_reference(z, [x, y], [1, 0.5], 0.4, 1.1), rtol=1e-5, atol=1e-6)
+    # per tensor of the JAI layout: each expert's w1, w3 and w2 apart
+    merge(capsys, "--method", "ties", "--base", ckpts["base"], "--inputs", ckpts["a"], ckpts["b"],
+          "--density", 0.4, "--format", "jai", "--out", tmp_path / "ties_jai")
+    assert_units(tmp_path / "ties_jai", [a, b, base],
+                 lambda x, y, z: _ties_reference(z, [x, y], [1, 1], 0.4, 1), "jai", rtol=1e-5, atol=1e-6)
+    assert len(units(a, "decoder.layers.mlp.experts.weight_gate_up", "jai")) == 2 * 4 * 2
 
     # over identical models, ties gives that model: exactly when it is also the base, and up to
     # fp32 rounding of base + (model - base) otherwise

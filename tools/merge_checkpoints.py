@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rescale", action=argparse.BooleanOptionalAction, default=None,
                    help="restore each sparsified task vector's L1 norm (default: on for dare_*)")
     p.add_argument("--seed", type=int, default=0,
-                   help="seed of the DARE methods' random sparsification")
+                   help="seed of the DARE methods' random sparsification (default: 0)")
     p.add_argument("--format", dest="hf_format", choices=("auto", "jai"), default="auto",
                    help="merge tensor by tensor as the export in this format (mcore-to-hf "
                         "--format) holds them")
