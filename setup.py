@@ -7,7 +7,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def extensions():
-    """C++/CUDA extensions built from kernels/ (see kernels/README.md)."""
+    """The routing op's extension ``megatron_jai.kernels._routing`` (C++, plus CUDA when torch has it), as
+    kernels/build_ext.py defines it (see kernels/README.md)."""
     builder = os.path.join(HERE, "kernels", "build_ext.py")
     if not os.path.exists(builder):
         return [], {}

@@ -427,6 +427,7 @@ def test_dpo_layout_and_reader(tmp_path, chat):
             assert chat.hf.decode(trained) == answers[r][row] + "<|end|>"
 
 
+@pytest.mark.dist
 def test_cli_with_workers_matches_in_process(tmp_path, phi3):
     src = _write_jsonl(tmp_path / "sft.jsonl.gz", _sft_lines(300))  # two chunks of 256 lines
     out = run_cmd([sys.executable, TOOL, "--kind", "sft", "--input", src, "--output-prefix",

@@ -1,12 +1,14 @@
 """The command-line convention shared by every tool (megatron_jai/cli.py): bad input is one line on
 stderr and exit 2; data-only tools start without importing Megatron-Core."""
+import ast
 import json
 import os
+import re
 import sys
 
 import pytest
 
-from conftest import run_cmd, run_tool
+from conftest import REPO_ROOT, run_cmd, run_tool
 
 # (tool, arguments with a bad input, expected fragment of the one error line)
 BAD_INPUTS = [
@@ -38,14 +40,39 @@ def test_bad_input_is_one_line_and_exit_2(tool, args, fragment, tmp_path, capsys
     assert os.listdir(tmp_path) == [], "bad input wrote something"
 
 
+def test_every_error_type_is_a_user_error_listed_in_developers_md():
+    """Every exception class of the package derives from UserError (one line, exit 2), and
+    DEVELOPERS.md names them all."""
+    import importlib
+
+    from megatron_jai.cli import UserError
+
+    found = {}
+    for directory, _, files in os.walk(os.path.join(REPO_ROOT, "megatron_jai")):
+        for name in (f for f in files if f.endswith(".py")):
+            path = os.path.join(directory, name)
+            with open(path, encoding="utf-8") as f:
+                tree = ast.parse(f.read())
+            module = os.path.relpath(path[:-3], REPO_ROOT).replace(os.sep, ".")
+            found.update({c.name: module for c in tree.body
+                          if isinstance(c, ast.ClassDef) and c.name.endswith("Error")})
+    assert len(found) > 10, found
+    for cls, module in found.items():
+        assert issubclass(getattr(importlib.import_module(module), cls), UserError), cls
+    with open(os.path.join(REPO_ROOT, "DEVELOPERS.md"), encoding="utf-8") as f:
+        listed = set(re.findall(r"`(\w+Error)`", f.read()))
+    assert sorted(set(found) - listed - {"UserError"}) == []
+
+
 _DATA_TOOLS_SCRIPT = r"""
 import json, os, runpy, sys
 tmp, tokenizer = sys.argv[1], sys.argv[2]
 
-# the DUS plans and the model config do not import each other (no import circle)
+# imports point down: the presets know no DUS plan (the plans take their layout from the presets)
+import megatron_jai.presets
+assert "megatron_jai.upscale.plan" not in sys.modules, "the presets import the DUS plans"
 import megatron_jai.upscale.plan as plan
-plan.get_plan("phi3-medium-jai"); plan.stage_boundaries(64, 4)
-assert "megatron_jai.config" not in sys.modules, "plan imports config"
+plan.get_plan("phi3-medium-jai")
 
 def tool(name, *args):
     sys.argv = [name, *args]
@@ -61,7 +88,7 @@ tool("preprocess_data.py", "--input", os.path.join(tmp, "docs.jsonl"), "--output
 
 import torch
 from megatron_jai.checkpoint.stream import CheckpointWriter
-from megatron_jai.config import TINY
+from megatron_jai.presets import TINY
 cfg = TINY.replace(num_layers=2)
 with CheckpointWriter(os.path.join(tmp, "base"), cfg) as w:
     w.write("embedding.word_embeddings.weight", torch.zeros(cfg.padded_vocab_size, 64))

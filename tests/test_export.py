@@ -11,8 +11,9 @@ import torch
 from conftest import REPO_ROOT, load_tool, torchrun
 from export_helpers import EXPERTS, JAI, SKIPS, safetensors_dict, save_hf_model, tiny_tokenizer
 from megatron_jai import cli
-from megatron_jai.checkpoint.convert import hf_to_mcore, mcore_to_hf
+from megatron_jai.checkpoint.convert import hf_to_mcore
 from megatron_jai.checkpoint.stream import CheckpointReader
+from megatron_jai.hf.export import mcore_to_hf
 
 PARITY = os.path.join(REPO_ROOT, "tests", "dist", "export_parity.py")
 # [name, hf_dir, mcore_dir, tp, pp, ep, first_stage_layers, last_stage_layers]
@@ -122,9 +123,10 @@ def test_export_layout_config_and_round_trip_are_bit_exact(work, parity, tmp_pat
 
 
 def test_jai_config_round_trips_every_model_config():
-    from megatron_jai.checkpoint.hf_jai import jai_hf_config_from_model_config, model_config_from_jai
-    from megatron_jai.checkpoint.hf_phi3 import ConversionError
-    from megatron_jai.config import JAI_75B
+    from megatron_jai.checkpoint.formats import ConversionError
+    from megatron_jai.checkpoint.formats.jai import hf_config as jai_hf_config_from_model_config
+    from megatron_jai.checkpoint.formats.jai import model_config as model_config_from_jai
+    from megatron_jai.presets import JAI_75B
 
     for cfg in (JAI, SKIPS, EXPERTS, JAI_75B,
                 JAI_75B.replace(moe_capacity_factor=1.25, tie_embeddings=True, kv_channels=96)):
@@ -139,7 +141,7 @@ def test_jai_config_round_trips_every_model_config():
 def test_dense_model_in_jai_format_round_trips(work, tmp_path):
     """A dense model without skips exports as Phi-3 by default; --format jai gives the JAI layout,
     which loads with the same logits and reads back bit-exact."""
-    from megatron_jai.checkpoint.hf_phi3 import hf_layout
+    from megatron_jai.checkpoint.formats import hf_layout
 
     root, tok = work
     dense = SKIPS.replace(skip_connections=(), rotary_interpolation_factor=None)

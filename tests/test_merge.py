@@ -17,7 +17,7 @@ from conftest import REPO_ROOT, torchrun
 
 from megatron_jai import cli
 from megatron_jai.checkpoint.stream import CheckpointReader, CheckpointWriter
-from megatron_jai.config import TINY_MOE
+from megatron_jai.presets import TINY_MOE
 
 TOOL = os.path.join(REPO_ROOT, "tools", "merge_checkpoints.py")
 CFG = TINY_MOE.replace(name="tiny-moe-merge", num_layers=2)
@@ -335,7 +335,8 @@ def families(tmp_path_factory):
     grid, so that magnitudes tie at every threshold; the padding rows are large and differ."""
     from export_helpers import JAI, save_hf_model, tiny_tokenizer
 
-    from megatron_jai.checkpoint.convert import hf_to_mcore, mcore_to_hf
+    from megatron_jai.checkpoint.convert import hf_to_mcore
+    from megatron_jai.hf.export import mcore_to_hf
 
     root = tmp_path_factory.mktemp("mergekit")
     tok = tiny_tokenizer(str(root / "tok"))
@@ -378,7 +379,7 @@ def test_deterministic_methods_equal_mergekit_on_exports(families, tmp_path, cap
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
-    from megatron_jai.checkpoint.convert import mcore_to_hf
+    from megatron_jai.hf.export import mcore_to_hf
 
     root, tok, layouts = families
     for layout, ckpts in layouts.items():
@@ -602,7 +603,7 @@ def test_layouts_merge_then_train_and_export(tmp_path):
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    from megatron_jai.checkpoint.convert import mcore_to_hf
+    from megatron_jai.hf.export import mcore_to_hf
 
     text = torchrun(2, os.path.join(REPO_ROOT, "tests", "dist", "merge_layouts.py"), tmp_path).stdout
     assert text.count("merged == mean of the inputs saved at TP=2, PP=2, EP=2") == 2, text

@@ -48,7 +48,8 @@ def assert_same_step(a, b, atol=1e-6):
 def chat(shared_dir, tmp_path_factory):
     """Chat datasets (SFT: Thai + English; DPO: Thai, held-out English), the tiny model and an
     init checkpoint (2 pretraining steps on the SFT tokens) that carries the Phi-3 tokenizer."""
-    from megatron_jai.config import TINY, SkipConnection
+    from megatron_jai.config import SkipConnection
+    from megatron_jai.presets import TINY
     from megatron_jai.data.chat import preprocess_chat
 
     work = tmp_path_factory.mktemp("posttrain")

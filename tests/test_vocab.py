@@ -7,7 +7,7 @@ import torch
 
 from conftest import REPO_ROOT, run_cmd, torchrun
 from megatron_jai.checkpoint.stream import CheckpointReader, CheckpointWriter
-from megatron_jai.config import TINY
+from megatron_jai.presets import TINY
 from megatron_jai.upscale import vocab as V
 from megatron_jai.upscale.tokenizer import iter_lines
 from test_tokenizer import EXTRA_IDS, make_tiny_thai_tokenizer
@@ -80,6 +80,7 @@ def test_new_rows_are_means_of_base_splits(fake_ckpt, ext_tok, tmp_path, shared_
     assert os.path.isfile(os.path.join(out, V.TOKENIZER_SUBDIR, "tokenizer.json"))
 
 
+@pytest.mark.dist
 def test_vocab_extension_preserves_function_tp2(tmp_path, ext_tok, shared_dir):
     """Logits of the extended model equal the base model's on the old vocabulary slice (English
     text whose base and new encodings coincide), both loaded at TP=2."""

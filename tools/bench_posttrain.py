@@ -307,7 +307,7 @@ def main(argv=None) -> int:
     import torch.distributed as dist
 
     from megatron_jai import parallel
-    from megatron_jai.config import load_model_config
+    from megatron_jai.presets import load_model_config
 
     a = build_parser().parse_args(argv)
     on_gpu = torch.cuda.is_available()

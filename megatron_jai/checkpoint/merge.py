@@ -25,7 +25,7 @@ The methods, their parameters and defaults are mergekit's (0.1.5), per tensor (`
                       of the d_i (per row with ``filter_wise``)
 
 "One tensor" is one tensor of the Hugging Face model the export loads as (mergekit merges those):
-``hf_phi3.tensor_map``'s split of a layer (q, k and v apart and gate and up apart in the JAI layout,
+``formats.tensor_map``'s split of a layer (q, k and v apart and gate and up apart in the JAI layout,
 Phi-3's fused ``qkv_proj`` and ``gate_up_proj``, each expert's w1/w3/w2 in the JAI layout; a Mixtral
 layer's experts as transformers >= 5 holds them, ``mlp.experts.gate_up_proj`` and ``down_proj``).
 Vocabulary padding rows (embedding and output rows >= ``vocab_size``) take no part in any
@@ -44,20 +44,18 @@ import os
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from tqdm import tqdm
 
-from megatron_jai.checkpoint.convert import DTYPES, HF_SUBDIR, peak_rss_bytes
+from megatron_jai.checkpoint import formats
+from megatron_jai.checkpoint.convert import DTYPES, peak_rss_bytes
 from megatron_jai.checkpoint.dist import TOKENIZER_SUBDIR, tokenizer_files
-from megatron_jai.checkpoint.hf_phi3 import hf_layout, tensor_map
-from megatron_jai.checkpoint.stream import CheckpointReader, CheckpointWriter
+from megatron_jai.checkpoint.stream import HF_SUBDIR, CheckpointReader, Surgery, model_keys
 from megatron_jai.cli import UserError, read_yaml
 from megatron_jai.config import ModelConfig
-from megatron_jai.upscale.dus import copy_side_files, model_keys
 
 COLINEAR_COS = 0.9995  # slerp falls back to linear interpolation above this |cos|
 # Training settings, not architecture: inputs may differ in them (the first input's are kept).
@@ -450,21 +448,17 @@ def _check_compatible(readers: Sequence[CheckpointReader], names: Sequence[str])
 
 # ---- streaming ----------------------------------------------------------------------------------
 def merge_units(cfg: ModelConfig, hf_format: str = "auto") -> dict:
-    """Megatron key -> the ``hf_phi3.tensor_map`` row whose ``hf`` names, ``to_hf`` and
+    """Megatron key -> the ``formats.tensor_map`` row whose ``hf`` names, ``to_hf`` and
     ``to_mcore`` split one layer of it into the tensors mergekit merges on the export in
     ``hf_format`` (and join them back)."""
-    layout = hf_layout(cfg, hf_format)
+    layout = formats.hf_layout(cfg, hf_format)
     rows = {}
-    for row in tensor_map(cfg, layout):
-        if layout == "mixtral" and row.mcore in MIXTRAL_MODEL_TENSORS:
+    for row in formats.tensor_map(cfg, layout):
+        if layout == formats.mixtral.MODEL_TYPE and row.mcore in MIXTRAL_MODEL_TENSORS:
             row = dataclasses.replace(row, hf=(MIXTRAL_MODEL_TENSORS[row.mcore],),
-                                      to_hf=_unchanged, to_mcore=_unchanged)
+                                      to_hf=formats.common.same, to_mcore=formats.common.same)
         rows[row.mcore] = row
     return rows
-
-
-def _unchanged(cfg: ModelConfig, t: torch.Tensor) -> torch.Tensor:
-    return t
 
 
 def _generator(seed: int, tensor_name: str, model: int) -> torch.Generator:
@@ -578,7 +572,8 @@ def merge_checkpoints(method: str, inputs: Sequence[str], out: str, *, base: Opt
         raise MergeError(f"{len(model_parameters)} sets of model parameters for {len(inputs)} inputs")
     m = _check_inputs(method, len(inputs), base is not None)
     check_parameters(method, parameters, model_parameters)
-    readers = [CheckpointReader(p) for p in inputs + ([base] if base else [])]
+    surgery = Surgery(inputs + ([base] if base else []))
+    readers = surgery.readers
     _check_output(readers, out, force)
     names = [*(f"input {i + 1} ({p})" for i, p in enumerate(inputs)), *([f"base ({base})"] * bool(base))]
     _check_compatible(readers, names)
@@ -587,8 +582,7 @@ def merge_checkpoints(method: str, inputs: Sequence[str], out: str, *, base: Opt
     cfg = first.config if name is None else first.config.replace(name=name)
     units = merge_units(first.config, hf_format)
     merge = _Merge(m, parameters, model_parameters, seed)
-    stacked, others = model_keys(first)
-    num_layers = max((first.shape(k)[0] for k in stacked), default=0)
+    stacked, others, num_layers = surgery.stacked, surgery.others, surgery.layers
     largest = max([first.num_bytes(k) for k in others] +
                   [first.num_bytes(k) // first.shape(k)[0] for k in stacked])
     record = {"method": method, "inputs": [_describe(r) for r in readers[:len(inputs)]],
@@ -596,29 +590,28 @@ def merge_checkpoints(method: str, inputs: Sequence[str], out: str, *, base: Opt
               "parameters": parameters,
               **({"model_parameters": model_parameters} if any(model_parameters) else {}),
               **({"seed": seed} if m.sparsify == "random" else {}),
-              "format": hf_layout(first.config, hf_format)}
-    meter = HeldBytes() if measure else contextlib.nullcontext()
-    with CheckpointWriter(out, cfg, force=force) as writer:
+              "format": formats.hf_layout(first.config, hf_format)}
+
+    def tensor(key: str) -> torch.Tensor:
+        return _merge_layer(key, None, [r.read(key) for r in readers], units.get(key),
+                            first.config, merge, dtype)
+
+    def layer(i: int):  # one merged tensor at a time, each input's chunks read in order
+        for key in stacked:
+            if i < first.shape(key)[0]:
+                yield key, _merge_layer(key, i, [r.read_layer(key, i) for r in readers],
+                                        units.get(key), first.config, merge, dtype)
+
+    def files(writer) -> None:
         with open(writer.path(MERGE_RECORD), "w") as f:
             json.dump(record, f, indent=2)
             f.write("\n")
-        for r in readers:  # the tokenizer and HF files travel along (the architecture is the same)
-            copy_side_files(r.root, writer, same_model=True)
-        steps = len(others) + sum(first.shape(k)[0] for k in stacked)
-        with meter, tqdm(total=steps, desc=f"merge {method}", unit="tensor",
-                         disable=not progress, dynamic_ncols=True) as bar:
-            for key in others:
-                writer.write(key, _merge_layer(key, None, [r.read(key) for r in readers],
-                                               units.get(key), first.config, merge, dtype))
-                bar.update(1)
-            for layer in range(num_layers):  # layer-major: each input's chunks are read in order
-                for key in (k for k in stacked if layer < first.shape(k)[0]):
-                    merged = _merge_layer(key, layer, [r.read_layer(key, layer) for r in readers],
-                                          units.get(key), first.config, merge, dtype)
-                    writer.write_layer(key, layer, first.shape(key)[0], merged)
-                    del merged
-                    bar.update(1)
-        bytes_written = writer.bytes_written
+
+    meter = HeldBytes() if measure else contextlib.nullcontext()
+    with meter:  # the inputs' tokenizer and HF files travel along (the architecture is the same)
+        bytes_written = surgery.write(out, cfg, tensor=tensor, layer=layer, files=files,
+                                      same_model=True, force=force, progress=progress,
+                                      desc=f"merge {method}")
     return {"out": os.path.abspath(out), "method": method, "inputs": len(inputs),
             "base": base is not None, "tensors": len(stacked) + len(others), "layers": num_layers,
             "bytes": bytes_written, "seconds": time.time() - start,

@@ -29,7 +29,7 @@ from megatron_jai.inference.generation import (
     megatron_generate,
 )
 
-from megatron_jai.checkpoint.hf_phi3 import ConversionError
+from megatron_jai.checkpoint.formats import ConversionError
 from megatron_jai.checkpoint.stream import CheckpointFormatError
 from megatron_jai.data.tokenizer import TokenizerError
 

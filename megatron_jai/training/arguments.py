@@ -190,7 +190,7 @@ def parse_args(argv: Optional[list] = None,
         if dest not in flags or dest in ("config", "help"):
             raise TrainingError(f"config {config_path}: unknown setting {key!r}")
         if dest in PATH_SETTINGS and isinstance(value, str):
-            from megatron_jai.config import PRESETS
+            from megatron_jai.presets import PRESETS
 
             if not (dest == "model" and value in PRESETS):
                 value = _expand(value, os.path.dirname(os.path.abspath(config_path)))

@@ -286,7 +286,7 @@ class Trainer:
         dist.barrier()
 
     def _print_model_line(self) -> None:
-        from megatron_jai.config import pipeline_stage_layers
+        from megatron_jai.parallel import pipeline_stage_layers
 
         args = self.args
         counts = self.cfg.parameter_counts()
@@ -664,7 +664,7 @@ def resolve_run(args) -> tuple:
     """``(resuming, model_config, note)``: whether ``--load`` resumes, and the architecture the
     run trains (the checkpoint's when resuming, incl. RoPE changes of its phases). Raises
     :class:`TrainingError` for a ``--load`` that names nothing to resume."""
-    from megatron_jai.config import load_model_config
+    from megatron_jai.presets import load_model_config
 
     note = None
     if args.load and args.load_iteration is not None:

@@ -91,7 +91,7 @@ def check(args):
     """Every check that needs no stage to have run, before stage 1. Returns (base model config,
     DUS plan)."""
     from megatron_jai.checkpoint.convert import read_hf_config
-    from megatron_jai.checkpoint.hf_phi3 import model_config_from_hf
+    from megatron_jai.checkpoint.formats import model_config_from_hf
     from megatron_jai.checkpoint.stream import CheckpointReader
     from megatron_jai.upscale.dus import dus_config
     from megatron_jai.upscale.plan import load_plan

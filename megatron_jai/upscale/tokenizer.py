@@ -9,7 +9,6 @@ text that has no Thai are unchanged.
 """
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import re
@@ -19,6 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Sequence
 
+from megatron_jai.data.files import iter_documents
 from megatron_jai.data.tokenizer import TokenizerError
 from megatron_jai.paths import shared_path
 
@@ -26,42 +26,8 @@ SP_MODEL_FILE = "tokenizer.model"
 VOCAB_MAP_FILE = "vocab_map.json"  # old id -> new id, next to an extended tokenizer
 
 # ------------------------------------------------------------------------------------------------
-# Corpus reading
+# Corpus reading (documents: megatron_jai.data.files)
 # ------------------------------------------------------------------------------------------------
-
-
-def is_jsonl(path: str) -> bool:
-    name = path[:-3] if path.endswith(".gz") else path
-    return name.endswith((".jsonl", ".json"))
-
-
-def iter_documents(path: str, json_key: str = "text") -> Iterator[str]:
-    """Documents of a jsonl(.gz) file (field ``json_key``), or lines of a plain text(.gz) file."""
-    import zlib
-
-    from megatron_jai.data.files import iter_lines as iter_raw_lines
-
-    if not os.path.isfile(path):
-        raise TokenizerError(f"no such file: {path}")
-    jsonl = is_jsonl(path)
-    lineno = 0
-    try:
-        for lineno, (raw, _) in enumerate(iter_raw_lines(path), 1):
-            line = raw.decode("utf-8").rstrip("\r\n")
-            if not jsonl:
-                yield line
-                continue
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TokenizerError(f"{path}:{lineno}: not JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get(json_key), str):
-                raise TokenizerError(f"{path}:{lineno}: no text field {json_key!r}")
-            yield record[json_key]
-    except (UnicodeDecodeError, EOFError, gzip.BadGzipFile, zlib.error) as e:
-        raise TokenizerError(f"{path}:{lineno + 1}: unreadable ({e})") from None
 
 
 def iter_lines(path: str, json_key: str = "text") -> Iterator[str]:
