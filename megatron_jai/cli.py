@@ -61,6 +61,24 @@ def add_layout_arguments(parser, note: str = "") -> None:
       help="layers on the last pipeline stage (uneven split, PP >= 2)")
 
 
+def read_yaml(path: str, error: type = UserError, what: str = "settings") -> dict:
+    """The mapping a YAML file holds (an empty file: ``{}``), or ``error`` with one line why not."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except OSError as err:
+        raise error(f"cannot read config {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise error(f"config {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise error(f"config {path} must be a mapping of {what}")
+    return data
+
+
 def quiet_warnings() -> None:
     """Silence the library warnings a user cannot act on (Megatron-Core's TE/apex fallbacks and
     deprecations, torch's ShardedTensor/``load_state_dict`` FutureWarnings, transformers' notices).

@@ -15,8 +15,7 @@ import dataclasses
 import os
 from typing import Optional
 
-import yaml
-
+from megatron_jai import cli
 from megatron_jai.training.faults import TrainingError
 from megatron_jai.training.phases import Phase, build_phases, resolve_blend, validate_phase
 
@@ -176,27 +175,12 @@ def build_parser(prog: str = "pretrain_jai.py", description: Optional[str] = Non
     return p
 
 
-def _load_yaml(path: str) -> dict:
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
-    except OSError as err:
-        raise TrainingError(f"cannot read config {path}: {err.strerror}") from None
-    except yaml.YAMLError as err:
-        raise TrainingError(f"config {path} is not valid YAML: {str(err).splitlines()[0]}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise TrainingError(f"config {path} must be a mapping of settings")
-    return data
-
-
 def parse_args(argv: Optional[list] = None,
                parser: Optional[argparse.ArgumentParser] = None) -> argparse.Namespace:
     """Flags + YAML -> one namespace; ``args.phases`` is the resolved list of :class:`Phase`."""
     parser = parser or build_parser()
     config_path = _find_config(argv)
-    config = _load_yaml(config_path) if config_path else {}
+    config = cli.read_yaml(config_path, TrainingError) if config_path else {}
     flags = {a.dest for a in parser._actions}
     defaults = {}
     for key, value in config.items():
