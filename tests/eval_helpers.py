@@ -26,7 +26,7 @@ def make_tokenizer(shared_dir: str, out: str) -> str:
     template) that both ``megatron_jai.data.tokenizer`` and ``AutoTokenizer`` load."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from megatron_jai.inference.chat import PHI3_CHAT_TEMPLATE
+    from megatron_jai.data.hf_tokenizer import PHI3_CHAT_TEMPLATE
 
     texts = []
     for rel, n in (("data/thai/thaigov_v2.train.jsonl.gz", 40), ("data/english/enwiki.train.jsonl.gz", 10)):

@@ -307,7 +307,7 @@ def test_extended_and_configless_tokenizers_export_unchanged(shared_dir, tmp_pat
     defaults = {"rstrip": False, "lstrip": False, "normalized": False, "special": True,
                 "single_word": False}
     added = json.load(open(bare / "added_tokens.json"))
-    from megatron_jai.hf.tokenizer import PHI3_CHAT_TEMPLATE
+    from megatron_jai.data.hf_tokenizer import PHI3_CHAT_TEMPLATE
 
     _assert_carried(tmp_path / "bare_hf", {
         "added_tokens_decoder": {str(i): {"content": c, **defaults} for c, i in added.items()},

@@ -16,6 +16,13 @@ SP_MODEL_FILE = "tokenizer.model"
 # Short names for the reference tokenizers in shared/tokenizers.
 SHARED_TOKENIZERS = ("phi3", "llama3", "qwen2")
 TOKENIZER_CONFIG = "tokenizer_config.json"
+# Phi-3's chat format (microsoft/Phi-3-medium-4k-instruct), the format of this toolkit: the template
+# of a tokenizer that has none.
+PHI3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') %}"
+    "{{'<|user|>' + '\n' + message['content'] + '<|end|>' + '\n' + '<|assistant|>' + '\n'}}"
+    "{% elif (message['role'] == 'assistant') %}{{message['content'] + '<|end|>' + '\n'}}"
+    "{% endif %}{% endfor %}")
 
 
 @dataclass

@@ -30,13 +30,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from megatron_jai.cli import UserError
+from megatron_jai.data.hf_tokenizer import PHI3_CHAT_TEMPLATE
 
-# Phi-3's chat format (microsoft/Phi-3-medium-4k-instruct), the format of this toolkit.
-PHI3_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') %}"
-    "{{'<|user|>' + '\n' + message['content'] + '<|end|>' + '\n' + '<|assistant|>' + '\n'}}"
-    "{% elif (message['role'] == 'assistant') %}{{message['content'] + '<|end|>' + '\n'}}"
-    "{% endif %}{% endfor %}")
 CHAT_TOKENS = ("<|user|>", "<|assistant|>", "<|end|>")
 END_OF_TURN = "<|end|>"
 
