@@ -351,6 +351,32 @@ def test_exports_encode_documents_as_training_did(shared_dir, tmp_path, tmp_path
             assert same == len(texts), (name, lang, same, len(texts))
 
 
+def test_unigram_sentencepiece_exports_exactly(shared_dir, tmp_path):
+    """A unigram sentencepiece model (not only BPE) gets an exact Hugging Face form: every Thai and
+    English test-split line encodes to the same ids; a model type without one is refused."""
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+    from transformers import AutoTokenizer
+
+    from megatron_jai.data.tokenizer import load_tokenizer
+    from train_helpers import small_corpus
+
+    model = small_corpus(shared_dir)["tokenizer"]
+    _export_tokenizer(model, tmp_path / "uni", 1024)
+    exported = AutoTokenizer.from_pretrained(str(tmp_path / "uni"))
+    ours = load_tokenizer(model)
+    docs = _documents(shared_dir)
+    lines = [line for texts in docs.values() for doc in texts[-20:] for line in doc.split("\n")]
+    assert len(lines) > 500
+    assert ours.encode_batch(lines) == exported(lines, add_special_tokens=False)["input_ids"]
+
+    proto = sp_pb2.ModelProto()
+    proto.ParseFromString(open(model, "rb").read())
+    proto.trainer_spec.model_type = sp_pb2.TrainerSpec.CHAR
+    (tmp_path / "char.model").write_bytes(proto.SerializeToString())
+    with pytest.raises(cli.UserError, match="CHAR model has no exact Hugging Face form"):
+        _export_tokenizer(str(tmp_path / "char.model"), tmp_path / "char", 1024)
+
+
 def test_every_chat_record_tokenizes_as_training_did(shared_dir, tmp_path):
     """For every record of every chat file in shared/data/post (the records preprocess_chat
     accepts; none truncated), the Phi-3 export's ``apply_chat_template(messages)`` ids equal the ids

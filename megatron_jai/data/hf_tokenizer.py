@@ -89,9 +89,26 @@ def load_base_tokenizer(path: str) -> BaseTokenizer:
     return BaseTokenizer(path, proto, specials, config)
 
 
+def _bpe_model(proto, Piece, models):
+    vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
+    mergeable = {p.piece for p in proto.pieces if p.type == Piece.NORMAL}
+    merges = []
+    for i, p in enumerate(proto.pieces):
+        if p.type != Piece.NORMAL or len(p.piece) < 2:
+            continue
+        s = p.piece
+        splits = [(s[:k], s[k:]) for k in range(1, len(s)) if s[:k] in mergeable and s[k:] in mergeable]
+        for left, right in sorted(splits, key=lambda lr: (vocab[lr[0]], vocab[lr[1]])):
+            merges.append((-p.score, i, vocab[left], left, right))
+    merges.sort(key=lambda m: m[:3])
+    return models.BPE(vocab=vocab, merges=[(m[3], m[4]) for m in merges],
+                      unk_token=proto.pieces[proto.trainer_spec.unk_id].piece,
+                      byte_fallback=proto.trainer_spec.byte_fallback, fuse_unk=True)
+
+
 def hf_tokenizer_from_proto(proto, specials: dict, add_bos: bool = True,
                             attributes: Optional[dict] = None):
-    """A ``tokenizers.Tokenizer`` that encodes like the sentencepiece BPE ``proto`` (Llama-style,
+    """A ``tokenizers.Tokenizer`` that encodes like the sentencepiece BPE or unigram ``proto`` (Llama-style,
     non-legacy: the word-boundary "▁" is prepended to the first segment only), with the model's
     normalizer (e.g. NFKC and whitespace folding of a sentencepiece default model) and a BOS
     post-processor when ``add_bos``. ``attributes`` (content -> ``rstrip``, ``lstrip``,
@@ -105,20 +122,15 @@ def hf_tokenizer_from_proto(proto, specials: dict, add_bos: bool = True,
                             pre_tokenizers, processors)
 
     Piece = sp_pb2.ModelProto.SentencePiece
-    vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
-    mergeable = {p.piece for p in proto.pieces if p.type == Piece.NORMAL}
-    merges = []
-    for i, p in enumerate(proto.pieces):
-        if p.type != Piece.NORMAL or len(p.piece) < 2:
-            continue
-        s = p.piece
-        splits = [(s[:k], s[k:]) for k in range(1, len(s)) if s[:k] in mergeable and s[k:] in mergeable]
-        for left, right in sorted(splits, key=lambda lr: (vocab[lr[0]], vocab[lr[1]])):
-            merges.append((-p.score, i, vocab[left], left, right))
-    merges.sort(key=lambda m: m[:3])
-    model = models.BPE(vocab=vocab, merges=[(m[3], m[4]) for m in merges],
-                       unk_token=proto.pieces[proto.trainer_spec.unk_id].piece,
-                       byte_fallback=proto.trainer_spec.byte_fallback, fuse_unk=True)
+    ts = proto.trainer_spec
+    if ts.model_type == sp_pb2.TrainerSpec.UNIGRAM:  # the same Viterbi over the same scores
+        model = models.Unigram([(p.piece, p.score) for p in proto.pieces], unk_id=ts.unk_id,
+                               byte_fallback=ts.byte_fallback)
+    elif ts.model_type == sp_pb2.TrainerSpec.BPE:
+        model = _bpe_model(proto, Piece, models)
+    else:
+        raise TokenizerError(f"a sentencepiece {sp_pb2.TrainerSpec.ModelType.Name(ts.model_type)} "
+                             f"model has no exact Hugging Face form (BPE and unigram have)")
     tok = Tokenizer(model)
     spec = proto.normalizer_spec
     steps = [normalizers.Precompiled(spec.precompiled_charsmap)] if spec.precompiled_charsmap else []
@@ -132,7 +144,6 @@ def hf_tokenizer_from_proto(proto, specials: dict, add_bos: bool = True,
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
     tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
                                      decoders.Fuse(), decoders.Strip(" ", 1, 0)])
-    ts = proto.trainer_spec
     controls = [proto.pieces[i].piece for i in (ts.unk_id, ts.bos_id, ts.eos_id) if i >= 0]
     defaults = {"special": True, "normalized": False}
     tok.add_tokens([AddedToken(c, **{**defaults, **(attributes or {}).get(c, {})})
