@@ -20,22 +20,24 @@ MODES = {
 
 
 def mode_parser(mode: str):
-    from megatron_jai.training import posttraining
     from megatron_jai.training.arguments import build_parser
+    from megatron_jai.training.objectives.dpo import add_dpo_arguments
+    from megatron_jai.training.objectives.sft import add_sft_arguments
 
     parser = build_parser(prog=f"posttrain_jai.py {mode}", description=MODES[mode])
     if mode == "sft":
-        posttraining.add_sft_arguments(parser)
+        add_sft_arguments(parser)
     else:
-        posttraining.add_dpo_arguments(parser, reference_only=mode == "dpo-reference")
+        add_dpo_arguments(parser, reference_only=mode == "dpo-reference")
     if mode == "dpo-reference":
         parser.set_defaults(train_iters=1)  # no training: the phase only describes the data
     return parser
 
 
 def objective_for(mode: str):
-    from megatron_jai.training import posttraining
     from megatron_jai.training.faults import TrainingError
+    from megatron_jai.training.objectives.dpo import DPOObjective, DPOReferenceOnly
+    from megatron_jai.training.objectives.sft import SFTObjective
 
     def make(args):
         if args.eval_only and not (args.data_path or args.phases) and args.valid_data_path:
@@ -45,13 +47,11 @@ def objective_for(mode: str):
                                 f"tools/preprocess_chat.py --kind {mode.split('-')[0]}) or "
                                 f"phases in --config")
         if mode == "sft":
-            return posttraining.SFTObjective(args)
+            return SFTObjective(args)
         if mode == "dpo-reference":
-            args.reference_mode, args.dpo_beta, args.dpo_loss, args.dpo_nll_weight = \
-                "precomputed", 0.1, "sigmoid", 0.0
             args.init_from = args.reference or args.init_from
-            return posttraining.DPOReferenceOnly(args)
-        return posttraining.DPOObjective(args)
+            return DPOReferenceOnly(args)
+        return DPOObjective(args)
 
     return make
 

@@ -7,7 +7,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def extensions():
-    """C++/CUDA extensions built from kernels/ (see kernels/README.md)."""
+    """The routing op's extension ``megatron_jai.kernels._routing`` (C++, plus CUDA when torch has it), as
+    kernels/build_ext.py defines it (see kernels/README.md)."""
     builder = os.path.join(HERE, "kernels", "build_ext.py")
     if not os.path.exists(builder):
         return [], {}
@@ -45,7 +46,7 @@ setup(
         "gpu": ["transformer-engine[pytorch]", "apex"],
         "eval": ["tiktoken", "tensorboard", "matplotlib", "sacrebleu>=2.4", "lm-eval>=0.4.13,<0.5",
                  "accelerate>=0.26", "datasets"],
-        "test": ["pytest", "pytest-timeout"],
+        "test": ["pytest", "pytest-timeout", "trl==1.16.0", "mergekit==0.1.5"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

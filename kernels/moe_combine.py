@@ -2,18 +2,17 @@
 routed slots of token n (skipped slots, expert id outside ``[0, E)``, are ignored even if their rows
 hold garbage). Accumulates in fp32, writes ``out_dtype``. Used by the expert FFN forward (sum of the k
 weighted expert outputs) and backward (sum of the k input gradients); no atomics, so bit-reproducible.
+A step inside ``GroupedExpertFFN``'s forward and backward, so no autograd Function of its own.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from megatron_jai.kernels.triton_aot import launch
+from .routing import valid_slot_mask
+from .triton_aot import INTERPRET, launch
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 # Columns per program: wide on GPU (bandwidth bound), tiny under the interpreter.
 BLOCK_COLS = 64 if INTERPRET else 1024
 
@@ -52,3 +51,14 @@ def combine_slots(rows: torch.Tensor, expert_ids: torch.Tensor, num_experts: int
     launch(_combine_slots_kernel, grid, rows, expert_ids.contiguous(), out, num_cols, top_k, num_experts,
            rows.stride(0), out.stride(0), BLOCK_COLS=BLOCK_COLS)
     return out
+
+
+# ---- plain-torch reference -----------------------------------------------------------------------
+
+def combine_slots_reference(rows: torch.Tensor, expert_ids: torch.Tensor, num_experts: int,
+                            out_dtype: torch.dtype) -> torch.Tensor:
+    """:func:`combine_slots` in plain torch (the fp32 sum may be ordered differently: close, not bitwise)."""
+    n, top_k = expert_ids.shape
+    routed = valid_slot_mask(expert_ids.reshape(-1, 1), num_experts)
+    kept = torch.where(routed, rows.float(), torch.zeros((), device=rows.device))
+    return kept.reshape(n, top_k, rows.shape[1]).sum(dim=1).to(out_dtype)

@@ -1,9 +1,10 @@
-"""Triton grouped-GEMM expert FFN (SwiGLU experts), forward and backward, as one autograd Function.
+"""Triton grouped-GEMM expert FFN (SwiGLU experts): the kernels, their launch wrappers, the autograd
+Function :class:`GroupedExpertFFN` and the plain-torch reference :func:`grouped_expert_ffn_reference`.
 
 Weights: ``w_gate_up [E, 2F, H]`` (``[gate; up]``), ``w_down [E, H, F]``. Routing: ``expert_ids [N, k]``
 (local ids, -1 = skip) and ``weights [N, k]``; slots ``s = n*k + j`` are stable-sorted by expert by the
-routing op (``megatron_jai.kernels.routing``), giving each expert a contiguous group of sorted
-positions ``offsets[e]:offsets[e+1]``. Conventions: ``megatron_jai/moe/reference.py``.
+routing op (``routing.py``, which documents the slot conventions), giving each expert a contiguous
+group of sorted positions ``offsets[e]:offsets[e+1]``. The expert is ``down(silu(gate x) * up x)``.
 
 Forward (``i`` = sorted position, ``s = sorted_slots[i]``, ``n = s // k``, ``e`` = its expert):
   1. ``_gate_up_swiglu_kernel``: ``gu[i] = x[n] @ w_gate_up[e]^T`` with the token rows *gathered
@@ -11,7 +12,8 @@ Forward (``i`` = sorted position, ``s = sorted_slots[i]``, ``n = s // k``, ``e``
      dot reads the A tile once; SwiGLU and the routing weight in the epilogue: stores the
      pre-activation ``gu [S, 2F]`` (for backward) and ``wact = weights[s] * silu(gate) * up [S, F]``.
   2. ``_rows_gemm_scatter_kernel``: ``y[s] = wact[i] @ w_down[e]^T``, scattered back to slot order.
-  3. ``combine_slots``: ``out[n] = sum_j y[n*k+j]`` over routed slots (fp32, deterministic).
+  3. ``combine_slots`` (``moe_combine.py``): ``out[n] = sum_j y[n*k+j]`` over routed slots (fp32,
+     deterministic).
 Backward (``dout [N, H]``):
   4. ``_down_bwd_swiglu_kernel``: ``g[i] = dout[n] @ w_down[e]`` (gathered rows); epilogue: grad of the
      routing weight ``<g[i], act[i]>`` (per column tile, summed after), ``dact = weights[s] * g``, and
@@ -22,6 +24,7 @@ Backward (``dout [N, H]``):
      ``dw_down[e] = sum_i dout[n]^T wact[i]`` (``wact`` recomputed from ``gu`` when
      ``recompute_activation``) and ``dw_gate_up[e] = sum_i dgu[i]^T x[n]`` (gathered rows). Both
      operands are plain loads, so the loop pipelines (the routing weight already sits in ``wact``).
+The row-tile GEMMs (steps 1, 2, 4, 5) share one K loop, ``_dot_k_loop``.
 Tiles: the row-tile -> (expert, first row) map is computed inside each program from ``offsets`` (a
 vectorised search, on the device, no host synchronisation); the grid is the upper bound
 ``cdiv(S, BLOCK_M) + E`` row tiles and tiles past the last expert exit at once. Grouped-M swizzling
@@ -38,11 +41,9 @@ import torch
 import triton
 import triton.language as tl
 
-from megatron_jai.kernels.moe_combine import combine_slots
-from megatron_jai.kernels.routing import routing_metadata
-from megatron_jai.kernels.triton_aot import launch
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+from .moe_combine import combine_slots
+from .routing import routing_metadata
+from .triton_aot import INTERPRET, launch
 
 
 def _autotune_enabled() -> bool:
@@ -61,8 +62,8 @@ def _configs(gpu_configs, interpret_tile=(16, 16, 16)):
     return configs if _autotune_enabled() else configs[:1]
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), best guess first; `compile_check(90, True)`
-# lists registers, spills and shared memory of each (docs/kernels.md). The gate/up kernel's dot is
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), best guess first; `tools/compile_kernels.py
+# --all-configs` lists registers, spills and shared memory of each (docs/kernels.md). The gate/up kernel's dot is
 # 2*BLOCK_N wide (gate and up columns interleaved); the down-backward kernel has a heavy SwiGLU
 # epilogue and stays at 64 columns.
 GATE_UP_CONFIGS = _configs([(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 8, 4),
@@ -121,6 +122,27 @@ def _expert_row_tile(tile, offsets_ptr, num_experts, BLOCK_M: tl.constexpr, BLOC
     return tl.where(expert < num_experts, expert, -1), row_start, row_end
 
 
+@triton.jit
+def _dot_k_loop(acc, a_ptrs, b_ptrs, stride_ak, stride_bk, K, INPUT_PRECISION: tl.constexpr,
+                EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``acc + A @ B`` over ``K`` in steps of ``BLOCK_K``: ``a_ptrs`` ``[BLOCK_M, BLOCK_K]`` and ``b_ptrs``
+    ``[BLOCK_K, BLOCK_N]`` point at the first step and advance by ``BLOCK_K * stride`` along K. The
+    K tail is masked unless ``EVEN_K``."""
+    ks = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_mask = ks < K - k0
+            a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_mask[:, None], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    return acc
+
+
 # Main loops load without masks where they can: out-of-range rows/columns are clamped to the last valid
 # one (their results are masked at the store), K is unmasked when it is a multiple of BLOCK_K (EVEN_K).
 
@@ -152,17 +174,7 @@ def _gate_up_swiglu_kernel(
     w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + w_rows[None, :].to(tl.int64) * stride_wf \
         + ks[:, None] * stride_wh
     acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        if EVEN_K:
-            x = tl.load(x_ptrs)
-            w = tl.load(w_ptrs)
-        else:
-            k_mask = ks < H - k0
-            x = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
-        acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
-        x_ptrs += BLOCK_K * stride_xh
-        w_ptrs += BLOCK_K * stride_wh
+    acc = _dot_k_loop(acc, x_ptrs, w_ptrs, stride_xh, stride_wh, H, INPUT_PRECISION, EVEN_K, BLOCK_K)
     gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
     out_dtype = gu_ptr.dtype.element_ty
     gate = gate.to(out_dtype)
@@ -208,17 +220,7 @@ def _rows_gemm_scatter_kernel(
     a_ptrs = a_ptr + rows_ld[:, None] * stride_a + ks[None, :] * stride_ak
     w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + cols_ld[None, :] * stride_wn + ks[:, None] * stride_wk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            w = tl.load(w_ptrs)
-        else:
-            k_mask = ks < K - k0
-            a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
-        acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        w_ptrs += BLOCK_K * stride_wk
+    acc = _dot_k_loop(acc, a_ptrs, w_ptrs, stride_ak, stride_wk, K, INPUT_PRECISION, EVEN_K, BLOCK_K)
     slots = tl.load(sorted_slots_ptr + rows_ld)
     out_ptrs = out_ptr + slots[:, None].to(tl.int64) * stride_out + cols[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
@@ -256,17 +258,7 @@ def _down_bwd_swiglu_kernel(
     w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + ks[:, None].to(tl.int64) * stride_wh \
         + cols_ld[None, :] * stride_wf
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        if EVEN_K:
-            d = tl.load(d_ptrs)
-            w = tl.load(w_ptrs)
-        else:
-            k_mask = ks < H - k0
-            d = tl.load(d_ptrs, mask=k_mask[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
-        acc = tl.dot(d, w, acc, input_precision=INPUT_PRECISION)
-        d_ptrs += BLOCK_K * stride_douth
-        w_ptrs += BLOCK_K * stride_wh
+    acc = _dot_k_loop(acc, d_ptrs, w_ptrs, stride_douth, stride_wh, H, INPUT_PRECISION, EVEN_K, BLOCK_K)
     # Everything that depends on gu only first (one layout), then one meeting with the accumulator:
     # the compiler converts the accumulator once instead of bouncing each temporary between layouts.
     mask = row_mask[:, None] & col_mask[None, :]
@@ -545,69 +537,74 @@ class GroupedExpertFFN(torch.autograd.Function):
 
 
 def grouped_expert_ffn_triton(hidden, expert_ids, weights, w_gate_up, w_down, recompute_activation=False):
-    """Triton path of :func:`megatron_jai.moe.functional.grouped_expert_ffn` (no argument checks here)."""
+    """:class:`GroupedExpertFFN` (argument checks: :func:`check_expert_inputs`, done by the caller)."""
     if not (hidden.dtype == w_gate_up.dtype == w_down.dtype):
         raise ValueError(f"hidden, w_gate_up and w_down must share a dtype, got {hidden.dtype}, "
                          f"{w_gate_up.dtype}, {w_down.dtype}")
     return GroupedExpertFFN.apply(hidden, expert_ids, weights, w_gate_up, w_down, bool(recompute_activation))
 
 
-# ---- ahead-of-time compilation check (no GPU needed) ---------------------------------------------
+# ---- plain-torch reference -----------------------------------------------------------------------
 
-JAI_75B_LAYER = (8192, 5120, 17920, 4, 2)  # (T, H, F, E, k) of one JAI-75B MoE layer
-
-
-def _record_all_launches(shape, dtype):
-    """Run every launch wrapper on ``meta`` tensors of ``shape`` and record the launches."""
-    from megatron_jai.kernels import triton_aot
-
-    t, h, f, e, k = shape
-    s = t * k
-
-    def empty(*size, dt=dtype):
-        return torch.empty(*size, dtype=dt, device="meta")
-
-    x, dout = empty(t, h), empty(t, h)
-    w_gate_up, w_down = empty(e, 2 * f, h), empty(e, h, f)
-    slots, offsets, weights = empty(s, dt=torch.int64), empty(e + 1, dt=torch.int64), empty(s, dt=torch.float32)
-    with triton_aot.recording() as launches:
-        gu, wact = gate_up_swiglu_forward(x, w_gate_up, slots, offsets, weights, k)
-        y = rows_gemm_scatter(wact, w_down, w_down.stride(1), w_down.stride(2), h, slots, offsets)
-        combine_slots(y, empty(t, k, dt=torch.int64), e, dtype)
-        dgu, _ = down_backward_swiglu(dout, w_down, gu, slots, offsets, weights, k)
-        rows_gemm_scatter(dgu, w_gate_up, w_gate_up.stride(2), w_gate_up.stride(1), h, slots, offsets)
-        for rhs, mode in ((wact, 0), (gu, 1)):
-            expert_wgrad(dout, rhs, slots, offsets, weights, k, e, h, f, dtype, lhs_gather=True, rhs_mode=mode, f=f)
-        for splits in (1, 2):  # split-K writes fp32 partial sums: another specialisation
-            expert_wgrad(dgu, x, slots, offsets, None, k, e, 2 * f, h, dtype, lhs_gather=False, rhs_mode=2,
-                         splits=splits)
-    return launches
+SUPPORTED_ACTIVATIONS = ("swiglu",)
 
 
-def compile_check(capability: int = 90, dtype: torch.dtype = torch.bfloat16, all_configs: bool = False,
-                  shape=JAI_75B_LAYER):
-    """Compile every kernel launch of one forward + backward of ``shape`` = (T, H, F, E, k) for
-    ``sm_<capability>`` without a GPU (Triton + ptxas), specialised exactly as the launcher would
-    (:mod:`megatron_jai.kernels.triton_aot`). Returns one dict per compiled kernel: name, variant
-    constexprs, config, shared memory, count of Hopper wgmma instructions, and the registers / stack /
-    local (spill) bytes per thread from ``cuobjdump -res-usage``. Raises on a compile error. Needs
-    the kernels imported *without* ``TRITON_INTERPRET``."""
-    if INTERPRET:
-        raise RuntimeError("compile_check needs the kernels imported without TRITON_INTERPRET=1")
-    from megatron_jai.kernels import triton_aot
+def check_expert_inputs(hidden, expert_ids, weights, w_gate_up, w_down, activation="swiglu"):
+    """Shape/dtype checks shared by the reference and the kernels (one clear ValueError)."""
+    if activation not in SUPPORTED_ACTIVATIONS:
+        raise ValueError(f"activation {activation!r} is not supported (choose from {SUPPORTED_ACTIVATIONS})")
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be [N, H], got shape {tuple(hidden.shape)}")
+    n, h = hidden.shape
+    if expert_ids.dim() != 2 or expert_ids.shape[0] != n:
+        raise ValueError(f"expert_ids must be [N={n}, k], got shape {tuple(expert_ids.shape)}")
+    if expert_ids.dtype.is_floating_point or expert_ids.dtype == torch.bool:
+        raise ValueError(f"expert_ids must be an integer tensor, got {expert_ids.dtype}")
+    if weights.shape != expert_ids.shape:
+        raise ValueError(f"weights must have the shape of expert_ids {tuple(expert_ids.shape)}, "
+                         f"got {tuple(weights.shape)}")
+    if w_gate_up.dim() != 3 or w_gate_up.shape[2] != h or w_gate_up.shape[1] % 2:
+        raise ValueError(f"w_gate_up must be [E, 2F, H={h}], got shape {tuple(w_gate_up.shape)}")
+    e, two_f, _ = w_gate_up.shape
+    if tuple(w_down.shape) != (e, h, two_f // 2):
+        raise ValueError(f"w_down must be [E={e}, H={h}, F={two_f // 2}], got shape {tuple(w_down.shape)}")
 
-    results = []
-    for kernel, args, kwargs in _record_all_launches(shape, dtype):
-        name = triton_aot._jit_function(kernel).__name__
-        variant = {k: v for k, v in kwargs.items() if k in ("LHS_GATHER", "RHS_MODE")}
-        if name == "_expert_wgrad_kernel":
-            variant["splits"] = args[7]
-        for kw, compiled in triton_aot.compile_recorded(kernel, args, kwargs, capability, all_configs):
-            results.append({
-                "kernel": name, "variant": variant,
-                "config": {k: v for k, v in kw.items() if k.startswith("BLOCK_") or k.startswith("EVEN_")},
-                "num_warps": compiled.metadata.num_warps, "num_stages": compiled.metadata.num_stages,
-                "shared_bytes": compiled.metadata.shared,
-                "wgmma": compiled.asm["ptx"].count("wgmma.mma_async"),
-                **triton_aot.resource_usage(compiled.asm["cubin"])})
-    return results
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for ``gate_up = [gate | up]`` along the last dimension."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+def grouped_expert_ffn_reference(
+    hidden: torch.Tensor,
+    expert_ids: torch.Tensor,
+    weights: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    activation: str = "swiglu",
+) -> torch.Tensor:
+    """``out[n] = sum_j weights[n, j] * expert_{ids[n, j]}(hidden[n])``, skipped slots excluded.
+
+    hidden ``[N, H]``, expert_ids ``[N, k]`` (local ids; -1 = skip), weights ``[N, k]``,
+    w_gate_up ``[E, 2F, H]``, w_down ``[E, H, F]`` -> ``[N, H]`` in ``hidden.dtype``. The weighted sum
+    over the k choices is accumulated in fp32 (fp64 for fp64 inputs). Loop over experts; differentiable
+    in hidden, weights and both weight tensors.
+    """
+    check_expert_inputs(hidden, expert_ids, weights, w_gate_up, w_down, activation)
+    n, h = hidden.shape
+    k = expert_ids.shape[1]
+    num_experts = w_gate_up.shape[0]
+    acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    out = hidden.new_zeros((n, h), dtype=acc_dtype)
+    flat_ids = expert_ids.reshape(-1)
+    flat_w = weights.reshape(-1)
+    for e in range(num_experts):
+        slots = torch.nonzero(flat_ids == e, as_tuple=True)[0]
+        if slots.numel() == 0:
+            continue
+        tokens = slots // k
+        x = hidden.index_select(0, tokens)
+        y = swiglu(x @ w_gate_up[e].t()) @ w_down[e].t()
+        out = out.index_add(0, tokens, y.to(acc_dtype) * flat_w.index_select(0, slots).to(acc_dtype)[:, None])
+    return out.to(hidden.dtype)

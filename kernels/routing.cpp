@@ -1,6 +1,6 @@
 // Routing metadata op: from top-k expert ids [N, k] compute tokens per expert, the stable sort of the
 // N*k slots by expert (skipped slots -- ids outside [0, E) -- last), its inverse, and group offsets.
-// Convention documented in megatron_jai/moe/reference.py. CPU implementation here (a two-pass
+// Convention documented in routing.py (beside its torch reference). CPU implementation here (a two-pass
 // counting sort); with JAI_WITH_CUDA the CUDA launcher from routing_cuda.cu is bound as well.
 #include <torch/extension.h>
 

@@ -8,7 +8,7 @@
 //      (bucket, block); also tokens_per_expert and offsets;
 //   3. stable_scatter: each block walks its slots in order, 256 at a time; a slot's rank among equal
 //      keys comes from __match_any_sync within its warp plus per-warp counts in shared memory.
-// Convention: megatron_jai/moe/reference.py. Requires sm_70+ (__match_any_sync).
+// Convention: routing.py. Requires sm_70+ (__match_any_sync).
 #include <cuda_runtime.h>
 #include <stdint.h>
 #include <stdio.h>

@@ -18,6 +18,8 @@ import tempfile
 
 import triton
 
+# Triton picks its interpreter when it decorates a kernel, i.e. when a kernel module is first imported.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 _RECORDING = None
 
 

@@ -36,12 +36,14 @@ class UserError(ValueError):
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """``--help`` with a flag's default where it says something: not for ``None``/``False``
-    defaults, nor when the help text already names its default."""
+    defaults, nor for a switch (``--no-x`` defaults to True: it says nothing), nor when the help
+    text already names its default."""
 
     def _get_help_string(self, action):
         text = action.help or ""
         if "default" in text or action.default in (None, False, argparse.SUPPRESS) \
-                or action.option_strings == [] or isinstance(action.default, list):
+                or action.option_strings == [] or isinstance(action.default, list) \
+                or action.nargs == 0:
             return text
         return text + " (default: %(default)s)"
 
@@ -57,6 +59,24 @@ def add_layout_arguments(parser, note: str = "") -> None:
       help="layers on the first pipeline stage (uneven split, PP >= 2)")
     a("--last-stage-layers", type=int, default=None,
       help="layers on the last pipeline stage (uneven split, PP >= 2)")
+
+
+def read_yaml(path: str, error: type = UserError, what: str = "settings") -> dict:
+    """The mapping a YAML file holds (an empty file: ``{}``), or ``error`` with one line why not."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except OSError as err:
+        raise error(f"cannot read config {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise error(f"config {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise error(f"config {path} must be a mapping of {what}")
+    return data
 
 
 def quiet_warnings() -> None:
@@ -109,3 +129,56 @@ def _one_line(err: BaseException) -> str:
         return f"{err.filename}: {err.strerror}"
     text = str(err) or type(err).__name__
     return " ".join(text.split())
+
+
+class _ProgressLines:
+    """Progress for a log file: a plain line ``DESC: N/TOTAL UNIT (P%), S s`` on stderr at most
+    every ``interval`` seconds (no carriage returns, no bar), nothing for short work."""
+
+    def __init__(self, iterable=None, total=None, desc: str = "", unit: str = "it",
+                 interval: float = 60.0, **_):
+        import time
+
+        self.iterable, self.total, self.desc, self.unit = iterable, total, desc, unit.strip()
+        self.interval, self.n, self._clock = interval, 0, time.monotonic
+        self._start = self._last = self._clock()
+        if self.total is None and hasattr(iterable, "__len__"):
+            self.total = len(iterable)
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update(1)
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = self._clock()
+        if now - self._last >= self.interval:
+            self._last = now
+            done = f"{self.n:,}/{self.total:,}" if self.total else f"{self.n:,}"
+            share = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
+            print(f"{self.desc}: {done} {self.unit}{share}, {now - self._start:.0f} s",
+                  file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def progress(iterable=None, enabled: bool = True, log_interval: float = 60.0, **kwargs):
+    """The progress of long work: a ``tqdm`` bar when stderr is a terminal, plain lines every
+    ``log_interval`` seconds when it is a log file (:class:`_ProgressLines`), nothing when
+    ``enabled`` is false (``--no-progress``, ranks other than the one that reports). ``kwargs`` are
+    tqdm's (``total``, ``desc``, ``unit``, ...)."""
+    from tqdm import tqdm
+
+    if not enabled:
+        return tqdm(iterable, disable=True, **kwargs)
+    if not sys.stderr.isatty():
+        return _ProgressLines(iterable, interval=log_interval, **kwargs)
+    return tqdm(iterable, dynamic_ncols=True, **kwargs)

@@ -1,23 +1,104 @@
-"""Model configuration: one dataclass, named presets, parameter counts, and the Megatron-Core view.
+"""Model configuration: one dataclass, its DUS.v2 skip connections, parameter counts, and the
+Megatron-Core view.
 
 ``ModelConfig`` describes the *architecture* only (what a checkpoint needs to be rebuilt); how it is
 split over GPUs (TP/PP/EP) is chosen at run time and passed to :meth:`ModelConfig.transformer_config`.
-It is saved as ``model_config.json`` next to every checkpoint.
+It is saved as ``model_config.json`` next to every checkpoint and checks itself when it is made
+(a hand-edited file included). The named presets live in :mod:`megatron_jai.presets`.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import numbers
 import os
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 
-# The skip type and the pipeline split arithmetic live with the DUS plans (the plan module imports
-# nothing from here); re-exported because configs carry skips and validate pipeline splits.
-from megatron_jai.upscale.plan import SkipConnection, get_plan, pipeline_stage_layers  # noqa: F401
+from megatron_jai.cli import UserError
+from megatron_jai.parallel import pipeline_stage_layers
+
+DEFAULT_ALPHA_TRAIN = 0.9
+DEFAULT_ALPHA_INFER = 0.8
+
+
+class ModelConfigError(UserError):
+    """A model configuration that cannot describe a model (one line naming the field)."""
+
+
+@dataclass(frozen=True)
+class SkipConnection:
+    """DUS.v2 long-range skip: the hidden state entering ``source`` is blended into the input of
+    ``target``: ``h <- alpha * h_saved + (1 - alpha) * h``. alpha 0 turns the skip off."""
+
+    source: int
+    target: int
+    alpha_train: float = DEFAULT_ALPHA_TRAIN
+    alpha_infer: float = DEFAULT_ALPHA_INFER
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d, alpha_train: Optional[float] = DEFAULT_ALPHA_TRAIN,
+                  alpha_infer: Optional[float] = DEFAULT_ALPHA_INFER) -> "SkipConnection":
+        """The skip of ``{source, target[, alpha_train, alpha_infer]}``: a missing alpha takes the
+        default given here (``None``: the alpha is required)."""
+        defaults = {"alpha_train": alpha_train, "alpha_infer": alpha_infer}
+        required = ("source", "target", *(k for k, v in defaults.items() if v is None))
+        optional = ", ".join(k for k, v in defaults.items() if v is not None)
+        if not isinstance(d, dict) or set(d) - {"source", "target", *defaults} or \
+                set(required) - set(d):
+            optional = f" (and optionally {optional})" if optional else ""
+            raise ModelConfigError(f"a skip needs {', '.join(required[:-1])} and {required[-1]}"
+                                   f"{optional}, got {d}")
+        try:
+            return cls(int(d["source"]), int(d["target"]),
+                       *(float(d.get(k, v)) for k, v in defaults.items()))
+        except (TypeError, ValueError):
+            raise ModelConfigError(f"a skip's source and target are layer numbers and its alphas "
+                                   f"numbers, got {d}") from None
+
+
+def check_skips(skips: Sequence[SkipConnection], num_layers: int) -> None:
+    """``ModelConfigError`` naming the first skip that does not fit a ``num_layers``-layer model:
+    out of range, an alpha outside [0, 1], or given twice."""
+    seen = set()
+    for s in skips:
+        if not isinstance(s, SkipConnection):
+            raise ModelConfigError(f"{s!r} is not a SkipConnection")
+        if not 0 <= s.source < s.target < num_layers:
+            raise ModelConfigError(f"skip {s.source}->{s.target} needs 0 <= source < target < "
+                                   f"{num_layers}")
+        if not (0.0 <= s.alpha_train <= 1.0 and 0.0 <= s.alpha_infer <= 1.0):
+            raise ModelConfigError(f"skip {s.source}->{s.target}: alphas must lie in [0, 1]")
+        if (s.source, s.target) in seen:
+            raise ModelConfigError(f"skip {s.source}->{s.target} given twice")
+        seen.add((s.source, s.target))
+
+
+def repeat_skips(block_size: int, multiplicities: Sequence[int],
+                 alpha_train: float = DEFAULT_ALPHA_TRAIN,
+                 alpha_infer: float = DEFAULT_ALPHA_INFER) -> tuple:
+    """The skips of a repeated block (DUS.v2): its first copy's input -> each later copy's input."""
+    skips, start = [], 0
+    for mult in multiplicities:
+        for copy in range(1, mult):
+            skips.append(SkipConnection(start, start + copy * block_size, alpha_train, alpha_infer))
+        start += mult * block_size
+    return tuple(sorted(skips, key=lambda s: (s.source, s.target)))
+
+
+# The value types of ModelConfig's fields, as annotated (``Optional[...]`` also takes None).
+_FIELD_TYPES = {"int": numbers.Integral, "float": numbers.Real, "bool": bool, "str": str,
+                "tuple": tuple}
+_AT_LEAST_ONE = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+                 "ffn_hidden_size", "vocab_size", "max_position_embeddings", "kv_channels",
+                 "make_vocab_size_divisible_by", "moe_ffn_hidden_size")
+DROP_POLICIES = ("probs", "position")
 
 
 @dataclass(frozen=True)
@@ -97,20 +178,66 @@ class ModelConfig:
         attn = 12 * self.num_layers * self.num_attention_heads * self.head_dim * seq_length
         return 6.0 * n + attn
 
+    # ---- checks --------------------------------------------------------------------------------
+    def __post_init__(self):
+        def bad(field: str, why: str):
+            return ModelConfigError(f"model config {self.name!r}: {field} {why}")
+
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), f.type
+            if kind.startswith("Optional["):
+                if value is None:
+                    continue
+                kind = kind[len("Optional["):-1]
+            if not isinstance(value, _FIELD_TYPES[kind]) or \
+                    (isinstance(value, bool) and kind != "bool"):
+                raise bad(f.name, f"must be {'a number' if kind == 'float' else f'of type {kind}'}, "
+                                  f"got {value!r}")
+        for field in _AT_LEAST_ONE:
+            if getattr(self, field) is not None and getattr(self, field) < 1:
+                raise bad(field, f"must be at least 1, got {getattr(self, field)}")
+        for field in ("rotary_interpolation_factor", "moe_capacity_factor"):
+            if getattr(self, field) is not None and not getattr(self, field) > 0:
+                raise bad(field, f"must be positive (or null), got {getattr(self, field)}")
+        if self.num_attention_heads % self.num_query_groups:
+            raise bad("num_query_groups", f"({self.num_query_groups}) must divide "
+                                          f"num_attention_heads ({self.num_attention_heads})")
+        if self.num_experts < 0:
+            raise bad("num_experts", f"must be >= 0 (0 = dense), got {self.num_experts}")
+        if self.is_moe and not 1 <= self.moe_top_k <= self.num_experts:
+            raise bad("moe_top_k", f"must be in [1, num_experts = {self.num_experts}], got "
+                                   f"{self.moe_top_k}")
+        if self.moe_token_drop_policy not in DROP_POLICIES:
+            raise bad("moe_token_drop_policy", f"must be one of {', '.join(DROP_POLICIES)}, got "
+                                               f"{self.moe_token_drop_policy!r}")
+        try:
+            check_skips(self.skip_connections, self.num_layers)
+        except ModelConfigError as e:
+            raise bad("skip_connections:", str(e)) from None
+
     # ---- (de)serialisation ---------------------------------------------------------------------
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["skip_connections"] = [dataclasses.asdict(s) for s in self.skip_connections]
+        d["skip_connections"] = [s.to_dict() for s in self.skip_connections]
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         d = dict(d)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
+        fields = dataclasses.fields(cls)
+        unknown = set(d) - {f.name for f in fields}
         if unknown:
-            raise ValueError(f"unknown model config fields: {sorted(unknown)}")
-        d["skip_connections"] = tuple(SkipConnection(**s) for s in d.get("skip_connections", ()))
+            raise ModelConfigError(f"unknown model config fields: {sorted(unknown)}")
+        missing = [f.name for f in fields if f.default is dataclasses.MISSING and f.name not in d]
+        if missing:
+            raise ModelConfigError(f"model config is missing fields {missing}")
+        skips = d.get("skip_connections", ())
+        if not isinstance(skips, (list, tuple)):
+            raise ModelConfigError(f"model config skip_connections must be a list, got {skips!r}")
+        try:
+            d["skip_connections"] = tuple(SkipConnection.from_dict(s) for s in skips)
+        except ModelConfigError as e:
+            raise ModelConfigError(f"model config skip_connections: {e}") from None
         return cls(**d)
 
     def save(self, path: str) -> None:
@@ -215,63 +342,3 @@ class ModelConfig:
             )
         kwargs.update(overrides)
         return TransformerConfig(**kwargs)
-
-
-# Phi-3-medium-4k (microsoft/Phi-3-medium-4k-instruct config.json).
-PHI3_MEDIUM = ModelConfig(
-    name="phi3-medium",
-    num_layers=40,
-    hidden_size=5120,
-    num_attention_heads=40,
-    num_query_groups=10,
-    ffn_hidden_size=17920,
-    vocab_size=32064,
-    max_position_embeddings=4096,
-    rotary_base=10000.0,
-    norm_epsilon=1e-5,
-)
-
-
-JAI_75B = PHI3_MEDIUM.replace(
-    name="jai-75b",
-    num_layers=64,
-    vocab_size=64000,
-    num_experts=4,
-    moe_top_k=2,
-    # Solar-Pro layout on Phi-3-medium: the DUS plan is the one source of truth for the skips
-    # (12->16, 20->24, 20->28, 32->36, 32->40, 44->48).
-    skip_connections=get_plan("phi3-medium-jai").skip_connections,
-)
-
-# Tiny presets for CPU tests and the demo (same shape rules as Phi-3: GQA, SwiGLU, RMSNorm).
-TINY = ModelConfig(
-    name="tiny",
-    num_layers=4,
-    hidden_size=64,
-    num_attention_heads=4,
-    num_query_groups=2,
-    ffn_hidden_size=160,
-    vocab_size=1024,
-    max_position_embeddings=512,
-)
-TINY_MOE = TINY.replace(name="tiny-moe", num_experts=4, moe_top_k=2, ffn_hidden_size=96)
-
-PRESETS = {c.name: c for c in (PHI3_MEDIUM, JAI_75B, TINY, TINY_MOE)}
-
-
-def get_preset(name: str) -> ModelConfig:
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise ValueError(f"unknown model preset {name!r}; choose from {sorted(PRESETS)}") from None
-
-
-def load_model_config(spec: str) -> ModelConfig:
-    """A preset name, a ``model_config.json`` path, or a checkpoint directory holding one."""
-    if spec in PRESETS:
-        return PRESETS[spec]
-    path = os.path.join(spec, "model_config.json") if os.path.isdir(spec) else spec
-    if not os.path.isfile(path):
-        raise ValueError(f"{spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
-                         f"nor a model_config.json")
-    return ModelConfig.load(path)

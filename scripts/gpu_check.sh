@@ -3,9 +3,11 @@
 #   env    versions: GPU, driver, CUDA (nvcc), python, torch, triton; git commit, date
 #   wheels installs what the machine lacks, offline, from .whl/ (made by scripts/fetch_gpu_wheels.sh)
 #   build  the CUDA routing op: pip install --no-build-isolation --no-deps -e . ; asserts it loaded
+#   aot    tools/compile_kernels.py: the Triton kernels compiled for sm_90 by this machine's Triton
+#          (registers, spills, wgmma of the first configurations)
 #   tests  pytest -m gpu (tests/test_gpu.py: bf16 kernels and layer vs fp32, CUDA routing op vs C++,
 #          pretrain_jai.py tiny-moe on the Triton backend, with and without DUS skips)
-#   moe    tools/bench_moe.py --check: the MoE layer table against torch._grouped_mm
+#   moe    tools/bench_moe.py --check: the MoE layer table against torch._grouped_mm, the kernel rows
 #   train  tools/bench_train.py: one-GPU training table of examples/jai_1gpu.yaml's model at 4K
 # Each phase runs under its own time limit, cut so the later phases keep time; a failed phase does not
 # stop the later ones. The end repeats the tables and lists the failed phases; the exit status is 0
@@ -20,11 +22,11 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-PHASES=(env wheels build tests moe train)
+PHASES=(env wheels build aot tests moe train)
 BUDGET=480
 DRY=0
 ONLY=""
-usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
@@ -51,8 +53,8 @@ TEE_PID=$!
 trap 'exec >&- 2>&-; wait "$TEE_PID" 2>/dev/null' EXIT  # the log is complete when the script returns
 START=$(date +%s)
 # Per phase: the most it may take, and the least it needs (reserved while earlier phases run).
-declare -A CAP=([env]=30 [wheels]=60 [build]=180 [tests]=180 [moe]=170 [train]=150)
-declare -A NEED=([env]=10 [wheels]=10 [build]=60 [tests]=60 [moe]=60 [train]=60)
+declare -A CAP=([env]=30 [wheels]=60 [build]=180 [aot]=60 [tests]=180 [moe]=170 [train]=150)
+declare -A NEED=([env]=10 [wheels]=10 [build]=60 [aot]=20 [tests]=60 [moe]=60 [train]=60)
 FAILED=()
 
 # The wheels .whl/ should hold (module to import = requirement), beyond torch, triton, numpy.
@@ -62,6 +64,7 @@ REQUIREMENTS=("megatron.core=megatron-core==0.16.1" "sentencepiece=sentencepiece
 # Commands of the phases after env and wheels (run with `timeout`, output to stdout and $LOGS/PHASE.log).
 declare -A COMMAND=(
   [build]="MAX_JOBS=16 $PY -m pip install --no-index --no-build-isolation --no-deps -e . && $PY -c 'import megatron_jai.kernels._routing as r; assert r.has_cuda, \"the routing op was built without CUDA\"; print(\"CUDA routing op loaded:\", r.__file__)'"
+  [aot]="$PY tools/compile_kernels.py --no-progress"
   [tests]="JAI_MOE_AUTOTUNE=0 $PY -m pytest -m gpu -q -p no:cacheprovider -rfE --durations=15 tests/test_gpu.py"
   [moe]="$PY tools/bench_moe.py --check --iters 10 --warmup 3"
   [train]="$PY tools/bench_train.py --steps 6 --warmup-steps 2 --global-batch-size 8"
@@ -179,6 +182,9 @@ summary() {
     echo "tests: $(grep -E '(passed|failed|error)' "$LOGS/tests.log" | tail -n 1)"
     grep -E '^(FAILED|ERROR) ' "$LOGS/tests.log" | cut -c1-300 | head -n 20
   fi
+  if [ -f "$LOGS/aot.log" ]; then
+    echo "aot: $(grep -E '^compile_kernels: ' "$LOGS/aot.log" | tail -n 1)"
+  fi
   if [ -f "$LOGS/moe.log" ]; then
     echo "--- MoE table (tools/bench_moe.py --check --iters 10 --warmup 3)"
     sed -n '/^shape (T,H,F,E,k)/,$p' "$LOGS/moe.log"
@@ -197,7 +203,7 @@ summary() {
 
 selected env && phase_env
 selected wheels && phase_wheels
-for phase in build tests moe train; do
+for phase in build aot tests moe train; do
   selected "$phase" && run_phase "$phase" "${COMMAND[$phase]}"
 done
 if [ "$DRY" = 1 ]; then

@@ -8,7 +8,7 @@ VENV="${JAI_VENV:-.venv}"
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 stamp="$VENV/.jai-installed"
 if [ ! -f "$stamp" ] || [ -n "$(find requirements-cpu.txt setup.py kernels -newer "$stamp" -print -quit 2>/dev/null)" ]; then
-  "$VENV/bin/pip" install -q --disable-pip-version-check -r requirements-cpu.txt
-  "$VENV/bin/pip" install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements-cpu.txt
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
   touch "$stamp"
 fi

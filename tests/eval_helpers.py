@@ -10,7 +10,8 @@ import shutil
 
 import torch
 
-from megatron_jai.config import TINY, SkipConnection
+from megatron_jai.config import SkipConnection
+from megatron_jai.presets import TINY
 
 SPECIALS = ["<|endoftext|>", "<s>", "<|user|>", "<|assistant|>", "<|end|>"]
 # Weights large enough that greedy decoding has no near-ties between the two implementations.
@@ -25,7 +26,7 @@ def make_tokenizer(shared_dir: str, out: str) -> str:
     template) that both ``megatron_jai.data.tokenizer`` and ``AutoTokenizer`` load."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from megatron_jai.inference.chat import PHI3_CHAT_TEMPLATE
+    from megatron_jai.data.hf_tokenizer import PHI3_CHAT_TEMPLATE
 
     texts = []
     for rel, n in (("data/thai/thaigov_v2.train.jsonl.gz", 40), ("data/english/enwiki.train.jsonl.gz", 10)):
@@ -68,7 +69,7 @@ def make_checkpoint(root: str, cfg, tokenizer_dir: str, seed: int = 0, uniform: 
 
 def export_hf(ckpt: str, out: str, tokenizer_dir: str) -> str:
     """``mcore-to-hf`` of ``ckpt``; the tokenizer files are copied in when the export has none."""
-    from megatron_jai.checkpoint.convert import mcore_to_hf
+    from megatron_jai.hf.export import mcore_to_hf
 
     mcore_to_hf(ckpt, out, progress=False)
     for name in os.listdir(tokenizer_dir):

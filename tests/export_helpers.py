@@ -45,7 +45,7 @@ def tiny_tokenizer(directory: str) -> str:
 def save_hf_model(cfg: ModelConfig, path, seed: int = 0):
     """A random Hugging Face JAI model of ``cfg``, saved with ``save_pretrained`` (norm weights and
     expert biases away from their trivial init)."""
-    from megatron_jai.checkpoint.hf_jai import jai_hf_config_from_model_config
+    from megatron_jai.checkpoint.formats.jai import hf_config as jai_hf_config_from_model_config
     from megatron_jai.hf.configuration_jai import JaiConfig
     from megatron_jai.hf.modeling_jai import JaiForCausalLM
 

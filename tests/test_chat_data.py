@@ -151,6 +151,33 @@ def test_truncation_keeps_final_assistant_turn(chat):
             C.fit_record(chat, conv, [[]], prompt, too_long=too_long)
 
 
+def test_keep_start_is_trls_truncation(tmp_path, chat):
+    # The whole conversation, its first N tokens: the oldest rounds stay, the latest lose their tail.
+    conv = SFT_RECORDS[2]
+    full, full_mask = chat.render(conv)
+    n = len(full) - 5
+    seqs, status = C.fit_record(chat, conv, [[]], n, too_long="keep_start")
+    assert status == "truncated"
+    assert seqs[0][0].tolist() == full[:n].tolist() and seqs[0][1].tolist() == full_mask[:n].tolist()
+    assert _masked_runs(chat, *seqs[0])[0] == "2, 3 and 5.<|end|>"
+    # DPO through preprocessing: prompt + answer cut at N; no answer token left: prompt_too_long
+    records = _dpo_lines()
+    ids, mask = chat.render(records[1]["prompt"] + [{"role": "assistant", "content": "11."}], 3)
+    answer_start = int(numpy.flatnonzero(mask)[0])
+    prefix = str(tmp_path / "dpo")
+    stats = C.preprocess_chat("dpo", [_write_jsonl(tmp_path / "dpo.jsonl.gz", records)], prefix,
+                              chat.path, seq_length=answer_start + 1, too_long="keep_start",
+                              progress=False)
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    tokens, written_mask = IndexedDataset(prefix), IndexedDataset(C.mask_prefix(prefix))
+    assert (stats.records, stats.truncated) == (4, 1)  # the others are shorter
+    assert tokens[2].tolist() == ids[:answer_start + 1].tolist()
+    assert written_mask[2].tolist() == [0] * answer_start + [1]
+    with pytest.raises(C.BadRecord, match="prompt_too_long"):
+        C.encode_record(chat, "dpo", records[1], answer_start, too_long="keep_start")
+
+
 def _write_jsonl(path, records):
     with gzip.open(path, "wb") as f:
         for r in records:
@@ -400,6 +427,7 @@ def test_dpo_layout_and_reader(tmp_path, chat):
             assert chat.hf.decode(trained) == answers[r][row] + "<|end|>"
 
 
+@pytest.mark.dist
 def test_cli_with_workers_matches_in_process(tmp_path, phi3):
     src = _write_jsonl(tmp_path / "sft.jsonl.gz", _sft_lines(300))  # two chunks of 256 lines
     out = run_cmd([sys.executable, TOOL, "--kind", "sft", "--input", src, "--output-prefix",

@@ -1,12 +1,15 @@
 """The command-line convention shared by every tool (megatron_jai/cli.py): bad input is one line on
 stderr and exit 2; data-only tools start without importing Megatron-Core."""
+import ast
 import json
 import os
+import re
 import sys
 
 import pytest
 
-from conftest import run_cmd, run_tool
+from conftest import REPO_ROOT, run_cmd, run_tool
+from megatron_jai import cli
 
 # (tool, arguments with a bad input, expected fragment of the one error line)
 BAD_INPUTS = [
@@ -38,14 +41,39 @@ def test_bad_input_is_one_line_and_exit_2(tool, args, fragment, tmp_path, capsys
     assert os.listdir(tmp_path) == [], "bad input wrote something"
 
 
+def test_every_error_type_is_a_user_error_listed_in_developers_md():
+    """Every exception class of the package derives from UserError (one line, exit 2), and
+    DEVELOPERS.md names them all."""
+    import importlib
+
+    from megatron_jai.cli import UserError
+
+    found = {}
+    for directory, _, files in os.walk(os.path.join(REPO_ROOT, "megatron_jai")):
+        for name in (f for f in files if f.endswith(".py")):
+            path = os.path.join(directory, name)
+            with open(path, encoding="utf-8") as f:
+                tree = ast.parse(f.read())
+            module = os.path.relpath(path[:-3], REPO_ROOT).replace(os.sep, ".")
+            found.update({c.name: module for c in tree.body
+                          if isinstance(c, ast.ClassDef) and c.name.endswith("Error")})
+    assert len(found) > 10, found
+    for cls, module in found.items():
+        assert issubclass(getattr(importlib.import_module(module), cls), UserError), cls
+    with open(os.path.join(REPO_ROOT, "DEVELOPERS.md"), encoding="utf-8") as f:
+        listed = set(re.findall(r"`(\w+Error)`", f.read()))
+    assert sorted(set(found) - listed - {"UserError"}) == []
+
+
 _DATA_TOOLS_SCRIPT = r"""
 import json, os, runpy, sys
 tmp, tokenizer = sys.argv[1], sys.argv[2]
 
-# the DUS plans and the model config do not import each other (no import circle)
+# imports point down: the presets know no DUS plan (the plans take their layout from the presets)
+import megatron_jai.presets
+assert "megatron_jai.upscale.plan" not in sys.modules, "the presets import the DUS plans"
 import megatron_jai.upscale.plan as plan
-plan.get_plan("phi3-medium-jai"); plan.stage_boundaries(64, 4)
-assert "megatron_jai.config" not in sys.modules, "plan imports config"
+plan.get_plan("phi3-medium-jai")
 
 def tool(name, *args):
     sys.argv = [name, *args]
@@ -61,7 +89,7 @@ tool("preprocess_data.py", "--input", os.path.join(tmp, "docs.jsonl"), "--output
 
 import torch
 from megatron_jai.checkpoint.stream import CheckpointWriter
-from megatron_jai.config import TINY
+from megatron_jai.presets import TINY
 cfg = TINY.replace(num_layers=2)
 with CheckpointWriter(os.path.join(tmp, "base"), cfg) as w:
     w.write("embedding.word_embeddings.weight", torch.zeros(cfg.padded_vocab_size, 64))
@@ -89,14 +117,27 @@ def test_data_tools_do_not_import_megatron_core(tmp_path):
         assert json.load(f) == CheckpointingConfig("torch_dist").__dict__
 
 
-def test_tokens_per_char_progress_counts_tokenizers(tmp_path, capsys):
+def test_progress_bar_on_a_terminal_plain_lines_in_a_log(tmp_path, capsys, monkeypatch):
     from megatron_jai.data.demo import ensure_demo_data
 
     text = tmp_path / "t.txt"
     text.write_text("hello world\nanother line\n")
     tok = ensure_demo_data().tokenizer_path
-    out, err = run_tool(capsys, "tokens_per_char", "--tokenizer", tok, "--tokenizer", tok,
-                        "--text", text)
+    args = ("--tokenizer", tok, "--tokenizer", tok, "--text", text)
+    # stderr is a log (captured): no bar, no carriage return; short work prints no line either
+    out, err = run_tool(capsys, "tokens_per_char", *args)
+    assert err == "", err
+    assert out.strip().endswith("tokens_per_char: 2 tokenizers x 1 texts (2 lines)")
+    # a terminal: the bar, counting tokenizers
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    out, err = run_tool(capsys, "tokens_per_char", *args)
     assert "2/2" in err and (" tokenizer/s" in err or "s/ tokenizer" in err), err
     assert "tok/s" not in err
-    assert out.strip().endswith("tokens_per_char: 2 tokenizers x 1 texts (2 lines)")
+    # a log of long work: one plain line per interval
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    with cli.progress(total=4, desc="reference log-probs", unit="batch", log_interval=0) as bar:
+        bar.update(1)
+        bar.update(3)
+    assert [line.split(", ")[0] for line in capsys.readouterr().err.splitlines()] == \
+        ["reference log-probs: 1/4 batch (25%)", "reference log-probs: 4/4 batch (100%)"]
+    assert list(cli.progress(range(3), enabled=False)) == [0, 1, 2]

@@ -24,6 +24,7 @@ def test_install_is_idempotent_and_cpu_only():
     assert mask.device.type == "cpu" and mask[0, 1] and not mask[1, 0]
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
 def test_gpt_forward_backward(tp, pp):
     out = torchrun(2, SCRIPT, tp, pp).stdout

@@ -10,14 +10,11 @@ import torch
 from conftest import REPO_ROOT, load_tool, run_cmd, torchrun
 from export_helpers import tiny_tokenizer
 from megatron_jai import cli
-from megatron_jai.checkpoint.hf_phi3 import (
-    ConversionError,
-    hf_config_from_model_config,
-    model_config_from_hf,
-    qkv_hf_to_mcore,
-    qkv_mcore_to_hf,
-)
-from megatron_jai.config import PHI3_MEDIUM, TINY, SkipConnection
+from megatron_jai.checkpoint.formats import ConversionError, model_config_from_hf
+from megatron_jai.checkpoint.formats.phi3 import (hf_config as hf_config_from_model_config,
+                                                  qkv_hf_to_mcore, qkv_mcore_to_hf)
+from megatron_jai.config import SkipConnection
+from megatron_jai.presets import PHI3_MEDIUM, TINY
 
 CONVERT = os.path.join(REPO_ROOT, "tools", "convert_checkpoint.py")
 COMPARE = os.path.join(REPO_ROOT, "tools", "compare_logits.py")
@@ -115,6 +112,7 @@ def test_config_mapping():
 
 
 # ---- conversion, logits, round trip ------------------------------------------------------------
+@pytest.mark.dist
 def test_convert_and_compare_logits(tiny, capsys):
     hf, mc = tiny / "hf_sharded", tiny / "mcore_sharded"
     assert _tool_main()(["hf-to-mcore", "--hf-dir", str(hf), "--out", str(mc), "--tp", "2", "--pp", "2",
@@ -132,6 +130,7 @@ def test_convert_and_compare_logits(tiny, capsys):
         assert "argmax agreement 1.0000" in res.stdout
 
 
+@pytest.mark.dist
 def test_compare_logits_catches_plain_qkv_copy(tiny, tmp_path):
     """The trap: copying qkv_proj without regrouping must be caught by compare_logits."""
     from megatron_jai.checkpoint.convert import hf_to_mcore
@@ -264,7 +263,8 @@ def test_compare_logits_refuses_different_models(tiny, tmp_path):
 def test_exported_config_names_the_stored_dtype(tiny, tmp_path):
     """hf-to-mcore --dtype bf16 of an fp32 model, exported back without a cast: the HF config must
     say bfloat16 (transformers would otherwise load the bf16 tensors as the original float32)."""
-    from megatron_jai.checkpoint.convert import hf_to_mcore, mcore_to_hf
+    from megatron_jai.checkpoint.convert import hf_to_mcore
+    from megatron_jai.hf.export import mcore_to_hf
 
     hf_to_mcore(str(tiny / "hf"), str(tmp_path / "mc"), dtype=torch.bfloat16, progress=False)
     mcore_to_hf(str(tmp_path / "mc"), str(tmp_path / "back"), progress=False,

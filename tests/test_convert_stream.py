@@ -6,7 +6,7 @@ import torch
 
 from conftest import torchrun
 from megatron_jai.checkpoint.stream import CheckpointFormatError, CheckpointReader, CheckpointWriter
-from megatron_jai.config import TINY
+from megatron_jai.presets import TINY
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -81,6 +81,7 @@ def test_reader_rejects_non_checkpoints(tmp_path):
         CheckpointReader(str(root)).read("decoder.layers.self_attention.linear_qkv.weight")
 
 
+@pytest.mark.dist
 def test_reader_writer_with_megatron_models(tmp_path):
     """save_checkpoint -> reader, writer -> load_checkpoint at TP=2, PP=2 and TP=1 (2 processes)."""
     out = torchrun(2, os.path.join(HERE, "dist", "convert_stream.py"), tmp_path).stdout
@@ -92,8 +93,8 @@ def test_reader_writer_with_megatron_models(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from export_helpers import tiny_tokenizer
-    from megatron_jai.checkpoint.convert import mcore_to_hf
-    from megatron_jai.checkpoint.hf_phi3 import qkv_mcore_to_hf
+    from megatron_jai.checkpoint.formats.phi3 import qkv_mcore_to_hf
+    from megatron_jai.hf.export import mcore_to_hf
 
     reader = CheckpointReader(str(tmp_path / "saved"))
     mcore_to_hf(str(tmp_path / "saved"), str(tmp_path / "hf"), progress=False,

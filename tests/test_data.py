@@ -177,6 +177,7 @@ def test_demo_corpus_is_deterministic_and_cached(demo):
     assert size < 8 * 2**20
 
 
+@pytest.mark.dist
 def test_two_ranks_build_demo_and_datasets_together(tmp_path):
     # a fresh cache: both ranks call ensure_demo_data at once, then build_datasets under gloo
     proc = torchrun(2, os.path.join(REPO_ROOT, "tests", "dist", "data_build.py"), tmp_path)

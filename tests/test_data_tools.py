@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conftest import REPO_ROOT, run_cmd
-from megatron_jai.config import JAI_75B, PRESETS
+from megatron_jai.presets import JAI_75B, PRESETS
 from megatron_jai.training.memory_estimate import GiB, check_layout, estimate
 
 PLOT = os.path.join(REPO_ROOT, "tools", "plot_training.py")
@@ -170,7 +170,7 @@ def _fake_slurm(tmp_path):
 def _toy_config(tmp_path):
     """A run config of a 64-layer MoE the size of a toy: the 75B's layouts pass the script's dry
     run in seconds."""
-    from megatron_jai.config import TINY_MOE
+    from megatron_jai.presets import TINY_MOE
 
     TINY_MOE.replace(name="toy-64", num_layers=64).save(str(tmp_path / "toy64.json"))
     config = tmp_path / "jai.yaml"

@@ -39,7 +39,8 @@ def test_every_example_passes_at_its_documented_world_size(capsys, config):
 
 
 def test_stage_layout_crossing_skips_and_problems(capsys, tmp_path):
-    from megatron_jai.config import TINY_MOE, SkipConnection
+    from megatron_jai.config import SkipConnection
+    from megatron_jai.presets import TINY_MOE
 
     cfg = TINY_MOE.replace(name="tiny-dus", num_layers=6,
                            skip_connections=(SkipConnection(1, 4), SkipConnection(3, 5)))

@@ -10,10 +10,10 @@ import torch
 from conftest import REPO_ROOT, run_cmd, torchrun
 from upscale_cli import upscale
 
-from megatron_jai.config import JAI_75B, TINY, SkipConnection
-from megatron_jai.upscale.plan import (
-    PlanError, crossing_skips, get_plan, load_plan, make_plan, stage_boundaries,
-    stage_local_layouts)
+from megatron_jai.config import SkipConnection
+from megatron_jai.parallel import crossing_skips, stage_boundaries, stage_local_layouts
+from megatron_jai.presets import JAI_75B, TINY
+from megatron_jai.upscale.plan import PlanError, get_plan, load_plan, make_plan
 
 UPSCALE = os.path.join(REPO_ROOT, "tools", "upscale.py")
 PP_SCRIPT = os.path.join(REPO_ROOT, "tests", "dist", "upscale_dus_pp.py")
@@ -204,7 +204,7 @@ def base_checkpoint(tmp_path_factory, single_rank):
 
 def _logits(ckpt, tokens, train=False):
     from megatron_jai.checkpoint.dist import load_checkpoint
-    from megatron_jai.config import load_model_config
+    from megatron_jai.presets import load_model_config
     from megatron_jai.model import build_model
 
     model = build_model(load_model_config(ckpt))
@@ -224,6 +224,7 @@ def test_dus_identity_plan_equals_base(base_checkpoint, tmp_path, capsys):
     torch.testing.assert_close(_logits(out, tokens), _logits(base_checkpoint, tokens), rtol=0, atol=0)
 
 
+@pytest.mark.dist
 def test_dus_duplication_layer_order_and_pp2(base_checkpoint, tmp_path, capsys):
     from megatron_jai.checkpoint.stream import CheckpointReader
 

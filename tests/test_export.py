@@ -11,8 +11,9 @@ import torch
 from conftest import REPO_ROOT, load_tool, torchrun
 from export_helpers import EXPERTS, JAI, SKIPS, safetensors_dict, save_hf_model, tiny_tokenizer
 from megatron_jai import cli
-from megatron_jai.checkpoint.convert import hf_to_mcore, mcore_to_hf
+from megatron_jai.checkpoint.convert import hf_to_mcore
 from megatron_jai.checkpoint.stream import CheckpointReader
+from megatron_jai.hf.export import mcore_to_hf
 
 PARITY = os.path.join(REPO_ROOT, "tests", "dist", "export_parity.py")
 # [name, hf_dir, mcore_dir, tp, pp, ep, first_stage_layers, last_stage_layers]
@@ -122,9 +123,10 @@ def test_export_layout_config_and_round_trip_are_bit_exact(work, parity, tmp_pat
 
 
 def test_jai_config_round_trips_every_model_config():
-    from megatron_jai.checkpoint.hf_jai import jai_hf_config_from_model_config, model_config_from_jai
-    from megatron_jai.checkpoint.hf_phi3 import ConversionError
-    from megatron_jai.config import JAI_75B
+    from megatron_jai.checkpoint.formats import ConversionError
+    from megatron_jai.checkpoint.formats.jai import hf_config as jai_hf_config_from_model_config
+    from megatron_jai.checkpoint.formats.jai import model_config as model_config_from_jai
+    from megatron_jai.presets import JAI_75B
 
     for cfg in (JAI, SKIPS, EXPERTS, JAI_75B,
                 JAI_75B.replace(moe_capacity_factor=1.25, tie_embeddings=True, kv_channels=96)):
@@ -139,7 +141,7 @@ def test_jai_config_round_trips_every_model_config():
 def test_dense_model_in_jai_format_round_trips(work, tmp_path):
     """A dense model without skips exports as Phi-3 by default; --format jai gives the JAI layout,
     which loads with the same logits and reads back bit-exact."""
-    from megatron_jai.checkpoint.hf_phi3 import hf_layout
+    from megatron_jai.checkpoint.formats import hf_layout
 
     root, tok = work
     dense = SKIPS.replace(skip_connections=(), rotary_interpolation_factor=None)
@@ -232,27 +234,189 @@ def test_tokenizer_travels_with_the_checkpoint(work, tmp_path):
     assert chat.startswith("<s><|user|>\nhi<|end|>\n<|assistant|>")
 
 
-def test_phi3_tokenizer_export(shared_dir, tmp_path):
-    """The Phi-3 layout (sentencepiece + added_tokens.json + config, no tokenizer.json): the export
-    encodes like sentencepiece, keeps its ids, chat template and BOS, and stops generation at
-    <|endoftext|> and <|end|>."""
-    from transformers import AutoTokenizer
+TOKEN_ATTRIBUTES = ("content", "rstrip", "lstrip", "normalized", "special", "single_word")
 
-    from megatron_jai.data.tokenizer import load_tokenizer
+
+def _export_tokenizer(src, out, vocab_size=32064):
     from megatron_jai.hf.tokenizer import export_tokenizer
 
+    os.makedirs(out, exist_ok=True)
+    return export_tokenizer(str(src), str(out), vocab_size, 4096)
+
+
+def _assert_carried(exported, config):
+    """Every added token's attributes, the chat template and bos/eos/pad/unk of ``config`` (a
+    source's tokenizer_config.json) are the export's, as ``AutoTokenizer`` loads it."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(exported))
+    for sid, token in config["added_tokens_decoder"].items():
+        got = tok.added_tokens_decoder[int(sid)]
+        assert {k: getattr(got, k) for k in TOKEN_ATTRIBUTES} == \
+            {k: token[k] for k in TOKEN_ATTRIBUTES}, sid
+    assert tok.chat_template == config["chat_template"]
+    for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        value = config.get(key)
+        expected = value.get("content") if isinstance(value, dict) else value
+        assert getattr(tok, key) == expected, key
+    return tok
+
+
+def test_phi3_tokenizer_export(shared_dir, tmp_path):
+    """The Phi-3 layout (sentencepiece + added_tokens.json + config, no tokenizer.json): the export
+    encodes like sentencepiece, keeps every added-token attribute (rstrip on the chat tokens: no
+    newline token after them), the chat template and the special tokens, and stops generation at
+    <|endoftext|> and <|end|>."""
+    from megatron_jai.data.tokenizer import load_tokenizer
+
     phi3 = os.path.join(shared_dir, "tokenizers", "phi3")
-    info = export_tokenizer(phi3, str(tmp_path), 32064, 4096)
+    info = _export_tokenizer(phi3, tmp_path)
     assert info.token_ids() == {"bos_token_id": 1, "eos_token_id": 32000, "pad_token_id": 32000}
     assert info.generation_config()["eos_token_id"] == [32000, 32007]
-    hf_tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    hf_tok = _assert_carried(tmp_path, json.load(open(os.path.join(phi3, "tokenizer_config.json"))))
     ours = load_tokenizer(phi3)
     for text in ("Hello world!  Two  spaces\nnew line", "สวัสดีครับ ภาษาไทย 123", "emoji 😀 \t tab"):
         assert hf_tok.encode(text, add_special_tokens=False) == ours.encode(text), text
     assert hf_tok.encode("Hi")[0] == 1 and hf_tok.convert_tokens_to_ids("<|end|>") == 32007
-    assert "<|assistant|>" in hf_tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+    chat = hf_tok.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant",
+                                                                          "content": "y"}])
+    assert hf_tok.convert_ids_to_tokens(chat["input_ids"]) == \
+        ["<s>", "<|user|>", "x", "<|end|>", "<|assistant|>", "y", "<|end|>"]
     with pytest.raises(cli.UserError, match="32011 ids but the model only 300"):
-        export_tokenizer(phi3, str(tmp_path / "small"), 300)
+        _export_tokenizer(phi3, tmp_path / "small", 300)
+
+
+def test_extended_and_configless_tokenizers_export_unchanged(shared_dir, tmp_path,
+                                                             tmp_path_factory):
+    """An extended tokenizer (tools/extend_tokenizer.py) keeps its attributes, template and special
+    tokens; a sentencepiece directory without tokenizer_config.json gets the defaults of its own
+    files (added tokens special, nothing stripped), the model's <s>/<unk>, eos = pad = the
+    end-of-document token of training, and Phi-3's chat template (said in a note)."""
+    from test_tokenizer import make_tiny_thai_tokenizer
+
+    _, ext = make_tiny_thai_tokenizer(tmp_path_factory, shared_dir)
+    _export_tokenizer(ext, tmp_path / "ext", 32400)
+    _assert_carried(tmp_path / "ext", json.load(open(os.path.join(ext, "tokenizer_config.json"))))
+
+    bare = tmp_path / "bare"
+    os.makedirs(bare)
+    for name in ("tokenizer.model", "added_tokens.json"):
+        shutil.copy(os.path.join(shared_dir, "tokenizers", "phi3", name), bare)
+    info = _export_tokenizer(bare, tmp_path / "bare_hf")
+    assert info.token_ids() == {"bos_token_id": 1, "eos_token_id": 32000, "pad_token_id": 32000}
+    defaults = {"rstrip": False, "lstrip": False, "normalized": False, "special": True,
+                "single_word": False}
+    added = json.load(open(bare / "added_tokens.json"))
+    from megatron_jai.data.hf_tokenizer import PHI3_CHAT_TEMPLATE
+
+    _assert_carried(tmp_path / "bare_hf", {
+        "added_tokens_decoder": {str(i): {"content": c, **defaults} for c, i in added.items()},
+        "chat_template": PHI3_CHAT_TEMPLATE, "bos_token": "<s>", "unk_token": "<unk>",
+        "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"})
+
+
+def _documents(shared_dir):
+    """Every document of the Thai and English valid and test splits (683 and 116)."""
+    import gzip
+
+    out = {}
+    for lang, name in (("thai", "thaigov_v2"), ("english", "enwiki")):
+        out[lang] = []
+        for split in ("valid", "test"):
+            with gzip.open(os.path.join(shared_dir, "data", lang, f"{name}.{split}.jsonl.gz"),
+                           "rt", encoding="utf-8") as f:
+                out[lang] += [json.loads(line)["text"] for line in f]
+    return out
+
+
+def test_exports_encode_documents_as_training_did(shared_dir, tmp_path, tmp_path_factory):
+    """``AutoTokenizer(export).encode`` equals the training tokenizer on every document of the Thai
+    and English valid and test splits, for Phi-3's layout (sentencepiece) and an extended
+    tokenizer."""
+    from transformers import AutoTokenizer
+
+    from megatron_jai.data.tokenizer import load_tokenizer
+    from test_tokenizer import make_tiny_thai_tokenizer
+
+    _, ext = make_tiny_thai_tokenizer(tmp_path_factory, shared_dir)
+    docs = _documents(shared_dir)
+    for name, src in (("phi3", os.path.join(shared_dir, "tokenizers", "phi3")), ("ext", ext)):
+        _export_tokenizer(src, tmp_path / name, 32400)
+        exported = AutoTokenizer.from_pretrained(str(tmp_path / name))
+        ours = load_tokenizer(src)
+        for lang, texts in docs.items():
+            mine = ours.encode_batch(texts)
+            theirs = exported(texts, add_special_tokens=False)["input_ids"]
+            same = sum(a == b for a, b in zip(mine, theirs))
+            assert same == len(texts), (name, lang, same, len(texts))
+
+
+def test_unigram_sentencepiece_exports_exactly(shared_dir, tmp_path):
+    """A unigram sentencepiece model (not only BPE) gets an exact Hugging Face form: every Thai and
+    English test-split line encodes to the same ids; a model type without one is refused."""
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+    from transformers import AutoTokenizer
+
+    from megatron_jai.data.tokenizer import load_tokenizer
+    from train_helpers import small_corpus
+
+    model = small_corpus(shared_dir)["tokenizer"]
+    _export_tokenizer(model, tmp_path / "uni", 1024)
+    exported = AutoTokenizer.from_pretrained(str(tmp_path / "uni"))
+    ours = load_tokenizer(model)
+    docs = _documents(shared_dir)
+    lines = [line for texts in docs.values() for doc in texts[-20:] for line in doc.split("\n")]
+    assert len(lines) > 500
+    assert ours.encode_batch(lines) == exported(lines, add_special_tokens=False)["input_ids"]
+
+    proto = sp_pb2.ModelProto()
+    proto.ParseFromString(open(model, "rb").read())
+    proto.trainer_spec.model_type = sp_pb2.TrainerSpec.CHAR
+    (tmp_path / "char.model").write_bytes(proto.SerializeToString())
+    with pytest.raises(cli.UserError, match="CHAR model has no exact Hugging Face form"):
+        _export_tokenizer(str(tmp_path / "char.model"), tmp_path / "char", 1024)
+
+
+def test_every_chat_record_tokenizes_as_training_did(shared_dir, tmp_path):
+    """For every record of every chat file in shared/data/post (the records preprocess_chat
+    accepts; none truncated), the Phi-3 export's ``apply_chat_template(messages)`` ids equal the ids
+    ``preprocess_chat`` wrote for training (SFT: the conversation; DPO: prompt + chosen and prompt +
+    rejected)."""
+    import gzip
+
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from transformers import AutoTokenizer
+
+    from megatron_jai.data import chat as C
+
+    phi3 = os.path.join(shared_dir, "tokenizers", "phi3")
+    _export_tokenizer(phi3, tmp_path / "hf")
+    exported = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    post = os.path.join(shared_dir, "data", "post")
+    files = sorted(f for f in os.listdir(post) if f.endswith(".jsonl.gz"))
+    assert len(files) >= 7
+    for name in files:
+        kind = "dpo" if "_dpo_" in name else "sft"
+        prefix = str(tmp_path / name)
+        stats = C.preprocess_chat(kind, [os.path.join(post, name)], prefix, phi3,
+                                  seq_length=16384, max_bad_fraction=0.01, progress=False)
+        assert stats.truncated == stats.skipped_too_long == 0
+        conversations = []
+        with gzip.open(os.path.join(post, name), "rb") as f:
+            for line in f:
+                try:
+                    if kind == "sft":
+                        conversations.append(C.parse_sft(C._load_record(line)))
+                    else:
+                        prompt, chosen, rejected = C.parse_dpo(C._load_record(line))
+                        conversations += [prompt + chosen, prompt + rejected]
+                except C.BadRecord:  # counted and skipped by preprocess_chat too
+                    pass
+        written = IndexedDataset(prefix)
+        assert len(written) == len(conversations) == stats.sequences, name
+        ids = exported.apply_chat_template(conversations, tokenize=True, return_dict=False)
+        same = sum(written[i].tolist() == ids[i] for i in range(len(ids)))
+        assert same == len(ids), (name, same, len(ids))
 
 
 def test_bad_input_one_line_no_output(work, tmp_path, capsys):

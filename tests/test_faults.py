@@ -51,6 +51,7 @@ def test_nan_steps_are_skipped_counted_and_abort_when_in_a_row(common):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.dist
 def test_sigterm_saves_and_exits_zero(common):
     """Slurm pre-emption signals every task: SIGTERM to both workers mid-run."""
     tmp, _, args = common
@@ -88,6 +89,7 @@ def test_sigterm_saves_and_exits_zero(common):
     assert f"checkpoint {root}/iter_{iteration:07d} (pre-empted)" in out
 
 
+@pytest.mark.dist
 def test_kill_during_save_leaves_previous_checkpoint(common):
     tmp, _, args = common
     root = tmp / "killed_ckpt"
@@ -131,7 +133,7 @@ def test_load_without_a_checkpoint_is_refused(common, tmp_path):
 
 
 def test_vocabulary_mismatch_is_refused(common, shared_dir, tmp_path):
-    from megatron_jai.config import TINY
+    from megatron_jai.presets import TINY
     from megatron_jai.training.faults import TrainingError
     from megatron_jai.training.data_loading import check_vocabulary
     from megatron_jai.training.phases import Phase

@@ -158,7 +158,7 @@ def _layers(capacity_factor, seed):
     """An fp32 MoE layer and its copy with bf16 experts (the router stays fp32 in both)."""
     from megatron.core.transformer.spec_utils import build_module
 
-    from megatron_jai.config import TINY_MOE
+    from megatron_jai.presets import TINY_MOE
     from megatron_jai.moe.layer import moe_layer_spec
 
     cfg = TINY_MOE.replace(hidden_size=328, moe_ffn_hidden_size=200, num_experts=6, moe_top_k=2,
@@ -256,7 +256,8 @@ def test_pretrain_tiny_moe_on_triton(tmp_path):
 
 
 def test_pretrain_tiny_moe_with_dus_skips(tmp_path):
-    from megatron_jai.config import TINY_MOE, SkipConnection
+    from megatron_jai.config import SkipConnection
+    from megatron_jai.presets import TINY_MOE
 
     cfg = TINY_MOE.replace(name="tiny-moe-dus", skip_connections=(SkipConnection(0, 2), SkipConnection(1, 3)))
     path = tmp_path / "model_config.json"

@@ -12,10 +12,11 @@ BENCH_TRAIN = os.path.join(REPO_ROOT, "tools", "bench_train.py")
 
 def test_gpu_check_plan_and_refusal_without_cuda(tmp_path):
     env = {"PYTHON": sys.executable, "OUT": str(tmp_path)}
-    plan = run_cmd(["bash", CHECK, "--dry-run", "--only", "build,tests,moe,train"], env=env, timeout=120)
-    for phase in ("build", "tests", "moe", "train"):
+    plan = run_cmd(["bash", CHECK, "--dry-run", "--only", "build,aot,tests,moe,train"], env=env, timeout=120)
+    for phase in ("build", "aot", "tests", "moe", "train"):
         assert f"] {phase} (limit " in plan.stdout, plan.stdout
     assert "pip install --no-index --no-build-isolation --no-deps -e ." in plan.stdout
+    assert "tools/compile_kernels.py" in plan.stdout
     assert "pytest -m gpu" in plan.stdout and "bench_moe.py --check" in plan.stdout
     assert "dry run: nothing was run" in plan.stdout
     refused = run_cmd(["bash", CHECK, "--only", "env"], env=env, check=False, timeout=120)

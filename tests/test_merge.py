@@ -1,6 +1,7 @@
-"""Checkpoint merging (``tools/merge_checkpoints.py``): the four methods against plain-torch
-references, streaming memory, refusals, and (under torchrun) inputs saved at TP=2 / PP=2 / EP=2,
-training from the merge and exporting it."""
+"""Checkpoint merging (``tools/merge_checkpoints.py``): the methods against plain-torch references
+and against mergekit itself (its kernels on random tensors; its merges of our exports of a JAI, a
+Mixtral and a Phi-3 model), mergekit's YAML, DARE's statistics, streaming memory, refusals, and
+(under torchrun) inputs saved at TP=2 / PP=2 / EP=2, training from the merge and exporting it."""
 import importlib.util
 import json
 import math
@@ -16,7 +17,7 @@ from conftest import REPO_ROOT, torchrun
 
 from megatron_jai import cli
 from megatron_jai.checkpoint.stream import CheckpointReader, CheckpointWriter
-from megatron_jai.config import TINY_MOE
+from megatron_jai.presets import TINY_MOE
 
 TOOL = os.path.join(REPO_ROOT, "tools", "merge_checkpoints.py")
 CFG = TINY_MOE.replace(name="tiny-moe-merge", num_layers=2)
@@ -70,19 +71,27 @@ def merge(capsys, *args, rc=0):
     return out, err
 
 
-def units(reader, key):
-    """What slerp and ties merge as one tensor: a layer, an expert of a layer, a whole tensor."""
-    if not reader.is_stacked(key):
-        return [reader.read(key)]
-    layers = [reader.read_layer(key, i) for i in range(reader.shape(key)[0])]
-    return [e for layer in layers for e in layer] if ".mlp.experts." in key else layers
+def units(reader, key, hf_format="auto"):
+    """The tensors of the Hugging Face model that one Megatron tensor holds, layer by layer (q, k
+    and v apart; a Mixtral layer's experts fused, as transformers holds them; apart in the JAI
+    layout)."""
+    from megatron_jai.checkpoint.merge import merge_units
+
+    row = merge_units(reader.config, hf_format).get(key)
+    layers = ([reader.read_layer(key, i) for i in range(reader.shape(key)[0])]
+              if reader.is_stacked(key) else [reader.read(key)])
+    out = []
+    for x in layers:
+        parts = row.to_hf(reader.config, x) if row else x
+        out += list(parts) if isinstance(parts, tuple) else [parts]
+    return out
 
 
-def assert_units(out, readers, reference, **tol):
+def assert_units(out, readers, reference, hf_format="auto", **tol):
     out = CheckpointReader(str(out))
     assert sorted(out.keys()) == sorted(readers[0].keys())
     for key in readers[0].keys():
-        for got, *xs in zip(units(out, key), *(units(r, key) for r in readers)):
+        for got, *xs in zip(units(out, key, hf_format), *(units(r, key, hf_format) for r in readers)):
             expected = reference(*xs)
             if tol:
                 torch.testing.assert_close(got.double(), expected.double(), **tol)
@@ -95,7 +104,7 @@ def test_linear_1to1_is_the_elementwise_mean_bit_for_bit(ckpts, tmp_path, capsys
     out = tmp_path / "m"
     stdout, _ = merge(capsys, "--inputs", ckpts["a"], ckpts["b"], "--out", out)
     line = stdout.strip().splitlines()[-1]
-    assert line.startswith("merge linear: 2 inputs, ") and "held at most" in line and "peak RSS" in line
+    assert line.startswith("merge linear: 2 inputs, ") and "peak RSS" in line
     m = CheckpointReader(str(out))
     assert {"decoder.layers.mlp.experts.weight_gate_up", "decoder.layers.mlp.experts.weight_down",
             "decoder.layers.mlp.router.weight"} <= set(m.keys())
@@ -109,7 +118,7 @@ def test_linear_1to1_is_the_elementwise_mean_bit_for_bit(ckpts, tmp_path, capsys
     assert sorted(m.object_keys()) == sorted(a.object_keys())
     assert (out / "tokenizer" / "tokenizer.model").read_bytes() == b"the same tokenizer"
     record = json.loads((out / "merge.json").read_text())
-    assert record["method"] == "linear" and record["weights"] == [1.0, 1.0]
+    assert record["method"] == "linear" and record["parameters"] == {} and record["format"] == "mixtral"
     assert [i["iteration"] for i in record["inputs"]] == [7, 0]
 
     # weights (normalised by default, or not), an iteration directory as input, bf16 output
@@ -182,6 +191,12 @@ def test_task_arithmetic_and_ties(ckpts, tmp_path, capsys):
           "--weights", 1, 0.5, "--density", 0.4, "--lambda", 1.1, "--out", ties)
     assert_units(ties, [a, b, base],
                  lambda x, y, z: _ties_reference(z, [x, y], [1, 0.5], 0.4, 1.1), rtol=1e-5, atol=1e-6)
+    # per tensor of the JAI layout: each expert's w1, w3 and w2 apart
+    merge(capsys, "--method", "ties", "--base", ckpts["base"], "--inputs", ckpts["a"], ckpts["b"],
+          "--density", 0.4, "--format", "jai", "--out", tmp_path / "ties_jai")
+    assert_units(tmp_path / "ties_jai", [a, b, base],
+                 lambda x, y, z: _ties_reference(z, [x, y], [1, 1], 0.4, 1), "jai", rtol=1e-5, atol=1e-6)
+    assert len(units(a, "decoder.layers.mlp.experts.weight_gate_up", "jai")) == 2 * 4 * 2
 
     # over identical models, ties gives that model: exactly when it is also the base, and up to
     # fp32 rounding of base + (model - base) otherwise
@@ -195,15 +210,234 @@ def test_task_arithmetic_and_ties(ckpts, tmp_path, capsys):
     assert_units(twins, [a], lambda x: x, rtol=0, atol=1e-7)
 
 
-def test_ties_sign_election_and_trim_by_hand():
-    from megatron_jai.checkpoint.merge import ties, trim
+def test_ties_sign_election_and_exact_k_by_hand():
+    from megatron_jai.checkpoint.merge import sparsify, task_vectors
 
     base = torch.zeros(4)
     x1, x2 = torch.tensor([1.0, -2.0, 3.0, 0.0]), torch.tensor([-3.0, 1.0, 1.0, 0.0])
     # sums -2, -1, 4, 0 elect -, -, +, +: entry 0 keeps only x2, entry 1 only x1, entry 2 both
-    assert torch.equal(ties(base, [x1, x2], [1.0, 1.0]), torch.tensor([-3.0, -2.0, 2.0, 0.0]))
-    assert torch.equal(trim(torch.tensor([0.1, -0.5, 0.3, -0.05]), 0.5),
+    assert torch.equal(task_vectors(base, [x1, x2], [1.0, 1.0], consensus=True, normalize=True),
+                       torch.tensor([-3.0, -2.0, 2.0, 0.0]))
+    assert torch.equal(sparsify(torch.tensor([0.1, -0.5, 0.3, -0.05]), "magnitude", 0.5),
                        torch.tensor([0.0, -0.5, 0.3, 0.0]))
+    # exactly k = 5 of 8 kept although 6 magnitudes reach the threshold
+    kept = sparsify(torch.tensor([1.0, -2, 2, 1, -2, 2, 2, 3]), "magnitude", 5 / 8)
+    assert int((kept != 0).sum()) == 5 and kept[7] == 3 and (kept[[0, 3]] == 0).all()
+
+
+def _with_ties(shape, gen):
+    """Random values on a coarse grid: many equal magnitudes at every threshold."""
+    return torch.randint(-6, 7, shape, generator=gen).float() / 64
+
+
+@pytest.mark.parametrize("shape", [(37, 53), (3, 16, 24), (1000,)])
+def test_kernels_equal_mergekit(shape):
+    """Each method on one tensor equals mergekit's (0.1.5) own kernel: exactly for the task-vector
+    family and model_stock, ties broken in the same order, with and without equal magnitudes."""
+    from mergekit.merge_methods import registry
+    from mergekit.merge_methods.base import TensorGroup
+    from mergekit.sparsify import magnitude, magnitude_outliers
+
+    from megatron_jai.checkpoint.merge import METHODS, linear, model_stock, slerp, sparsify, task_vectors
+
+    gen = torch.Generator().manual_seed(sum(shape))
+    base = torch.randn(shape, generator=gen) * 0.1
+    for draw in (lambda: torch.randn(shape, generator=gen) * 0.01, lambda: _with_ties(shape, gen)):
+        deltas = [draw() for _ in range(3)]
+        for density, gamma in ((0.3, 0.01), (0.55, 0.2), (0.9, 0.15)):
+            d = deltas[0]
+            assert torch.equal(sparsify(d.clone(), "magnitude", density), magnitude(d, density))
+            assert torch.equal(sparsify(d.clone(), "magnitude_outliers", density, gamma=gamma),
+                               magnitude_outliers(d, density, gamma=gamma))
+        xs = [base + d for d in deltas]
+        group = TensorGroup.from_tensors([base, *xs], base_index=0)
+        weights, densities = [1.0, 0.5, -0.3], [0.4, 0.7, 0.3]
+        for name in ("task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties"):
+            m = METHODS[name]
+            for normalize, rescale in ((m.shared["normalize"], False), (True, True)):
+                theirs, = registry.get(name)([group], parameters={
+                    "weight": dict(enumerate(weights, 1)), "density": dict(enumerate(densities, 1)),
+                    "normalize": normalize, "rescale": rescale, "lambda": 0.9,
+                    **({"gamma": {1: 0.05, 2: 0.01, 3: 0.1}} if "gamma" in m.per_model else {})})
+                ours = task_vectors(base, xs, weights, densities=densities, sparsify_method=m.sparsify,
+                                    consensus=m.consensus, normalize=normalize, rescale=rescale,
+                                    lam=0.9, gammas=[0.05, 0.01, 0.1])
+                torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-7 if rescale else 0,
+                                           msg=f"{name} normalize={normalize} rescale={rescale}")
+        for filter_wise in (False, True):
+            theirs, = registry.get("model_stock")([group], parameters={"filter_wise": filter_wise})
+            torch.testing.assert_close(model_stock(base, xs, filter_wise), theirs, rtol=0, atol=1e-7)
+        pair = TensorGroup.from_tensors(xs[:2], base_index=0)
+        theirs, = registry.get("slerp")([pair], parameters={"t": 0.3})
+        torch.testing.assert_close(slerp(xs[0], xs[1], 0.3), theirs, rtol=0, atol=1e-6)
+        theirs, = registry.get("linear")([pair], parameters={"weight": {0: 0.3, 1: 0.9}})
+        torch.testing.assert_close(linear(xs[:2], [0.3, 0.9]), theirs, rtol=0, atol=1e-7)
+
+
+def test_dare_keeps_a_density_share_and_rescales_the_l1_norm():
+    from megatron_jai.checkpoint.merge import sparsify
+
+    delta = torch.randn(400, 500, generator=torch.Generator().manual_seed(0))
+    for density in (0.1, 0.5, 0.9):
+        for rescale in (True, False):
+            out = sparsify(delta.clone(), "random", density, rescale,
+                           generator=torch.Generator().manual_seed(3))
+            kept = out != 0
+            share = kept.float().mean().item()
+            assert abs(share - density) < 4 * math.sqrt(density * (1 - density) / delta.numel())
+            scale = out[kept] / delta[kept]
+            expected = delta.abs().sum() / delta[kept].abs().sum() if rescale else torch.tensor(1.0)
+            torch.testing.assert_close(scale, expected.expand_as(scale), rtol=1e-5, atol=0)
+            again = sparsify(delta.clone(), "random", density, rescale,
+                             generator=torch.Generator().manual_seed(3))
+            assert torch.equal(out, again)
+
+
+# ---- mergekit itself, on exports of a JAI (skips + experts), a Mixtral and a Phi-3 model ---------
+MERGEKIT_CONFIGS = {  # mergekit YAML; A, B, BASE stand for the models
+    "linear": {"models": [{"model": "A", "parameters": {"weight": 0.7}},
+                          {"model": "B", "parameters": {"weight": 0.4}}]},
+    "slerp": {"base_model": "A", "models": [{"model": "A"}, {"model": "B"}], "parameters": {"t": [
+        {"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]}, {"filter": "mlp", "value": [1, 0.2]},
+        {"value": 0.45}]}},
+    "task_arithmetic": {"base_model": "BASE", "parameters": {"lambda": 0.9},
+                        "models": [{"model": "A", "parameters": {"weight": 0.6}},
+                                   {"model": "B", "parameters": {"weight": 0.5}}]},
+    "ties": {"base_model": "BASE", "models": [
+        {"model": "A", "parameters": {"weight": 1.0, "density": 0.4}},
+        {"model": "B", "parameters": {"weight": 0.5, "density": [0.3, 0.8]}}]},
+    "breadcrumbs": {"base_model": "BASE", "parameters": {"density": 0.5}, "models": [
+        {"model": "A", "parameters": {"weight": 1.0, "density": 0.6, "gamma": 0.05}},
+        {"model": "B", "parameters": {"weight": 0.5}}]},
+    "breadcrumbs_ties": {"base_model": "BASE", "parameters": {"normalize": True, "density": 0.5},
+                         "models": [{"model": "A", "parameters": {"weight": 1.0, "gamma": 0.05}},
+                                    {"model": "B", "parameters": {"weight": 0.5}}]},
+    "model_stock": {"base_model": "BASE", "models": [{"model": "A"}, {"model": "B"}]},
+}
+
+
+def _config(tmp, method, paths, **extra):
+    """A mergekit config file with the models' paths filled in."""
+    import yaml
+
+    text = json.dumps({**MERGEKIT_CONFIGS.get(method, {}), **extra, "merge_method": method,
+                       "dtype": "float32"})
+    for name, path in paths.items():
+        text = text.replace(f'"{name}"', json.dumps(str(path)))
+    path = tmp / f"{method}-{abs(hash(text))}.yml"
+    path.write_text(yaml.safe_dump(json.loads(text)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory):
+    """Per layout: base, a and b Megatron checkpoints and their exports. Values lie on a coarse
+    grid, so that magnitudes tie at every threshold; the padding rows are large and differ."""
+    from export_helpers import JAI, save_hf_model, tiny_tokenizer
+
+    from megatron_jai.checkpoint.convert import hf_to_mcore
+    from megatron_jai.hf.export import mcore_to_hf
+
+    root = tmp_path_factory.mktemp("mergekit")
+    tok = tiny_tokenizer(str(root / "tok"))
+    layouts = {"jai": JAI, "mixtral": JAI.replace(name="tiny-mixtral", skip_connections=()),
+               "phi3": JAI.replace(name="tiny-phi3", skip_connections=(), num_experts=0)}
+    out = {}
+    for layout, cfg in layouts.items():
+        d = root / layout
+        save_hf_model(cfg, d / "hf0", seed=3)
+        hf_to_mcore(str(d / "hf0"), str(d / "raw"), progress=False)
+        gen = torch.Generator().manual_seed(7)
+
+        def grid(key, t, delta):
+            t = torch.round(t * 64) / 64 + (_with_ties(t.shape, gen) / 4 if delta else 0)
+            if key in ("embedding.word_embeddings.weight", "output_layer.weight"):
+                t[cfg.vocab_size:] = torch.randn(t[cfg.vocab_size:].shape, generator=gen) * 5
+            return t
+
+        out[layout] = {}
+        for name, delta in (("BASE", False), ("A", True), ("B", True)):
+            _rewrite(d / "raw", d / name, lambda k, t: grid(k, t, delta))
+            mcore_to_hf(str(d / name), str(d / f"{name}_hf"), progress=False, tokenizer=tok)
+            out[layout][name] = d / name
+        assert CheckpointReader(str(d / "A")).config.padded_vocab_size > cfg.vocab_size
+    return root, tok, out
+
+
+def _hf_tensors(path):
+    """The model's tensors as transformers holds them (Mixtral's experts fused)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, trust_remote_code=True)
+    return model.state_dict()
+
+
+def test_deterministic_methods_equal_mergekit_on_exports(families, tmp_path, capsys):
+    """mergekit's merge of the exports == our merge of the checkpoints, exported (within 1e-6),
+    from the same YAML (per-model weights and densities, a density gradient, t filters)."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    from megatron_jai.hf.export import mcore_to_hf
+
+    root, tok, layouts = families
+    for layout, ckpts in layouts.items():
+        for method in MERGEKIT_CONFIGS:
+            ours, hf, theirs = (tmp_path / f"{layout}-{method}-{s}" for s in ("ours", "hf", "mk"))
+            merge(capsys, "--config", _config(tmp_path, method, ckpts), "--out", ours)
+            mcore_to_hf(str(ours), str(hf), progress=False, tokenizer=tok)
+            exports = {name: path.parent / f"{name}_hf" for name, path in ckpts.items()}
+            import yaml
+            config = yaml.safe_load(_config(tmp_path, method, exports).read_text())
+            run_merge(MergeConfiguration.model_validate(config), str(theirs),
+                      options=MergeOptions(trust_remote_code=True, copy_tokenizer=False, quiet=True))
+            for name in ("configuration_jai.py", "modeling_jai.py"):  # mergekit writes no code
+                if (hf / name).exists():
+                    shutil.copy(hf / name, theirs / name)
+            got, expected = _hf_tensors(hf), _hf_tensors(theirs)
+            assert sorted(got) == sorted(expected), (layout, method)
+            for key in got:
+                diff = (got[key] - expected[key]).abs().max().item()
+                assert diff <= 1e-6, (layout, method, key, diff)
+            a, m = CheckpointReader(str(ckpts["A"])), CheckpointReader(str(ours))
+            vocab = a.config.vocab_size
+            for key in ("embedding.word_embeddings.weight", "output_layer.weight"):
+                assert torch.equal(m.read(key)[vocab:], a.read(key)[vocab:]), (layout, method, key)
+
+
+def test_dare_on_checkpoints_keeps_its_share_and_seed(families, tmp_path, capsys):
+    """DARE through the YAML: the share of task-vector entries kept is the density, the kept ones
+    are rescaled by one factor per tensor (the L1 ratio); the seed fixes the result."""
+    _, _, layouts = families
+    ckpts = layouts["jai"]
+    one = {"base_model": "BASE", "models": [{"model": "A", "parameters": {"weight": 1.0, "density": 0.3}}]}
+    runs = {}
+    for method, seed in (("dare_linear", 1), ("dare_ties", 1), ("dare_linear", 2)):
+        runs[method, seed] = tmp_path / f"{method}{seed}"
+        merge(capsys, "--config", _config(tmp_path, method, ckpts, **one), "--seed", seed,
+              "--out", runs[method, seed])
+    first = CheckpointReader(str(runs["dare_linear", 1]))
+    assert json.loads((runs["dare_linear", 1] / "merge.json").read_text())["seed"] == 1
+    a, base = CheckpointReader(str(ckpts["A"])), CheckpointReader(str(ckpts["BASE"]))
+    kept = total = 0
+    for key in first.keys():
+        for got, x, b in zip(units(first, key), units(a, key), units(base, key)):
+            delta, merged = x - b, got - b
+            live = delta != 0
+            keep = live & (merged.abs() > 1e-9)
+            kept, total = kept + int(keep.sum()), total + int(live.sum())
+            if keep.any():
+                ratio = merged[keep] / delta[keep]
+                expected = delta.abs().sum() / delta[keep].abs().sum()
+                torch.testing.assert_close(ratio, expected.expand_as(ratio), rtol=1e-4, atol=0)
+        # with one input the sign election keeps everything: dare_ties == dare_linear, same seed
+        ties = CheckpointReader(str(runs["dare_ties", 1]))
+        assert torch.equal(ties.read(key), first.read(key)), key
+    assert abs(kept / total - 0.3) < 0.02, kept / total
+    other = CheckpointReader(str(runs["dare_linear", 2]))
+    assert not torch.equal(other.read("decoder.layers.mlp.experts.weight_gate_up"),
+                           first.read("decoder.layers.mlp.experts.weight_gate_up"))
 
 
 def test_streaming_holds_a_few_tensors(tmp_path):
@@ -213,14 +447,15 @@ def test_streaming_holds_a_few_tensors(tmp_path):
     gen = torch.Generator().manual_seed(0)
     roots = [str(tmp_path / f"in{n}") for n in range(3)]
     for root in roots:
-        with CheckpointWriter(root, CFG.replace(num_layers=24)) as w:
+        with CheckpointWriter(root, CFG.replace(num_layers=24, vocab_size=128)) as w:
             w.write("embedding.word_embeddings.weight", torch.randn(128, 64, generator=gen))
             for key in [f"decoder.layers.t{i}.weight" for i in range(4)]:
                 for i in range(24):
                     w.write_layer(key, i, 24, torch.randn(128, 64, generator=gen))
     largest = 128 * 64 * 4
-    for method, kw in (("linear", {}), ("ties", dict(base=roots[2], density=0.5))):
-        s = merge_checkpoints(method, roots[:2], str(tmp_path / method), progress=False, **kw)
+    for method, kw in (("linear", {}), ("ties", dict(base=roots[2], parameters={"density": 0.5}))):
+        s = merge_checkpoints(method, roots[:2], str(tmp_path / method), progress=False,
+                              measure=True, **kw)
         assert s["largest_tensor_bytes"] == largest and s["bytes"] > 97 * largest
         # each input's tensor, the output, the fp32 working set (ties: trimmed deltas, sign, mask)
         assert s["held_peak_bytes"] <= (6 if method == "linear" else 14) * largest, \
@@ -252,13 +487,17 @@ def test_refusals_are_one_line_and_write_nothing(ckpts, tmp_path, capsys):
         (["--inputs", a, deeper], "different architecture than input 1"),
         (["--inputs", a, rope], "rotary_base 10000.0 vs 40000.0"),
         (["--inputs", a, other_tok], "has a different tokenizer than input 1"),
-        (["--method", "slerp", "--inputs", a, b, base], "exactly two inputs, got 3"),
-        (["--method", "slerp", "--inputs", a, b, "--t", 1.5], "--t must be in [0, 1]"),
-        (["--method", "ties", "--inputs", a, b], "ties needs --base"),
-        (["--method", "task_arithmetic", "--inputs", a], "needs --base"),
-        (["--method", "ties", "--base", base, "--inputs", a, "--density", 0], "--density must be"),
+        (["--method", "slerp", "--inputs", a, b, base], "slerp merges exactly 2 models, got 3"),
+        (["--method", "slerp", "--inputs", a, b, "--t", 1.5], "t must be in [0, 1], got 1.5"),
+        (["--method", "slerp", "--inputs", a, b, "--weights", 1, 2], "no per-model parameter 'weight'"),
+        (["--method", "ties", "--inputs", a, b], "ties needs a base model"),
+        (["--method", "task_arithmetic", "--inputs", a], "needs a base model"),
+        (["--method", "model_stock", "--base", base, "--inputs", a], "at least 2 input models"),
+        (["--method", "ties", "--base", base, "--inputs", a, "--density", 1.5], "density must be"),
         (["--inputs", a, b, "--weights", 1, 2, 3], "3 weights for 2 inputs"),
-        (["--inputs", a, b, "--t", 0.5], "--t is for slerp"),
+        (["--inputs", a, b, "--t", 0.5], "linear has no parameter 't'"),
+        (["--inputs", a, b, "--base", base], "linear takes no base model"),
+        (["--inputs", a, b, "--config", "x.yml"], "drop --inputs"),
         (["--inputs", a, str(tmp_path / "missing")], "does not exist"),
         (["--inputs", a, not_ckpt], "is not a checkpoint"),
         (["--inputs", a, b, "--out", a, "--force"], "must not be an input's checkpoint root"),
@@ -298,6 +537,65 @@ def test_refusals_are_one_line_and_write_nothing(ckpts, tmp_path, capsys):
     assert proc.stderr.startswith("merge_checkpoints.py: error: input 2 ("), proc.stderr
 
 
+def test_config_refusals_are_one_line(ckpts, tmp_path, capsys):
+    """What mergekit's YAML can say and we do not do, or says wrongly: one line each, nothing
+    written."""
+    import yaml
+
+    a, b, base = ckpts["a"], ckpts["b"], ckpts["base"]
+    two = [{"model": a}, {"model": b}]
+    full = {"sources": [{"model": a, "layer_range": [0, 2]}, {"model": b, "layer_range": [0, 2]}]}
+    cases = [
+        ({"merge_method": "della", "base_model": base, "models": two}, "merge_method 'della' is not supported"),
+        ({"merge_method": "ties", "models": two}, "ties needs a base model"),
+        ({"merge_method": "ties", "base_model": base, "models": two, "parameters": {"epsilon": 0.1}},
+         "ties has no parameter 'epsilon'"),
+        ({"merge_method": "ties", "base_model": base, "models": [{"model": a, "parameters": {"lambda": 2}},
+                                                                 {"model": b}]},
+         "lambda is a parameter of the whole ties merge"),
+        ({"merge_method": "ties", "base_model": base, "models": two, "parameters": {"density": "half"}},
+         "density must be a value, a gradient"),
+        ({"merge_method": "ties", "base_model": base, "models": two,
+          "parameters": {"density": [{"filter": "mlp", "valu": 0.3}]}}, "{filter: ..., value: ...}"),
+        ({"merge_method": "ties", "base_model": base, "models": two, "parameters": {"normalize": [1, 0]}},
+         "normalize must be true or false"),
+        ({"merge_method": "slerp", "models": two, "parameters": {"t": 0.3}}, "slerp needs a base_model"),
+        ({"merge_method": "linear", "slices": [full, full]}, "several slices"),
+        ({"merge_method": "linear", "slices": [{"sources": [{"model": a, "layer_range": [0, 1]},
+                                                            {"model": b, "layer_range": [1, 2]}]}]},
+         "slices of layers are not supported"),
+        ({"merge_method": "linear", "modules": {}}, "modules (multi-module models) are not supported"),
+        ({"merge_method": "linear", "models": two, "tokenizer": {"source": "union"}}, "tokenizer: "),
+        ({"merge_method": "linear", "models": two, "dtype": "int8"}, "dtype 'int8' is not supported"),
+        ({"merge_method": "linear", "models": two, "name": "x"}, "unknown key 'name'"),
+        ({"merge_method": "linear", "models": two, "base_model": base}, "linear takes no base_model"),
+        ({"merge_method": "linear", "models": two, "parameters": {"weight": 0}}, "weights sum to 0"),
+    ]
+    never = tmp_path / "never"
+    for i, (config, message) in enumerate(cases):
+        path = tmp_path / f"c{i}.yml"
+        path.write_text(yaml.safe_dump(config))
+        _, err = merge(capsys, "--config", path, "--out", never, rc=2)
+        assert len(err.strip().splitlines()) == 1 and message in err, (config, err)
+        assert not never.exists()
+    (tmp_path / "bad.yml").write_text("models: [\n")
+    _, err = merge(capsys, "--config", tmp_path / "bad.yml", "--out", never, rc=2)
+    assert "is not valid YAML" in err
+
+    # one slice over all layers, models as plain strings, slerp's base not among the models
+    ok = tmp_path / "ok.yml"
+    ok.write_text(yaml.safe_dump({"merge_method": "linear", "slices": [full], "out_dtype": "bfloat16"}))
+    merge(capsys, "--config", ok, "--out", tmp_path / "sliced")
+    merge(capsys, "--inputs", a, b, "--dtype", "bf16", "--out", tmp_path / "flags")
+    for key in CheckpointReader(a).keys():
+        assert torch.equal(CheckpointReader(str(tmp_path / "sliced")).read(key),
+                           CheckpointReader(str(tmp_path / "flags")).read(key)), key
+    ok.write_text(yaml.safe_dump({"merge_method": "slerp", "base_model": a, "models": [b],
+                                  "parameters": {"t": 0}}))
+    merge(capsys, "--config", ok, "--out", tmp_path / "slerp0")
+    assert_units(tmp_path / "slerp0", [CheckpointReader(a)], lambda x: x)
+
+
 @pytest.mark.dist
 def test_layouts_merge_then_train_and_export(tmp_path):
     """Inputs saved at TP=2, PP=2 and EP=2 merge; the merge loads at TP=2 and EP=2, trains with
@@ -305,7 +603,7 @@ def test_layouts_merge_then_train_and_export(tmp_path):
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    from megatron_jai.checkpoint.convert import mcore_to_hf
+    from megatron_jai.hf.export import mcore_to_hf
 
     text = torchrun(2, os.path.join(REPO_ROOT, "tests", "dist", "merge_layouts.py"), tmp_path).stdout
     assert text.count("merged == mean of the inputs saved at TP=2, PP=2, EP=2") == 2, text

@@ -61,6 +61,7 @@ def test_mixtral_converts_to_our_keys_and_config(mixtral):
     assert torch.equal(reader.read_layer("decoder.layers.mlp.experts.weight_down", 1)[2], w2)
 
 
+@pytest.mark.dist
 def test_mixtral_logits_match_at_ep1_ep2_and_tp2(mixtral):
     args = ["--hf-dir", mixtral / "hf", "--mcore-dir", mixtral / "mcore", "--seq-len", "24"]
     ep1 = run_python(COMPARE, *args, timeout=300)
@@ -94,7 +95,7 @@ def test_mixtral_config_without_original_and_transformers_loads_it(mixtral, tmp_
     generated Mixtral config and gives the logits of the original."""
     from transformers import AutoModelForCausalLM
 
-    from megatron_jai.checkpoint.hf_phi3 import mixtral_hf_config_from_model_config
+    from megatron_jai.checkpoint.formats.mixtral import hf_config as mixtral_hf_config_from_model_config
     from megatron_jai.checkpoint.stream import CheckpointReader
 
     cfg = CheckpointReader(str(mixtral / "mcore")).config
@@ -114,12 +115,9 @@ def test_mixtral_config_without_original_and_transformers_loads_it(mixtral, tmp_
 
 
 def test_bad_expert_layouts_and_configs_fail_cleanly(mixtral, tmp_path):
-    from megatron_jai.checkpoint.hf_phi3 import (
-        ConversionError,
-        mixtral_hf_config_from_model_config,
-        model_config_from_hf,
-    )
-    from megatron_jai.config import TINY, TINY_MOE
+    from megatron_jai.checkpoint.formats import ConversionError, model_config_from_hf
+    from megatron_jai.checkpoint.formats.mixtral import hf_config as mixtral_hf_config_from_model_config
+    from megatron_jai.presets import TINY, TINY_MOE
 
     res = run_cmd([sys.executable, CONVERT, "hf-to-mcore", "--hf-dir", str(mixtral / "hf"),
                    "--out", str(tmp_path / "m"), "--ep", "3"], check=False)

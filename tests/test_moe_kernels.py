@@ -1,14 +1,16 @@
 """Triton expert kernels under TRITON_INTERPRET=1 (fp32) against the torch reference -- outputs and the
-gradients of hidden, both weight tensors and the routing weights -- plus gradcheck of the reference in
-fp64, the functional API, an sm_90 ahead-of-time compilation of every kernel, and the benchmark's smoke
-mode. The interpreter is slow: shapes are tiny and tiles are 16 wide."""
+gradients of hidden, both weight tensors and the routing weights -- the slot combine against its
+reference, gradcheck of the reference in fp64, the functional API, kernels/ importing nothing of the
+package, an sm_90 ahead-of-time compilation of every kernel (tools/compile_kernels.py), and the
+benchmark's smoke mode. The interpreter is slow: shapes are tiny and tiles are 16 wide."""
+import ast
 import os
 import sys
 
 import pytest
 import torch
 
-from conftest import REPO_ROOT, run_cmd
+from conftest import REPO_ROOT, load_tool, run_cmd, run_tool
 
 
 def _import_kernels_interpreted():
@@ -28,12 +30,11 @@ def _import_kernels_interpreted():
 
 KERNELS = _import_kernels_interpreted()  # first: before anything else can import the kernels
 
+from megatron_jai.kernels.moe_combine import combine_slots, combine_slots_reference  # noqa: E402
+from megatron_jai.kernels.moe_grouped_gemm import grouped_expert_ffn_reference  # noqa: E402
+from megatron_jai.kernels.routing import routing_metadata_reference  # noqa: E402
 from megatron_jai.moe import functional  # noqa: E402
-from megatron_jai.moe.reference import (  # noqa: E402
-    grouped_expert_ffn_reference,
-    moe_ffn_reference,
-    routing_metadata_reference,
-)
+from megatron_jai.moe.reference import moe_ffn_reference  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -240,7 +241,7 @@ def test_rectangular_interpreter_tiles():
     """BLOCK_M != BLOCK_N != BLOCK_K (a fresh process: tiles are fixed when the kernels are imported)."""
     script = ("import torch\n"
               "from megatron_jai.kernels.moe_grouped_gemm import grouped_expert_ffn_triton\n"
-              "from megatron_jai.moe.reference import grouped_expert_ffn_reference as ref\n"
+              "from megatron_jai.kernels.moe_grouped_gemm import grouped_expert_ffn_reference as ref\n"
               "g = torch.Generator().manual_seed(0)\n"
               "x = torch.randn(29, 48, generator=g); ids = torch.randint(-1, 3, (29, 2), generator=g)\n"
               "w = torch.rand(29, 2, generator=g); a = torch.randn(3, 40, 48, generator=g) / 7\n"
@@ -258,22 +259,73 @@ def test_rectangular_interpreter_tiles():
         assert err < 1e-5, (tile, proc.stdout)
 
 
-def test_kernels_compile_for_sm90(tmp_path):
-    """Every kernel launch of a JAI-75B layer's forward + backward compiles to sm_90 (Triton + ptxas, no
-    GPU), specialised as the launcher does (unit strides are constants), uses Hopper wgmma, and the
-    first (JAI_MOE_AUTOTUNE=0) configurations neither spill nor use a stack."""
-    script = ("from megatron_jai.kernels.moe_grouped_gemm import compile_check\n"
-              "rows = compile_check(90)\n"
-              "for r in rows: print(r['kernel'], r['variant'], r['config'], r['shared_bytes'], r['wgmma'], "
-              "r.get('reg'), r.get('stack'), r.get('local'))\n"
-              "gemms = [r for r in rows if r['kernel'] != '_combine_slots_kernel']\n"
-              "assert all(r['wgmma'] > 0 for r in gemms), 'a GEMM kernel does not use wgmma'\n"
-              "assert all(r.get('stack', 0) == 0 and r.get('local', 0) == 0 for r in rows), 'spills'\n"
-              "print('compiled', len(rows))\n")
+@pytest.mark.parametrize("n,k,e,cols", [(17, 3, 4, 70), (1, 1, 2, 5), (0, 2, 3, 8)])
+def test_combine_slots_matches_reference(n, k, e, cols):
+    """Odd column counts over the 64-wide interpreter block, skipped and out-of-range ids whose rows hold
+    NaN (ignored, not summed), fp32 and fp16 outputs."""
+    _kernels()
+    g = torch.Generator().manual_seed(n + cols)
+    ids = torch.randint(-1, e + 1, (n, k), generator=g)
+    rows = torch.randn(n * k, cols, generator=g)
+    rows[~((ids >= 0) & (ids < e)).reshape(-1)] = float("nan")
+    for rows_dtype, out_dtype in ((torch.float32, torch.float32), (torch.float16, torch.float16),
+                                  (torch.float16, torch.float32)):
+        got = combine_slots(rows.to(rows_dtype), ids, e, out_dtype)
+        want = combine_slots_reference(rows.to(rows_dtype), ids, e, out_dtype)
+        assert got.dtype == out_dtype and not got.isnan().any()
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_kernels_import_nothing_of_the_package():
+    """kernels/ stands alone: no file imports megatron_jai (also inside functions, or through importlib);
+    its own modules are imported relatively."""
+    kernels_dir = os.path.join(REPO_ROOT, "kernels")
+    offenders = []
+    for name in sorted(os.listdir(kernels_dir)):
+        if not name.endswith(".py"):
+            continue
+        for node in ast.walk(ast.parse(open(os.path.join(kernels_dir, name)).read(), name)):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                modules = [node.module or ""] if node.level == 0 else []
+            elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in (
+                    "import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant):
+                modules = [str(node.args[0].value)]
+            else:
+                continue
+            offenders += [f"{name}:{node.lineno} {m}" for m in modules if m.split(".")[0] == "megatron_jai"]
+    assert not offenders, offenders
+
+
+def test_compile_kernels_for_sm90(tmp_path):
+    """tools/compile_kernels.py: every kernel launch of a JAI-75B layer's forward + backward compiles to
+    sm_90 (Triton + ptxas, no GPU), specialised as the launcher does (unit strides are constants), uses
+    Hopper wgmma, and the first (JAI_MOE_AUTOTUNE=0) configurations neither spill nor use a stack."""
     # A fresh Triton cache, so the kernels really go through Triton's compiler and ptxas here.
-    proc = run_cmd([sys.executable, "-c", script], timeout=600,
+    proc = run_cmd([sys.executable, os.path.join(REPO_ROOT, "tools", "compile_kernels.py")], timeout=600,
                    env={"TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path / "triton-cache")})
-    assert "compiled 9" in proc.stdout, proc.stdout
+    assert "9 compiles for sm_90 (jai75b, bf16, first configurations): no problems" in proc.stdout, proc.stdout
+    gemms = [line.split() for line in proc.stdout.splitlines() if line.startswith(("_gate", "_rows", "_down", "_exp"))]
+    assert len(gemms) == 8 and all(int(row[-3]) > 0 and row[-1] == "0/0" for row in gemms), proc.stdout
+
+
+def test_compile_kernels_audit_and_refusals(capsys):
+    """What the audit rejects (on rows it is given), and the tool's refusals: an unknown shape, and
+    kernels imported in the interpreter (as in this process)."""
+    tool = load_tool("compile_kernels")
+    ok = {"kernel": "_rows_gemm_scatter_kernel", "variant": {}, "config": {"BLOCK_M": 64, "BLOCK_N": 64,
+                                                                        "BLOCK_K": 32}, "wgmma": 4, "stack": 0}
+    rows = [ok, {**ok, "stack": 160}, {**ok, "wgmma": 0}, {**ok, "local": 8},
+            {**ok, "kernel": "_combine_slots_kernel", "wgmma": 0}, {**ok, "config": {}, "error": "out of resources"}]
+    found = tool.problems(rows, 90)
+    assert len(found) == 4 and "160 stack" in found[0] and "no wgmma" in found[1] and "8 local" in found[2] \
+        and "does not compile: out of resources" in found[3], found
+    assert len(tool.problems(rows, 80)) == 3  # wgmma is Hopper's
+    _, err = run_tool(capsys, "compile_kernels", "--shapes", "huge", expect_rc=2)
+    assert "unknown shape" in err
+    _, err = run_tool(capsys, "compile_kernels", expect_rc=2)
+    assert "TRITON_INTERPRET" in err and len(err.strip().splitlines()) == 1
 
 
 def test_bench_smoke_and_cpu_refusal():
@@ -281,6 +333,9 @@ def test_bench_smoke_and_cpu_refusal():
     proc = run_cmd([sys.executable, bench, "--smoke"], env={"TRITON_INTERPRET": "1"}, timeout=600)
     assert "smoke" in proc.stdout and "ours vs fp32 d w_down: worst row" in proc.stdout, proc.stdout
     assert "check routing op (cpu): bit-identical to the C++ op" in proc.stdout, proc.stdout
+    kernel_rows = [line.split()[2] for line in proc.stdout.splitlines() if line.startswith("smoke (")
+                   and line.split()[2] in ("routing_metadata", "combine_slots")]
+    assert kernel_rows == ["routing_metadata", "combine_slots"], proc.stdout
     refused = run_cmd([sys.executable, bench], env={"TRITON_INTERPRET": "0"}, check=False, timeout=300)
     assert refused.returncode != 0
     assert "CUDA" in refused.stderr and "Traceback" not in refused.stderr

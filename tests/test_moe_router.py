@@ -225,7 +225,7 @@ def test_options_are_validated():
 
 
 def test_moe_config_takes_sequence_parallelism_and_refuses_bad_layouts():
-    from megatron_jai.config import TINY_MOE, load_model_config
+    from megatron_jai.presets import TINY_MOE, load_model_config
     from megatron_jai.training.arguments import parse_args
 
     # The flagship job's layout (examples/jai_75b.yaml: TP=2 with sequence parallelism, EP=4).

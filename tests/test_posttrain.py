@@ -48,7 +48,8 @@ def assert_same_step(a, b, atol=1e-6):
 def chat(shared_dir, tmp_path_factory):
     """Chat datasets (SFT: Thai + English; DPO: Thai, held-out English), the tiny model and an
     init checkpoint (2 pretraining steps on the SFT tokens) that carries the Phi-3 tokenizer."""
-    from megatron_jai.config import TINY, SkipConnection
+    from megatron_jai.config import SkipConnection
+    from megatron_jai.presets import TINY
     from megatron_jai.data.chat import preprocess_chat
 
     work = tmp_path_factory.mktemp("posttrain")
@@ -79,7 +80,7 @@ def chat(shared_dir, tmp_path_factory):
 
 
 def test_dpo_loss_equals_plain_torch():
-    from megatron_jai.training.posttraining import dpo_loss
+    from megatron_jai.training.objectives.dpo_losses import dpo_loss
 
     torch.manual_seed(0)
     for loss_type in ("sigmoid", "ipo"):

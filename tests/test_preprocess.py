@@ -61,6 +61,7 @@ def _read_documents(prefix):
     return [numpy.asarray(ds[i]).tolist() for i in range(len(ds))]
 
 
+@pytest.mark.dist
 def test_good_and_bad_lines_exact_counts(tmp_path, demo):
     docs = _good_docs(40)
     src = tmp_path / "mixed.jsonl.gz"
@@ -179,6 +180,7 @@ def test_writer_matches_megatron_builder(tmp_path):
         assert _read_documents(str(ours)) == [d.tolist() for d in docs]
 
 
+@pytest.mark.dist
 def test_killed_worker_fails_cleanly_and_too_many_bad_lines(tmp_path, demo, capsys):
     """A worker killed mid-run (as by the OOM killer) fails the run with one line instead of
     hanging; more bad lines than --max-bad-fraction (default 1%) is exit 2. No output either way."""

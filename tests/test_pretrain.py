@@ -4,6 +4,8 @@ import json
 import math
 import os
 
+import pytest
+
 from conftest import REPO_ROOT, torchrun
 
 PRETRAIN = os.path.join(REPO_ROOT, "pretrain_jai.py")
@@ -17,6 +19,7 @@ def test_no_arguments_means_the_tiny_demo():
     assert args.model is None and args.train_iters == 200 and (args.tp, args.pp) == (1, 1)
 
 
+@pytest.mark.dist
 def test_demo_corpus_loss_falls(tmp_path):
     metrics = tmp_path / "demo.jsonl"
     proc = torchrun(2, PRETRAIN, "--train-iters", 40, "--log-interval", 10,

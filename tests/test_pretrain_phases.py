@@ -75,6 +75,7 @@ def read_metrics(path):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.dist
 def test_phase_switch_1_2_3_on_thai_and_english(shared_dir, tmp_path):
     corpus = small_corpus(shared_dir)
     config = write_yaml(tmp_path / "jai_tiny.yaml", {

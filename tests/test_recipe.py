@@ -39,6 +39,7 @@ def _thai_slice(shared_dir, path, chars=150_000):
                 break
 
 
+@pytest.mark.dist
 def test_recipe_then_train_ep2(shared_dir, tmp_path, capsys):
     from megatron_jai.checkpoint.stream import CheckpointReader
     from megatron_jai.upscale.plan import load_plan

@@ -13,6 +13,8 @@ import pytest
 from conftest import REPO_ROOT, torchrun
 from train_helpers import small_corpus
 
+pytestmark = pytest.mark.dist
+
 PRETRAIN = os.path.join(REPO_ROOT, "pretrain_jai.py")
 STEPS = 8
 

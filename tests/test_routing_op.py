@@ -7,7 +7,7 @@ import subprocess
 import pytest
 import torch
 
-from megatron_jai.moe.reference import routing_metadata_reference
+from megatron_jai.kernels.routing import routing_metadata_reference
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -8,7 +8,9 @@ import pytest
 
 from conftest import REPO_ROOT, torchrun
 
-from megatron_jai.config import JAI_75B, TINY, SkipConnection, pipeline_stage_layers
+from megatron_jai.config import SkipConnection
+from megatron_jai.parallel import pipeline_stage_layers
+from megatron_jai.presets import JAI_75B, TINY
 from megatron_jai.training.faults import TrainingError
 
 TRAIN_AND_RELOAD = os.path.join(REPO_ROOT, "tests", "dist", "train_uneven_pp_reload.py")
@@ -54,6 +56,7 @@ def test_stage_layer_flags_are_checked_early():
         parse_args(["--pp", "2", "--last-stage-layers", "0", "--train-iters", "1"])
 
 
+@pytest.mark.dist
 def test_dus_model_trains_under_uneven_pp2_and_reloads_at_pp1(shared_dir, tmp_path):
     """6 layers split 2+4: skip 0->1 stays on stage 0, 2->5 on stage 1 (an even 3+3 split would
     carry it), 1->3 is carried across the uneven boundary."""

@@ -8,7 +8,7 @@ import torch
 from conftest import REPO_ROOT, run_cmd, torchrun
 from upscale_cli import upscale
 
-from megatron_jai.config import TINY
+from megatron_jai.presets import TINY
 
 UPSCALE = os.path.join(REPO_ROOT, "tools", "upscale.py")
 EP_SCRIPT = os.path.join(REPO_ROOT, "tests", "dist", "upscale_moe_ep.py")
@@ -41,7 +41,7 @@ def _upcycle(capsys, *args):
 
 def _logits(ckpt, tokens):
     from megatron_jai.checkpoint.dist import load_checkpoint
-    from megatron_jai.config import load_model_config
+    from megatron_jai.presets import load_model_config
     from megatron_jai.model import build_model
 
     model = build_model(load_model_config(ckpt))
@@ -130,6 +130,7 @@ def test_default_router_is_near_uniform_and_spreads_tokens(dense_checkpoints, tm
         assert load.min().item() > 0.1, f"layer {layer}: tokens not spread over the experts: {load}"
 
 
+@pytest.mark.dist
 def test_upcycle_under_expert_parallelism(dense_checkpoints, tmp_path, capsys):
     out = tmp_path / "moe_ep"
     _upcycle(capsys, "--in", dense_checkpoints[1], "--experts", 4, "--top-k", 2, "--router-std", 0.5,

@@ -7,7 +7,7 @@ import torch
 
 from conftest import REPO_ROOT, run_cmd, torchrun
 from megatron_jai.checkpoint.stream import CheckpointReader, CheckpointWriter
-from megatron_jai.config import TINY
+from megatron_jai.presets import TINY
 from megatron_jai.upscale import vocab as V
 from megatron_jai.upscale.tokenizer import iter_lines
 from test_tokenizer import EXTRA_IDS, make_english_base_tokenizers, make_tiny_thai_tokenizer
@@ -118,6 +118,7 @@ def test_base_tokenizer_is_the_checkpoints_own(tmp_path_factory, tmp_path, share
             torch.testing.assert_close(new[i], old[ids].mean(0), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.dist
 def test_vocab_extension_preserves_function_tp2(tmp_path, ext_tok, shared_dir):
     """Logits of the extended model equal the base model's on the old vocabulary slice (English
     text whose base and new encodings coincide), both loaded at TP=2."""

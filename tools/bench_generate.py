@@ -20,7 +20,7 @@ from megatron_jai import cli  # noqa: E402
 
 def bench_small():
     """Big enough that a forward pass costs more than the Python around it, small enough for a CPU."""
-    from megatron_jai.config import TINY
+    from megatron_jai.presets import TINY
 
     return TINY.replace(name="small", hidden_size=256, num_attention_heads=8, num_query_groups=4,
                         ffn_hidden_size=704, vocab_size=32064, max_position_embeddings=4096)
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     import torch.distributed as dist
 
     from megatron_jai import parallel
-    from megatron_jai.config import load_model_config
+    from megatron_jai.presets import load_model_config
     from megatron_jai.inference.generation import SamplingParams, StopCondition, megatron_generate
     from megatron_jai.inference.lm import DTYPES, check_megatron_layout, default_dtype, megatron_model
 

@@ -1,6 +1,8 @@
 #!/usr/bin/env python
 """Benchmark the MoE FFN: our Triton layer against torch._grouped_mm, a per-expert matmul loop and a
-dense GEMM chain of the same FLOPs. Prints one table (forward and forward+backward TFLOP/s, peak memory).
+dense GEMM chain of the same FLOPs (forward and forward+backward TFLOP/s, peak memory); then one row per
+kernel file of megatron_jai.kernels that the layer runs (the routing op, the slot combine) against its
+plain-torch reference.
 
     python tools/bench_moe.py                          # all shapes, bf16, on a CUDA GPU
     python tools/bench_moe.py --shapes jai75b --check  # check outputs/grads against fp32 first
@@ -236,8 +238,7 @@ def check_routing(device):
     """The compiled routing op of ``device`` (CUDA on a GPU, C++ on CPU) against the C++ op and the torch
     reference, bit for bit. Raises :class:`CheckFailed` if the op was not built (for CUDA: built
     without CUDA), instead of letting the Python entry point fall back to the reference."""
-    from megatron_jai.kernels.routing import load_extension
-    from megatron_jai.moe.reference import routing_metadata_reference
+    from megatron_jai.kernels.routing import load_extension, routing_metadata_reference
 
     ext = load_extension()
     if ext is None:
@@ -266,8 +267,9 @@ class CheckFailed(Exception):
     """The routing-op check failed (reported after the table; exit 1)."""
 
 
-def bench_shape(shape, impls, args, device, dtype, timer, failures):
-    """The table rows of one shape; a failed --check is appended to ``failures`` (the timings go on)."""
+def bench_shape(shape, impls, args, device, dtype, timer, failures, backend):
+    """The layer rows and the kernel rows of one shape; a failed --check is appended to ``failures``
+    (the timings go on)."""
     inputs = make_inputs(shape, device, dtype, args.seed)
     if args.check:
         failed = check(shape, inputs, impls, args.recompute, args.check_tol)
@@ -295,10 +297,42 @@ def bench_shape(shape, impls, args, device, dtype, timer, failures):
                      "fwd_tflops": shape.forward_flops / t_fwd / 1e12,
                      "all_tflops": 3 * shape.forward_flops / t_all / 1e12,
                      "peak": peak_extra_bytes(device, forward_backward), "first_s": first_s})
+    kernels = kernel_rows(shape, inputs, timer, args, backend) if "ours" in impls else []
     del inputs
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return rows
+    return rows, kernels
+
+
+def kernel_rows(shape, inputs, timer, args, backend):
+    """Each kernel beside the layer against its plain-torch reference, on the shape's top-k routing (the
+    expert FFN itself is the layer table's ``ours``); the combine only where the Triton kernels run."""
+    from megatron_jai.kernels.moe_combine import combine_slots, combine_slots_reference
+    from megatron_jai.kernels.routing import routing_metadata, routing_metadata_reference
+    from megatron_jai.moe.reference import topk_routing
+
+    hidden = inputs[0].detach()
+    _, ids = topk_routing(inputs[1].detach(), shape.top_k)
+    slot_rows = hidden.repeat_interleave(shape.top_k, dim=0)
+    e = shape.experts
+    pairs = {"routing_metadata": (lambda: routing_metadata(ids, e), lambda: routing_metadata_reference(ids, e))}
+    if backend == "triton":
+        pairs["combine_slots"] = (lambda: combine_slots(slot_rows, ids, e, hidden.dtype),
+                                  lambda: combine_slots_reference(slot_rows, ids, e, hidden.dtype))
+    return [{"shape": shape, "kernel": name, "ours_s": timer.measure(ours, args.iters, args.warmup),
+             "torch_s": timer.measure(reference, args.iters, args.warmup)}
+            for name, (ours, reference) in pairs.items()]
+
+
+def print_kernel_table(rows):
+    header = f"{'kernel rows: shape (T,H,F,E,k)':<34} {'kernel':<17} {'ours ms':>9} {'torch ms':>9} {'vs torch':>8}"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        s = row["shape"]
+        label = f"{s.name} ({s.tokens},{s.hidden},{s.ffn},{s.experts},{s.top_k})"
+        print(f"{label:<34} {row['kernel']:<17} {row['ours_s'] * 1e3:>9.3f} {row['torch_s'] * 1e3:>9.3f} "
+              f"{row['torch_s'] / row['ours_s']:>7.2f}x")
 
 
 def print_table(rows):
@@ -400,15 +434,19 @@ def main(argv=None):
     print(f"bench_moe: {gpu}, torch {torch.__version__}, triton {triton.__version__}, {dtype}, our backend "
           f"{backend}, iters {args.iters}, "
           f"warmup {args.warmup}, recompute {args.recompute}" + (" (smoke)" if args.smoke else ""))
-    rows, failures = [], []
+    rows, kernels, failures = [], [], []
     if args.check:
         try:
             check_routing(device)
         except CheckFailed as err:
             failures.append(str(err))
     for shape in shapes:
-        rows += bench_shape(shape, impls, args, device, dtype, timer, failures)
+        layer, per_kernel = bench_shape(shape, impls, args, device, dtype, timer, failures, backend)
+        rows += layer
+        kernels += per_kernel
     print_table(rows)
+    if kernels:
+        print_kernel_table(kernels)
     if args.smoke:
         print("smoke run: CPU timings of a tiny shape exercise the script; they are not measurements")
     else:

@@ -192,18 +192,20 @@ class MeasuredSteps:
 def measured_dpo_objective(args, results: dict):
     """posttrain_jai.py's DPO objective whose reference pass (before the first step) is measured:
     the first pass writes the reference file (warm-up), the second is timed."""
-    from megatron_jai.training import posttraining
+    from megatron_jai.training.objectives import dpo_reference
+    from megatron_jai.training.objectives.dpo import DPOObjective
+    from megatron_jai.training.objectives.sft import chat_prefixes
 
-    class MeasuredDPO(posttraining.DPOObjective):
-        def before_training(self, trainer):
-            super().before_training(trainer)
-            prefix = posttraining._chat_blends(trainer.phases)[0]
-            identity = posttraining.reference_identity(self.reference_root)
-            seq = trainer.phases[0].seq_length
-            with memory_window(trainer.device) as mem:
+    class MeasuredDPO(DPOObjective):
+        def before_training(self, ctx):
+            super().before_training(ctx)
+            prefix = chat_prefixes(ctx.phases)[0]
+            identity = dpo_reference.reference_identity(self.reference_root)
+            seq = ctx.phases[0].seq_length
+            with memory_window(ctx.device) as mem:
                 t0, cpu = time.perf_counter(), time.process_time()
-                posttraining.reference_pass(trainer, prefix, seq, identity, self)
-                if trainer.device.type == "cuda":
+                dpo_reference.reference_pass(ctx, prefix, seq, identity, self.collate)
+                if ctx.device.type == "cuda":
                     torch.cuda.synchronize()
                 seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu
             pairs = len(self.reference_logps[prefix]["logps"])
@@ -305,7 +307,7 @@ def main(argv=None) -> int:
     import torch.distributed as dist
 
     from megatron_jai import parallel
-    from megatron_jai.config import load_model_config
+    from megatron_jai.presets import load_model_config
 
     a = build_parser().parse_args(argv)
     on_gpu = torch.cuda.is_available()

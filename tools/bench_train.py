@@ -51,7 +51,7 @@ def read_run_config(path: str) -> dict:
     if not isinstance(data, dict) or "model" not in data:
         raise UserError(f"config {path} has no model: setting")
     model = str(data["model"])
-    from megatron_jai.config import PRESETS
+    from megatron_jai.presets import PRESETS
 
     if model not in PRESETS and not os.path.isabs(model):
         model = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), model))

@@ -45,9 +45,9 @@ def main(argv=None) -> int:
         if value < 1:
             raise cli.UserError(f"{name} must be >= 1")
     from megatron_jai import parallel
-    from megatron_jai.checkpoint.compare import compare_logits
+    from megatron_jai.inference.compare import compare_logits
     from megatron_jai.checkpoint.convert import read_hf_config, validate_layout
-    from megatron_jai.checkpoint.hf_phi3 import ConversionError, model_config_from_hf
+    from megatron_jai.checkpoint.formats import ConversionError, model_config_from_hf
     from megatron_jai.checkpoint.stream import CheckpointReader
 
     hf_cfg = model_config_from_hf(read_hf_config(args.hf_dir))

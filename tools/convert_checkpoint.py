@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from megatron_jai.checkpoint.convert import DTYPES, hf_to_mcore, mcore_to_hf
+    from megatron_jai.checkpoint.convert import DTYPES, hf_to_mcore
+    from megatron_jai.hf.export import mcore_to_hf
 
     dtype = DTYPES[args.dtype] if args.dtype else None
     if args.command == "hf-to-mcore":

@@ -36,9 +36,11 @@ def parse_args(argv=None):
                         "or an extended tokenizer from tools/extend_tokenizer.py)")
     p.add_argument("--seq-length", type=int, default=4096, metavar="N",
                    help="longest sequence in tokens (default: 4096)")
-    p.add_argument("--too-long", choices=("truncate", "skip"), default="truncate",
+    p.add_argument("--too-long", choices=("truncate", "skip", "keep_start"), default="truncate",
                    help="records longer than --seq-length: truncate (drop the oldest rounds, keep "
-                        "the final assistant turn) or skip them (default: truncate)")
+                        "the final assistant turn), skip them, or keep_start (TRL's truncation: "
+                        "the first --seq-length tokens of the whole conversation) "
+                        "(default: truncate)")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                    help="tokenizer processes (default: CPU cores - 1)")
     p.add_argument("--max-bad-fraction", type=float, default=0.01, metavar="F",

@@ -32,8 +32,6 @@ def main(argv=None) -> int:
     p.add_argument("--max-lines", type=int, default=0, help="first N lines of each text (0: all)")
     p.add_argument("--json", metavar="OUT", help="also write the numbers as JSON")
     args = p.parse_args(argv)
-    from tqdm import tqdm
-
     texts = []
     for path in args.text:
         lines = []
@@ -45,7 +43,7 @@ def main(argv=None) -> int:
             raise cli.UserError(f"{path}: no text")
         texts.append((os.path.basename(path), lines))
     results = []
-    for spec in tqdm(args.tokenizer, desc="tokenizers", unit=" tokenizer"):
+    for spec in cli.progress(args.tokenizer, desc="tokenizers", unit=" tokenizer"):
         enc = load_text_encoder(spec)
         for name, lines in texts:
             results.append(measure_fertility(enc, lines, name))

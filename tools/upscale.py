@@ -28,8 +28,8 @@ def _pp_hint(cfg) -> str:
     """Which pipeline splits keep the skips stage-local (crossing ones are carried between stages
     with the activations, which costs extra P2P traffic), with the pretrain_jai.py flags of an
     uneven split that avoids the crossing."""
-    from megatron_jai.upscale.plan import (crossing_skips, pipeline_flags, stage_boundaries,
-                                           stage_local_layouts)
+    from megatron_jai.parallel import (crossing_skips, pipeline_flags, stage_boundaries,
+                                       stage_local_layouts)
 
     if not cfg.skip_connections:
         return ""

@@ -38,7 +38,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from megatron_jai.config import load_model_config
+    from megatron_jai.presets import load_model_config
     from megatron_jai.training.memory_estimate import GiB, estimate
 
     try:

@@ -1,4 +1,4 @@
-"""Merging checkpoints of one architecture: linear, slerp, task arithmetic, TIES
+"""Merging checkpoints of one architecture as mergekit merges their Hugging Face exports
 (``tools/merge_checkpoints.py``; JAI-1 merges two SFT models 1:1 before DPO).
 
 Works on our checkpoints directly, whatever TP/PP/EP saved them (tensors are stored in their global
@@ -8,56 +8,107 @@ merged, experts and router included; optimizer states and RNG are not read, so t
 model-only iteration-0 checkpoint that ``pretrain_jai.py --init-from`` loads and
 ``convert_checkpoint.py mcore-to-hf`` exports.
 
-Methods (per tensor, as mergekit's methods of the same names; ``x_i`` the inputs, ``w_i`` their
-weights, default 1; ``b`` the base)::
+The methods, their parameters and defaults are mergekit's (0.1.5), per tensor (``x_i`` the inputs,
+``w_i`` their weights, ``b`` the base; ``d_i = x_i - b`` the task vectors)::
 
-    linear           sum_i w_i x_i / sum_i w_i   (normalize, the default; 1:1 = the elementwise mean)
-    slerp            spherical interpolation from x_0 (t=0) to x_1 (t=1), linear when the two
-                     tensors are nearly colinear (|cos| > 0.9995)
-    task_arithmetic  b + lambda * sum_i w_i (x_i - b)          (divided by sum_i w_i with normalize)
-    ties             b + lambda * disjoint mean of the trimmed task vectors: keep each w_i (x_i - b)'s
-                     ``density`` fraction of largest magnitudes, elect each entry's sign from the
-                     sum, average the entries that agree with it (divided by their weights' sum)
+    linear            sum_i w_i x_i / sum_i w_i            (normalize, the default)
+    slerp             spherical interpolation from x_0 (t=0) to x_1 (t=1); linear when |cos| > 0.9995
+    task_arithmetic   b + lambda * sum_i w_i d_i           (/ sum_i w_i with normalize)
+    ties              d_i keeps its top ``density`` magnitudes; each entry's sign is elected from
+                      sum_i w_i d_i; b + lambda * sum of the agreeing w_i d_i / their weights' sum
+    dare_linear       d_i keeps each entry with probability ``density`` (seeded), rescaled to its
+                      L1 norm; then as task_arithmetic
+    dare_ties         the same sparsification, then ties' sign election
+    breadcrumbs(_ties) d_i drops its ``gamma`` largest and its smallest magnitudes, keeping a
+                      ``density`` share; then as task_arithmetic (ties)
+    model_stock       b + t (mean_i x_i - b), t = N c / (1 + (N - 1) c), c the mean pairwise cosine
+                      of the d_i (per row with ``filter_wise``)
 
-What slerp and ties see as "one tensor" is what Hugging Face stores as one: one layer of a stacked
-``decoder.layers.*`` tensor, and one expert of an expert tensor (``weight_gate_up`` keeps gate and
-up rows together, like Phi-3's ``gate_up_proj``).
+"One tensor" is one tensor of the Hugging Face model the export loads as (mergekit merges those):
+``formats.tensor_map``'s split of a layer (q, k and v apart and gate and up apart in the JAI layout,
+Phi-3's fused ``qkv_proj`` and ``gate_up_proj``, each expert's w1/w3/w2 in the JAI layout; a Mixtral
+layer's experts as transformers >= 5 holds them, ``mlp.experts.gate_up_proj`` and ``down_proj``).
+Vocabulary padding rows (embedding and output rows >= ``vocab_size``) take no part in any
+statistic: the output keeps the first input's padding rows. Parameters may differ per tensor as in
+mergekit: ``[{filter: self_attn, value: 0.3}, {value: 0.7}]`` picks by substring of the HF tensor
+name, a list of numbers is a gradient interpolated over the layers.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import json
 import math
 import os
 import time
 import weakref
-from typing import Callable, Optional, Sequence
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from tqdm import tqdm
 
-from megatron_jai.checkpoint.convert import HF_SUBDIR, peak_rss_bytes
+from megatron_jai.checkpoint import formats
+from megatron_jai.checkpoint.convert import DTYPES, peak_rss_bytes
 from megatron_jai.checkpoint.dist import TOKENIZER_SUBDIR, tokenizer_files
-from megatron_jai.checkpoint.stream import CheckpointReader, CheckpointWriter
-from megatron_jai.cli import UserError
+from megatron_jai.checkpoint.stream import HF_SUBDIR, CheckpointReader, Surgery, model_keys
+from megatron_jai.cli import UserError, read_yaml
 from megatron_jai.config import ModelConfig
-from megatron_jai.upscale.dus import copy_side_files, model_keys
 
-METHODS = ("linear", "slerp", "task_arithmetic", "ties")
-NEEDS_BASE = ("task_arithmetic", "ties")
-DEFAULT_NORMALIZE = {"linear": True, "task_arithmetic": False, "ties": True}  # mergekit's
 COLINEAR_COS = 0.9995  # slerp falls back to linear interpolation above this |cos|
 # Training settings, not architecture: inputs may differ in them (the first input's are kept).
 TRAINING_FIELDS = ("name", "init_method_std", "moe_aux_loss_coeff", "moe_z_loss_coeff",
                    "moe_expert_bias_update_rate", "moe_capacity_factor", "moe_token_drop_policy")
-EXPERT_TENSORS = ".mlp.experts."  # per-layer tensors with a leading expert dimension
+VOCAB_TABLES = ("embedding.word_embeddings.weight", "output_layer.weight")  # rows: token ids
 MERGE_RECORD = "merge.json"  # in the output root: the method, the inputs and their iterations
+# transformers >= 5 loads a Mixtral export's experts fused per layer, exactly our stacked layer
+# ([E, 2F, H] with rows [w1; w3] per expert, and [E, H, F]), and mergekit merges those tensors.
+MIXTRAL_MODEL_TENSORS = {
+    "decoder.layers.mlp.experts.weight_gate_up": "model.layers.{layer}.mlp.experts.gate_up_proj",
+    "decoder.layers.mlp.experts.weight_down": "model.layers.{layer}.mlp.experts.down_proj",
+    "decoder.layers.mlp.router.weight": "model.layers.{layer}.mlp.gate.weight",
+}
 
 
 class MergeError(UserError):
     """Inputs or options that cannot be merged (one line, exit 2)."""
+
+
+# ---- the methods: mergekit's registry, for the methods we have ---------------------------------
+@dataclass(frozen=True)
+class Method:
+    name: str
+    shared: dict  # parameters of the whole merge -> default
+    per_model: dict  # parameters of each input (not the base) -> default
+    base: bool = False  # merges task vectors x_i - base
+    inputs: tuple = (1, None)  # fewest and most inputs besides the base
+    sparsify: Optional[str] = None  # "magnitude", "random" (DARE), "magnitude_outliers"
+    consensus: bool = False  # TIES sign election
+
+
+def _task_vectors(name, sparsify=None, consensus=False, normalize=False, rescale=False) -> Method:
+    per_model = {"weight": 1.0, "density": 1.0}
+    if sparsify == "magnitude_outliers":
+        per_model["gamma"] = 0.01
+    return Method(name, {"normalize": normalize, "rescale": rescale, "lambda": 1.0,
+                         "int8_mask": False}, per_model, True, (1, None), sparsify, consensus)
+
+
+METHODS = {m.name: m for m in (
+    Method("linear", {"normalize": True}, {"weight": 1.0}, inputs=(2, None)),
+    Method("slerp", {"t": 0.5}, {}, inputs=(2, 2)),
+    _task_vectors("task_arithmetic"),
+    _task_vectors("ties", "magnitude", consensus=True, normalize=True),
+    _task_vectors("dare_linear", "random", rescale=True),
+    _task_vectors("dare_ties", "random", consensus=True, rescale=True),
+    _task_vectors("breadcrumbs", "magnitude_outliers"),
+    _task_vectors("breadcrumbs_ties", "magnitude_outliers", consensus=True),
+    Method("model_stock", {"filter_wise": False}, {}, base=True, inputs=(2, None)),
+)}
+FLAGS = {"normalize", "rescale", "int8_mask", "filter_wise"}  # boolean parameters
+SHARES = {"t", "density", "gamma"}  # parameters in [0, 1]
 
 
 # ---- the methods, on one tensor of each input (any float dtype; computed in fp32 or wider) -------
@@ -81,50 +132,218 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-8) -> torc
     if abs(cos) > COLINEAR_COS:
         s0, s1 = 1.0 - t, t
     else:
-        theta = math.acos(cos)
+        theta = math.acos(max(-1.0, min(1.0, cos)))
         s0, s1 = math.sin(theta - theta * t) / math.sin(theta), math.sin(theta * t) / math.sin(theta)
     return (a * s0).add_(b, alpha=s1)  # t=0: s0 = 1, s1 = 0 exactly (and t=1 the other way)
 
 
-def task_arithmetic(base: torch.Tensor, xs: Sequence[torch.Tensor], weights: Sequence[float],
-                    lam: float = 1.0, normalize: bool = False) -> torch.Tensor:
-    base = _wide(base)
-    mixed = torch.zeros_like(base)
-    for x, w in zip(xs, weights):
-        mixed.add_(x - base, alpha=w)
-    if normalize:
-        total = sum(weights)
-        mixed.div_(total if abs(total) >= 1e-8 else 1.0)
-    return mixed.mul_(lam).add_(base)
+def _ranked(magnitude: torch.Tensor, lo: int, hi: int, descending: bool,
+            ties_likely: bool = False) -> torch.Tensor:
+    """The entries at positions ``[lo, hi)`` of ``magnitude`` (flat) sorted as mergekit sorts it
+    (``torch.argsort`` / ``torch.sort``, ties in torch's order): found with ``kthvalue``, and only
+    when equal values straddle a boundary (at once when ``ties_likely``) with the sort itself."""
+    n = magnitude.numel()
+    first, last = (n - hi, n - lo) if descending else (lo, hi)  # the window in ascending order
+    keep = torch.ones(n, dtype=torch.bool)
+    if last <= first:
+        return keep.zero_()
+    exact = not ties_likely  # no equal values straddle a boundary (or they are 0: values agree)
+    if first > 0 and exact:
+        low = magnitude.kthvalue(first + 1).values
+        keep &= magnitude >= low
+        exact &= bool(low == 0) or int((magnitude < low).sum()) == first
+    if last < n and exact:
+        high = magnitude.kthvalue(last).values
+        keep &= magnitude <= high
+        exact &= bool(high == 0) or int((magnitude <= high).sum()) == last
+    if not exact:
+        order = (torch.argsort(magnitude, descending=True) if descending
+                 else torch.sort(magnitude, descending=False).indices)
+        keep.zero_()[order[lo:hi]] = True
+    return keep
 
 
-def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Zero all but the ``int(density * n)`` (at least one) largest magnitudes, in place."""
+def sparsify(delta: torch.Tensor, method: str, density: float, rescale: bool = False,
+             gamma: float = 0.0, generator: Optional[torch.Generator] = None,
+             ties_likely: bool = False) -> torch.Tensor:
+    """mergekit's sparsification of one task vector (in place): ``magnitude`` keeps the
+    ``max(1, int(density * n))`` largest magnitudes, ``magnitude_outliers`` drops the
+    ``int(gamma * n)`` largest and keeps the next ``int(density * n)``, ``random`` (DARE) keeps
+    each entry with probability ``density``; ``rescale`` restores the L1 norm. ``ties_likely``
+    (16-bit inputs: few distinct values) sorts at once rather than first trying ``kthvalue``."""
     if density >= 1:
         return delta
-    magnitude = delta.abs()
-    keep = max(1, int(density * delta.numel()))
-    threshold = magnitude.flatten().kthvalue(delta.numel() - keep + 1).values
-    return delta.masked_fill_(magnitude < threshold, 0)
+    n = delta.numel()
+    if method == "random":
+        keep = torch.rand(delta.shape, generator=generator) < density
+    elif density <= 0 or n == 0:
+        keep = torch.zeros(delta.shape, dtype=torch.bool)
+    else:
+        magnitude = delta.abs().reshape(-1)
+        if method == "magnitude":
+            keep = _ranked(magnitude, 0, max(1, int(density * n)), True, ties_likely)
+        else:
+            kept = int(density * n)
+            low = max(0, n - kept - int(gamma * n))
+            keep = _ranked(magnitude, low, low + kept, False, ties_likely)
+        del magnitude
+    before = delta.abs().sum() if rescale else None
+    delta.mul_(keep.view(delta.shape))
+    if rescale:
+        after = delta.abs().sum()
+        if before >= 1e-7 and after >= 1e-7:  # mergekit's eps
+            delta.mul_(before / after)
+    return delta
 
 
-def ties(base: torch.Tensor, xs: Sequence[torch.Tensor], weights: Sequence[float],
-         density: float = 1.0, lam: float = 1.0, normalize: bool = True) -> torch.Tensor:
+def task_vectors(base: torch.Tensor, xs: Sequence[torch.Tensor], weights: Sequence[float], *,
+                 densities: Optional[Sequence[float]] = None, sparsify_method: Optional[str] = None,
+                 consensus: bool = False, normalize: bool = False, rescale: bool = False,
+                 lam: float = 1.0, gammas: Optional[Sequence[float]] = None,
+                 generators: Optional[Sequence[torch.Generator]] = None) -> torch.Tensor:
+    """mergekit's generalized task arithmetic (task_arithmetic, ties, dare_*, breadcrumbs*)."""
+    ties_likely = base.element_size() < 4
     base = _wide(base)
-    deltas = [trim(x - base, density).mul_(w) for x, w in zip(xs, weights)]
-    total = deltas[0].clone()
+    deltas = []
+    for i, (x, w) in enumerate(zip(xs, weights)):
+        d = x - base
+        if sparsify_method:
+            d = sparsify(d, sparsify_method, densities[i], rescale, gammas[i] if gammas else 0.0,
+                         generators[i] if generators else None, ties_likely)
+        deltas.append(d.mul_(w))
+    mixed = deltas[0].clone()
     for d in deltas[1:]:
-        total.add_(d)
-    positive = total >= 0  # the elected sign of each entry
-    del total
-    mixed, divisor = torch.zeros_like(base), torch.zeros_like(base)
-    for d, w in zip(deltas, weights):
-        agree = torch.where(positive, d > 0, d < 0)
-        mixed.add_(d.mul_(agree))
-        divisor.add_(agree, alpha=w)
+        mixed.add_(d)
+    if consensus:
+        positive = mixed >= 0  # the elected sign of each entry
+        mixed.zero_()
+        divisor = torch.zeros_like(base)
+        for d, w in zip(deltas, weights):
+            agree = torch.where(positive, d > 0, d < 0)
+            mixed.add_(d.mul_(agree))
+            divisor.add_(agree, alpha=w)
+        divisor.masked_fill_(divisor == 0, 1)
+    else:
+        total = sum(weights)
+        divisor = total if abs(total) >= 1e-8 else 1.0
+    del deltas
     if normalize:
-        mixed.div_(divisor.masked_fill_(divisor == 0, 1))
-    return mixed.mul_(lam).add_(base)
+        mixed.div_(divisor)
+    if lam != 1:
+        mixed.mul_(lam)
+    return mixed.add_(base)
+
+
+def model_stock(base: torch.Tensor, xs: Sequence[torch.Tensor], filter_wise: bool = False) -> torch.Tensor:
+    """Model Stock: the base moved towards the inputs' mean by the share their angle implies."""
+    base = _wide(base)
+    rows = base.reshape(-1, base.shape[-1]) if filter_wise and base.dim() > 1 else base.reshape(1, -1)
+    xs = [_wide(x).reshape(rows.shape) for x in xs]
+    offsets = [x - rows for x in xs]
+    cosines = []
+    for i, a in enumerate(offsets):
+        for b in offsets[i + 1:]:
+            norms = (a.norm(dim=-1) * b.norm(dim=-1)).clamp(min=1e-6)
+            cosines.append(((a * b).sum(dim=-1) / norms).clamp(-1, 1))
+    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+    n = len(xs)
+    denominator = 1 + (n - 1) * cos
+    singular = denominator.abs() < 1e-6  # no finite estimate: keep the base
+    t = torch.where(singular, 0.0, n * cos / torch.where(singular, 1.0, denominator))
+    del offsets
+    return (t * (sum(xs) / n) + (1 - t) * rows).reshape(base.shape)
+
+
+# ---- parameters: mergekit's settings (scalars, gradients over layers, filters by tensor name) ---
+def _is_scalar(v) -> bool:
+    return isinstance(v, (bool, int, float)) and not isinstance(v, str)
+
+
+def evaluate_setting(setting, tensor_name: str, t: float, flag: bool = False):
+    """A parameter's value for one tensor, as mergekit's ``evaluate_setting``: a scalar; a list of
+    scalars is a gradient (numbers interpolated at ``t``, flags picked); ``{filter, value}``
+    entries apply when ``filter`` is in the tensor name (or absent, or ``*``); None when none does."""
+    if isinstance(setting, dict):
+        setting = [setting]
+    if _is_scalar(setting):
+        return bool(setting) if flag else float(setting)
+    if not setting:
+        return None
+    if all(_is_scalar(v) for v in setting):
+        if flag:
+            return bool(setting[int(t * (len(setting) - 1))])
+        scaled = t * (len(setting) - 1)
+        i0 = int(scaled)
+        i1, frac = min(len(setting) - 1, i0 + 1), scaled - i0
+        return float((1 - frac) * setting[i0] + frac * setting[i1])
+    for cond in setting:
+        f = cond.get("filter")
+        if f is None or f == "*" or (tensor_name and f in tensor_name):
+            return evaluate_setting(cond["value"], tensor_name, t, flag)
+    return None
+
+
+def _resolve(name: str, scopes: Sequence[dict], default, tensor_name: str, t: float):
+    for scope in scopes:  # highest precedence first
+        if name in scope:
+            value = evaluate_setting(scope[name], tensor_name, t, name in FLAGS)
+            if value is not None:
+                return value
+    return default
+
+
+def _check_setting(method: str, name: str, setting, where: str) -> None:
+    """A setting's shape and values: refuses what mergekit would fail on or silently misread."""
+    def scalars(v) -> list:
+        if _is_scalar(v):
+            return [v]
+        if isinstance(v, list) and v and all(_is_scalar(x) for x in v):
+            return v
+        if isinstance(v, dict):
+            if set(v) - {"filter", "value"} or "value" not in v:
+                raise MergeError(f"{where}: {name}: a conditional value is {{filter: ..., value: ...}}"
+                                 f", got keys {sorted(v)}")
+            if v.get("filter") is not None and not isinstance(v["filter"], str):
+                raise MergeError(f"{where}: {name}: filter must be a string")
+            if isinstance(v["value"], (dict, list)) and not scalars_only(v["value"]):
+                raise MergeError(f"{where}: {name}: a filter's value is a number or a gradient")
+            return scalars(v["value"])
+        if isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            return [s for x in v for s in scalars(x)]
+        raise MergeError(f"{where}: {name} must be a value, a gradient (list of values) or a list "
+                         f"of {{filter, value}}; got {v!r}")
+
+    def scalars_only(v) -> bool:
+        return isinstance(v, list) and v and all(_is_scalar(x) for x in v)
+
+    for v in scalars(setting):
+        if (name in FLAGS) != isinstance(v, bool):
+            raise MergeError(f"{where}: {name} must be {'true or false' if name in FLAGS else 'a number'}"
+                             f", got {v!r}")
+        if name not in FLAGS and not math.isfinite(v):
+            raise MergeError(f"{where}: {name} must be a finite number, got {v!r}")
+        if name in SHARES and not 0 <= v <= 1:
+            raise MergeError(f"{where}: {name} must be in [0, 1], got {v}")
+
+
+def check_parameters(method: str, parameters: dict, model_parameters: Sequence[dict]) -> None:
+    """Every parameter named is one of ``method``'s, in its scope, with valid values."""
+    m = METHODS[method]
+    known = sorted({**m.shared, **m.per_model})
+    for name, setting in parameters.items():
+        if name not in known:
+            raise MergeError(f"{method} has no parameter {name!r} (its parameters: "
+                             f"{', '.join(known) or 'none'})")
+        _check_setting(method, name, setting, "parameters")
+    for i, scope in enumerate(model_parameters):
+        for name, setting in scope.items():
+            if name in m.shared:
+                raise MergeError(f"{name} is a parameter of the whole {method} merge, not of one "
+                                 f"model (input {i + 1}): give it under the top-level parameters")
+            if name not in m.per_model:
+                raise MergeError(f"{method} has no per-model parameter {name!r} (input {i + 1}; "
+                                 f"per-model parameters: {', '.join(sorted(m.per_model)) or 'none'})")
+            _check_setting(method, name, setting, f"input {i + 1}")
 
 
 # ---- memory accounting --------------------------------------------------------------------------
@@ -185,44 +404,6 @@ def tokenizer_fingerprint(root: str) -> dict:
     return out
 
 
-def _check_options(method: str, n: int, weights, has_base: bool, t, density, lam,
-                   normalize: Optional[bool]) -> None:
-    if method not in METHODS:
-        raise MergeError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    if method == "slerp":
-        if n != 2:
-            raise MergeError(f"slerp interpolates between exactly two inputs, got {n}")
-        for flag, given in (("--weights", weights), ("--base", has_base), ("--density", density),
-                            ("--lambda", lam), ("--normalize", normalize)):
-            if given not in (None, False):
-                raise MergeError(f"slerp takes --t, not {flag}")
-        if t is not None and not 0 <= t <= 1:
-            raise MergeError(f"--t must be in [0, 1], got {t}")
-        return
-    if t is not None:
-        raise MergeError(f"--t is for slerp, not {method}")
-    if method in NEEDS_BASE and not has_base:
-        raise MergeError(f"{method} needs --base (the model the inputs were fine-tuned from)")
-    if method == "linear":
-        if has_base:
-            raise MergeError("linear takes no --base (task_arithmetic and ties do)")
-        if lam is not None:
-            raise MergeError("--lambda is for task_arithmetic and ties")
-    if n < (2 if method == "linear" else 1):
-        raise MergeError(f"{method} needs at least {2 if method == 'linear' else 1} inputs, got {n}")
-    if density is not None and method != "ties":
-        raise MergeError(f"--density is for ties, not {method}")
-    if density is not None and not 0 < density <= 1:
-        raise MergeError(f"--density must be in (0, 1], got {density}")
-    if weights is not None:
-        if len(weights) != n:
-            raise MergeError(f"{len(weights)} weights for {n} inputs")
-        if not all(math.isfinite(w) for w in weights):
-            raise MergeError(f"weights must be finite numbers, got {list(weights)}")
-        if method == "linear" and normalize is not False and sum(weights) == 0:
-            raise MergeError("the weights sum to 0: cannot normalize (use --no-normalize)")
-
-
 def _check_output(readers: Sequence[CheckpointReader], out: str, force: bool) -> None:
     out = os.path.realpath(out)
     if os.path.exists(out) and not force:
@@ -266,96 +447,175 @@ def _check_compatible(readers: Sequence[CheckpointReader], names: Sequence[str])
 
 
 # ---- streaming ----------------------------------------------------------------------------------
-def _combiner(method: str, weights, t, density, lam, normalize) -> Callable:
-    """``f(inputs, base) -> merged`` on the tensors of one merge unit."""
-    if method == "slerp":
-        return lambda xs, base: slerp(xs[0], xs[1], t)
-    if method == "linear":
-        return lambda xs, base: linear(xs, weights, normalize)
-    if method == "task_arithmetic":
-        return lambda xs, base: task_arithmetic(base, xs, weights, lam, normalize)
-    return lambda xs, base: ties(base, xs, weights, density, lam, normalize)
+def merge_units(cfg: ModelConfig, hf_format: str = "auto") -> dict:
+    """Megatron key -> the ``formats.tensor_map`` row whose ``hf`` names, ``to_hf`` and
+    ``to_mcore`` split one layer of it into the tensors mergekit merges on the export in
+    ``hf_format`` (and join them back)."""
+    layout = formats.hf_layout(cfg, hf_format)
+    rows = {}
+    for row in formats.tensor_map(cfg, layout):
+        if layout == formats.mixtral.MODEL_TYPE and row.mcore in MIXTRAL_MODEL_TENSORS:
+            row = dataclasses.replace(row, hf=(MIXTRAL_MODEL_TENSORS[row.mcore],),
+                                      to_hf=formats.common.same, to_mcore=formats.common.same)
+        rows[row.mcore] = row
+    return rows
 
 
-def _merge_tensor(key: str, tensors: list, has_base: bool, combine: Callable,
-                  dtype: Optional[torch.dtype], expert_dim: bool) -> torch.Tensor:
-    """One layer (or one whole non-layer tensor) of every input, then the base, merged."""
+def _generator(seed: int, tensor_name: str, model: int) -> torch.Generator:
+    """DARE's random stream for one input's tensor: the same whatever layout, order or process."""
+    digest = hashlib.sha256(f"{seed}/{tensor_name}/{model}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+@dataclass
+class _Merge:
+    """The method with its settings: merges one tensor of every input (then the base)."""
+
+    method: Method
+    parameters: dict
+    model_parameters: list
+    seed: int
+
+    def __call__(self, tensor_name: str, t: float, xs: list) -> torch.Tensor:
+        m = self.method
+        shared = {p: _resolve(p, [self.parameters], d, tensor_name, t) for p, d in m.shared.items()}
+        per_model = {p: [_resolve(p, [scope, self.parameters], d, tensor_name, t)
+                         for scope in self.model_parameters] for p, d in m.per_model.items()}
+        if m.name == "slerp":
+            return slerp(xs[0], xs[1], shared["t"])
+        if m.name == "linear":
+            weights = per_model["weight"]
+            if shared["normalize"] and sum(weights) == 0:
+                raise MergeError(f"{tensor_name}: the weights sum to 0, cannot normalize "
+                                 f"(normalize: false)")
+            return linear(xs, weights, shared["normalize"])
+        *xs, base = xs
+        if m.name == "model_stock":
+            return model_stock(base, xs, shared["filter_wise"])
+        generators = ([_generator(self.seed, tensor_name, i) for i in range(len(xs))]
+                      if m.sparsify == "random" else None)
+        return task_vectors(base, xs, per_model["weight"], densities=per_model["density"],
+                            sparsify_method=m.sparsify, consensus=m.consensus,
+                            normalize=shared["normalize"], rescale=shared["rescale"],
+                            lam=shared["lambda"], gammas=per_model.get("gamma"), generators=generators)
+
+
+def _merge_layer(key: str, layer: Optional[int], tensors: list, row, cfg: ModelConfig,
+                 merge: _Merge, dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """One layer (or one whole non-layer tensor) of every input, then the base, merged tensor by
+    tensor of the Hugging Face model; ``tensors`` is emptied on the way (memory)."""
     first = tensors[0]
     if not first.is_floating_point():
         if any(not torch.equal(x, first) for x in tensors[1:]):
             raise MergeError(f"{key} is not a floating-point tensor and differs between the "
                              f"inputs: it cannot be merged")
         return first
-    out = torch.empty(first.shape, dtype=dtype or first.dtype)
-    for unit in (range(first.shape[0]) if expert_dim else (slice(None),)):
-        xs = [x[unit] for x in tensors]
-        base = xs.pop() if has_base else None
-        out[unit] = combine(xs, base)
-        del xs, base
+    dtype = dtype or first.dtype
+    padding = first[cfg.vocab_size:].clone() if key in VOCAB_TABLES else None
+    if row is None:  # not a tensor of the HF model: merged whole
+        names, parts = [key if layer is None else f"{key}.{layer}"], [(x,) for x in tensors]
+    else:
+        names = row.hf_names(layer)
+        parts = [row.to_hf(cfg, x) for x in tensors]
+        parts = [p if isinstance(p, tuple) else (p,) for p in parts]
+    del first
+    tensors.clear()  # the split copies (or views) hold what is still needed
+    # mergekit's position of a layer in a gradient: 0 first layer .. 1 last; 0 off the layers
+    t = 0.0 if layer is None else layer / (cfg.num_layers - 1) if cfg.num_layers > 1 else 1.0
+    merged = []
+    for i, name in enumerate(names):
+        merged.append(merge(name, t, [p[i] for p in parts]).to(dtype))
+    del parts
+    out = row.to_mcore(cfg, *merged) if row is not None else merged[0]
+    if padding is not None:  # no statistic saw them (the split drops them): the first input's
+        out[cfg.vocab_size:] = padding
     return out
 
 
-def merge_checkpoints(method: str, inputs: Sequence[str], out: str, *,
-                      weights: Optional[Sequence[float]] = None, base: Optional[str] = None,
-                      t: Optional[float] = None, density: Optional[float] = None,
-                      lam: Optional[float] = None, normalize: Optional[bool] = None,
-                      dtype: Optional[torch.dtype] = None, name: Optional[str] = None,
-                      force: bool = False, progress: bool = True) -> dict:
+def _check_inputs(method: str, n: int, has_base: bool) -> Method:
+    if method not in METHODS:
+        raise MergeError(f"merge method {method!r} is not supported; choose from "
+                         f"{', '.join(METHODS)}")
+    m = METHODS[method]
+    if m.base and not has_base:
+        raise MergeError(f"{method} needs a base model (--base, or base_model in the config): the "
+                         f"model the inputs were fine-tuned from")
+    if has_base and not m.base:
+        raise MergeError(f"{method} takes no base model")
+    fewest, most = m.inputs
+    if most == fewest and n != most:
+        raise MergeError(f"{method} merges exactly {most} models, got {n}")
+    if n < fewest:
+        raise MergeError(f"{method} needs at least {fewest} input models"
+                         f"{' besides the base' if m.base else ''}, got {n}")
+    return m
+
+
+def merge_checkpoints(method: str, inputs: Sequence[str], out: str, *, base: Optional[str] = None,
+                      parameters: Optional[dict] = None,
+                      model_parameters: Optional[Sequence[dict]] = None, seed: int = 0,
+                      dtype: Optional[torch.dtype] = None, hf_format: str = "auto",
+                      name: Optional[str] = None, force: bool = False,
+                      progress: bool = True, measure: bool = False) -> dict:
     """Write the merge of ``inputs`` (checkpoint roots, or ``ROOT/iter_N`` directories) to ``out``.
 
-    ``None`` options take their defaults (weights 1, t 0.5, density 1, lambda 1, normalize per
-    method); options a method does not take are refused. Returns a summary dict."""
+    ``parameters`` are the method's settings for the whole merge, ``model_parameters`` one dict
+    per input (``weight``, ``density``, ``gamma``), both in mergekit's form (a value, a gradient
+    over layers, or filters on the HF tensor name); what is not given takes mergekit's default.
+    ``seed`` seeds DARE; ``measure`` counts the bytes of tensors held at once (:class:`HeldBytes`,
+    slower). Returns a summary dict."""
     start = time.time()
     inputs = list(inputs)
-    _check_options(method, len(inputs), weights, base is not None, t, density, lam, normalize)
-    readers = [CheckpointReader(p) for p in inputs + ([base] if base else [])]
+    parameters = dict(parameters or {})
+    model_parameters = [dict(p or {}) for p in (model_parameters or [{}] * len(inputs))]
+    if len(model_parameters) != len(inputs):
+        raise MergeError(f"{len(model_parameters)} sets of model parameters for {len(inputs)} inputs")
+    m = _check_inputs(method, len(inputs), base is not None)
+    check_parameters(method, parameters, model_parameters)
+    surgery = Surgery(inputs + ([base] if base else []))
+    readers = surgery.readers
     _check_output(readers, out, force)
     names = [*(f"input {i + 1} ({p})" for i, p in enumerate(inputs)), *([f"base ({base})"] * bool(base))]
     _check_compatible(readers, names)
-    weights = [float(w) for w in weights] if weights is not None else [1.0] * len(inputs)
-    t = 0.5 if t is None else float(t)
-    density = 1.0 if density is None else float(density)
-    lam = 1.0 if lam is None else float(lam)
-    normalize = DEFAULT_NORMALIZE.get(method, False) if normalize is None else normalize
-    combine = _combiner(method, weights, t, density, lam, normalize)
 
     first = readers[0]
     cfg = first.config if name is None else first.config.replace(name=name)
-    stacked, others = model_keys(first)
-    num_layers = max((first.shape(k)[0] for k in stacked), default=0)
+    units = merge_units(first.config, hf_format)
+    merge = _Merge(m, parameters, model_parameters, seed)
+    stacked, others, num_layers = surgery.stacked, surgery.others, surgery.layers
     largest = max([first.num_bytes(k) for k in others] +
                   [first.num_bytes(k) // first.shape(k)[0] for k in stacked])
     record = {"method": method, "inputs": [_describe(r) for r in readers[:len(inputs)]],
               **({"base": _describe(readers[-1])} if base else {}),
-              **({"t": t} if method == "slerp" else {"weights": weights, "normalize": normalize}),
-              **({"lambda": lam} if method in NEEDS_BASE else {}),
-              **({"density": density} if method == "ties" else {})}
-    meter = HeldBytes()
-    with CheckpointWriter(out, cfg, force=force) as writer:
+              "parameters": parameters,
+              **({"model_parameters": model_parameters} if any(model_parameters) else {}),
+              **({"seed": seed} if m.sparsify == "random" else {}),
+              "format": formats.hf_layout(first.config, hf_format)}
+
+    def tensor(key: str) -> torch.Tensor:
+        return _merge_layer(key, None, [r.read(key) for r in readers], units.get(key),
+                            first.config, merge, dtype)
+
+    def layer(i: int):  # one merged tensor at a time, each input's chunks read in order
+        for key in stacked:
+            if i < first.shape(key)[0]:
+                yield key, _merge_layer(key, i, [r.read_layer(key, i) for r in readers],
+                                        units.get(key), first.config, merge, dtype)
+
+    def files(writer) -> None:
         with open(writer.path(MERGE_RECORD), "w") as f:
             json.dump(record, f, indent=2)
             f.write("\n")
-        for r in readers:  # the tokenizer and HF files travel along (the architecture is the same)
-            copy_side_files(r.root, writer, same_model=True)
-        steps = len(others) + sum(first.shape(k)[0] for k in stacked)
-        with meter, tqdm(total=steps, desc=f"merge {method}", unit="tensor",
-                         disable=not progress, dynamic_ncols=True) as bar:
-            for key in others:
-                writer.write(key, _merge_tensor(key, [r.read(key) for r in readers], bool(base),
-                                                combine, dtype, expert_dim=False))
-                bar.update(1)
-            for layer in range(num_layers):  # layer-major: each input's chunks are read in order
-                for key in (k for k in stacked if layer < first.shape(k)[0]):
-                    merged = _merge_tensor(key, [r.read_layer(key, layer) for r in readers],
-                                           bool(base), combine, dtype,
-                                           expert_dim=EXPERT_TENSORS in key)
-                    writer.write_layer(key, layer, first.shape(key)[0], merged)
-                    del merged
-                    bar.update(1)
-        bytes_written = writer.bytes_written
+
+    meter = HeldBytes() if measure else contextlib.nullcontext()
+    with meter:  # the inputs' tokenizer and HF files travel along (the architecture is the same)
+        bytes_written = surgery.write(out, cfg, tensor=tensor, layer=layer, files=files,
+                                      same_model=True, force=force, progress=progress,
+                                      desc=f"merge {method}")
     return {"out": os.path.abspath(out), "method": method, "inputs": len(inputs),
             "base": base is not None, "tensors": len(stacked) + len(others), "layers": num_layers,
-            "bytes": bytes_written, "seconds": time.time() - start, "held_peak_bytes": meter.peak,
+            "bytes": bytes_written, "seconds": time.time() - start,
+            "held_peak_bytes": meter.peak if measure else None,
             "largest_tensor_bytes": largest, "peak_rss_bytes": peak_rss_bytes(), "config": cfg,
             "record": record}
 
@@ -366,8 +626,106 @@ def _describe(r: CheckpointReader) -> dict:
 
 def summary_line(s: dict) -> str:
     mib = 2 ** 20
+    held = (f"held at most {s['held_peak_bytes'] / mib:.1f} MiB at once, "
+            if s["held_peak_bytes"] is not None else "")
     return (f"merge {s['method']}: {s['inputs']} inputs{' + base' if s['base'] else ''}, "
             f"{s['tensors']} tensors ({s['layers']} layers), wrote {s['out']} "
-            f"({s['bytes'] / mib:.1f} MiB) in {s['seconds']:.1f}s; held at most "
-            f"{s['held_peak_bytes'] / mib:.1f} MiB at once (largest tensor "
-            f"{s['largest_tensor_bytes'] / mib:.1f} MiB), peak RSS {s['peak_rss_bytes'] / mib:.0f} MiB")
+            f"({s['bytes'] / mib:.1f} MiB) in {s['seconds']:.1f}s; {held}largest tensor "
+            f"{s['largest_tensor_bytes'] / mib:.1f} MiB, peak RSS {s['peak_rss_bytes'] / mib:.0f} MiB")
+
+
+# ---- mergekit's YAML ----------------------------------------------------------------------------
+MERGEKIT_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+CONFIG_KEYS = ("models", "slices", "base_model", "merge_method", "parameters", "dtype", "out_dtype",
+               "tokenizer_source")
+
+
+def read_config(path: str) -> dict:
+    """A mergekit YAML config (``models`` or one full-depth ``slices`` entry, ``base_model``,
+    ``merge_method``, ``parameters``, ``dtype``, ``out_dtype``) as :func:`merge_checkpoints`'s
+    keyword arguments; each model is a checkpoint of ours. One line on what is not supported."""
+    config = read_yaml(path, MergeError, "merge_method, models, ...")
+    unsupported = {"modules": "modules (multi-module models) are not supported",
+                   "tokenizer": "tokenizer: (vocabulary surgery) is not supported: the inputs "
+                                "share one tokenizer, which the merge carries",
+                   "chat_template": "chat_template is not supported: the merge carries the inputs' "
+                                    "tokenizer and chat template"}
+    for key in config:
+        if key in unsupported:
+            raise MergeError(f"{path}: {unsupported[key]}")
+        if key not in CONFIG_KEYS:
+            raise MergeError(f"{path}: unknown key {key!r} (supported: {', '.join(CONFIG_KEYS)})")
+    method = config.get("merge_method")
+    if not isinstance(method, str):
+        raise MergeError(f"{path}: merge_method is required")
+    if method not in METHODS:
+        raise MergeError(f"{path}: merge_method {method!r} is not supported; choose from "
+                         f"{', '.join(METHODS)}")
+    models = _config_models(config, path)
+    base = config.get("base_model")
+    if base is not None and not isinstance(base, str):
+        raise MergeError(f"{path}: base_model must be a checkpoint path")
+    paths = [p for p, _ in models]
+    if method == "slerp":  # mergekit interpolates from the base (t=0) to the other model (t=1)
+        if base is None:
+            raise MergeError(f"{path}: slerp needs a base_model (t=0) and one other model (t=1)")
+        models = [(base, {})] * (base not in paths) + sorted(models, key=lambda m: m[0] != base)
+        base = None
+    elif not METHODS[method].base:
+        if base is not None and base not in paths:
+            raise MergeError(f"{path}: {method} takes no base_model (mergekit ignores it when it is "
+                             f"one of the models)")
+        base = None
+    elif base is not None:
+        models = [m for m in models if m[0] != base]  # the base's own parameters are not used
+    dtype = config.get("out_dtype") or config.get("dtype")
+    if dtype is not None and dtype not in MERGEKIT_DTYPES:
+        raise MergeError(f"{path}: dtype {dtype!r} is not supported ({', '.join(MERGEKIT_DTYPES)})")
+    parameters = config.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise MergeError(f"{path}: parameters must be a mapping")
+    return {"method": method, "inputs": [p for p, _ in models], "base": base,
+            "parameters": parameters, "model_parameters": [p for _, p in models],
+            "dtype": DTYPES[MERGEKIT_DTYPES[dtype]] if dtype else None}
+
+
+def _config_models(config: dict, path: str) -> list:
+    """``[(checkpoint, parameters)]`` of ``models``, or of the sources of one slice that takes
+    every layer of every model (mergekit's other way to write the same merge)."""
+    if ("models" in config) == ("slices" in config):
+        raise MergeError(f"{path}: give exactly one of models and slices")
+    if "models" in config:
+        entries = config["models"]
+    else:
+        slices = config["slices"]
+        if not isinstance(slices, list) or len(slices) != 1 or not isinstance(slices[0], dict):
+            raise MergeError(f"{path}: several slices (layer stacking, frankenmerges) are not "
+                             f"supported; one slice over all layers is")
+        extra = set(slices[0]) - {"sources"}
+        if extra:
+            raise MergeError(f"{path}: slice-level {', '.join(sorted(extra))} is not supported: "
+                             f"give base_model and parameters at the top level")
+        entries = slices[0].get("sources")
+    if not isinstance(entries, list) or not entries:
+        raise MergeError(f"{path}: models must be a list of {{model: PATH, parameters: ...}}")
+    models = []
+    for entry in entries:
+        if isinstance(entry, str):
+            entry = {"model": entry}
+        if not isinstance(entry, dict) or not isinstance(entry.get("model"), str):
+            raise MergeError(f"{path}: each model is {{model: PATH, parameters: ...}}, got {entry!r}")
+        extra = set(entry) - {"model", "parameters", "layer_range"}
+        if extra:
+            raise MergeError(f"{path}: {entry['model']}: unknown key {sorted(extra)[0]!r}")
+        if "layer_range" in entry:
+            layers = CheckpointReader(entry["model"]).config.num_layers
+            if list(entry["layer_range"]) != [0, layers]:
+                raise MergeError(f"{path}: {entry['model']}: layer_range {entry['layer_range']} is "
+                                 f"not all {layers} layers; slices of layers are not supported")
+        elif "slices" in config:
+            raise MergeError(f"{path}: {entry['model']}: a slice source needs its layer_range")
+        params = entry.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise MergeError(f"{path}: {entry['model']}: parameters must be a mapping")
+        models.append((entry["model"], params))
+    return models

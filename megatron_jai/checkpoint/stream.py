@@ -44,6 +44,13 @@ API (stable; other tools build on it)::
 The writer adds the ``_extra_state`` objects Megatron-Core's linear layers expect (``None``, as a
 fresh model saves them) for every stacked ``...linear_*.weight``; ``extra_state=False`` turns that
 off. ``finalize`` checks that every stacked tensor got all its layers.
+
+Checkpoint surgery (vocabulary surgery, depth up-scaling, MoE upcycling, merging) has one shape,
+:class:`Surgery`: open the reader(s), check the per-layer shapes, copy (or compute) the other model
+keys, loop over the layers, copy the side files that travel with a checkpoint::
+
+    s = Surgery(["A", "B"])              # readers, model keys, shapes checked against the config
+    s.write("M", cfg, tensor=lambda key: ..., layer=lambda old: ((key, t), ...), layer_map=[...])
 """
 from __future__ import annotations
 
@@ -53,7 +60,7 @@ import os
 import pickle
 import shutil
 import uuid
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch.distributed.checkpoint.metadata import (
@@ -66,7 +73,9 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
-from megatron_jai.checkpoint.dist import CONFIG_FILE, TRACKER_FILE, iteration_dir, latest_iteration
+from megatron_jai.checkpoint.dist import (CONFIG_FILE, TOKENIZER_SUBDIR, TRACKER_FILE, iteration_dir,
+                                          latest_iteration)
+from megatron_jai import cli
 from megatron_jai.cli import UserError
 from megatron_jai.config import ModelConfig
 
@@ -77,9 +86,15 @@ except ImportError as e:  # pragma: no cover - depends on the torch version
 
 METADATA_FILE = ".metadata"
 COMMON_FILE = "common.pt"
-MEGATRON_CONFIG_FILE = "metadata.json"
 STACKED_PREFIX = "decoder.layers."
 EXTRA_STATE = "_extra_state"
+# Checkpoint keys that belong to the model (optimizer states and the like are not carried over:
+# surgery produces a fresh iteration-0 checkpoint).
+MODEL_KEY_PREFIXES = ("embedding.", "decoder.", "output_layer.")
+# Inside a checkpoint root, besides the iterations and TOKENIZER_SUBDIR: the converter's record of
+# the original HF model (the way back reproduces it), and the DUS plan an up-scaled model came from.
+HF_SUBDIR = "hf"
+PLAN_FILE = "dus_plan.json"
 
 
 # Megatron-Core's backend description (``dist_checkpointing.core.CheckpointingConfig``), written
@@ -445,3 +460,93 @@ class CheckpointWriter:
             raise
         self.finalized = True
         return self.root
+
+
+# ---- surgery ----------------------------------------------------------------------------------
+def model_keys(reader: CheckpointReader) -> tuple:
+    """(stacked per-layer keys, other model keys) of a checkpoint, in a stable order."""
+    keys = sorted(k for k in reader.keys() if k.startswith(MODEL_KEY_PREFIXES))
+    stacked = [k for k in keys if reader.is_stacked(k)]
+    return stacked, [k for k in keys if k not in stacked]
+
+
+def copy_side_files(src_root: str, writer: CheckpointWriter, same_model: bool = False) -> list:
+    """Carry the files that travel with a checkpoint into the output root, unless it has them
+    already: its ``tokenizer/``, and for an output of the same architecture (a merge) also the
+    converter's ``hf/`` record of the original HF model and the DUS plan, which after surgery
+    would describe the model before it. Nothing else of the root (logs, abandoned iterations)."""
+    copied = []
+    for entry in (TOKENIZER_SUBDIR, *((HF_SUBDIR, PLAN_FILE) if same_model else ())):
+        src, dst = os.path.join(src_root, entry), writer.path(entry)
+        if not os.path.exists(src) or os.path.exists(dst):
+            continue
+        if os.path.isdir(src):
+            shutil.copytree(src, dst)
+        else:
+            shutil.copy2(src, dst)
+        copied.append(entry)
+    return copied
+
+
+class Surgery:
+    """Checkpoints of one model, opened for a streaming rewrite into a new one (see the module
+    docstring). Every further input must hold the same tensors, of the same shapes, as the first
+    (checked when writing, after the caller's own checks of the inputs)."""
+
+    def __init__(self, sources: Sequence[str]):
+        self.sources = list(sources)
+        self.readers = [CheckpointReader(src) for src in sources]
+        self.config = self.readers[0].config
+        self.stacked, self.others = model_keys(self.readers[0])
+        self.layers = max((self.readers[0].shape(k)[0] for k in self.stacked), default=0)
+
+    def check_layers(self) -> None:
+        """``CheckpointFormatError`` unless every stacked tensor has the config's layers."""
+        first = self.readers[0]
+        if not self.stacked:
+            raise CheckpointFormatError(f"checkpoint {self.sources[0]} has no per-layer decoder "
+                                        f"tensors")
+        for key in self.stacked:
+            if first.shape(key)[0] != self.config.num_layers:
+                raise CheckpointFormatError(f"{key} has {first.shape(key)[0]} layers, the config "
+                                            f"says {self.config.num_layers}")
+
+    def write(self, out: str, cfg: ModelConfig, *,
+              tensor: Optional[Callable[[str], torch.Tensor]] = None,
+              layer: Optional[Callable[[int], Iterable[tuple]]] = None,
+              layer_map: Optional[Sequence[int]] = None,
+              files: Optional[Callable[[CheckpointWriter], None]] = None,
+              same_model: bool = False, force: bool = False, progress: bool = True,
+              desc: str = "layers") -> int:
+        """Write the checkpoint ``out`` of ``cfg``; returns the bytes written.
+
+        ``tensor(key)``: each non-layer model key's new tensor (default: the first input's).
+        ``layer(old)``: ``(key, tensor)`` pairs of one new layer, made from layer ``old`` of the
+        inputs, yielded one at a time (default: the first input's tensors of that layer).
+        ``layer_map[new]``: the input layer new layer ``new`` is made from (default: the same
+        layer; then a stacked input key keeps its own number of layers).
+        ``files(writer)``: writes extra files; then the side files of every input follow
+        (:func:`copy_side_files`: the first input's win)."""
+        first = self.readers[0]
+        for src, r in zip(self.sources[1:], self.readers[1:]):
+            if model_keys(r) != (self.stacked, self.others) or \
+                    any(r.shape(k) != first.shape(k) for k in self.stacked + self.others):
+                raise CheckpointFormatError(f"{src} holds different tensors than {self.sources[0]}")
+        counts = {k: first.shape(k)[0] for k in self.stacked} if layer_map is None else {}
+        layer_map = range(self.layers) if layer_map is None else layer_map
+        tensor = tensor or first.read
+        layer = layer or (lambda old: ((key, first.read_layer(key, old)) for key in self.stacked
+                                       if old < first.shape(key)[0]))
+        with CheckpointWriter(out, cfg, force=force) as writer:
+            for key in self.others:
+                writer.write(key, tensor(key))
+            for new, old in enumerate(cli.progress(layer_map, desc=desc, unit="layer",
+                                                   enabled=progress)):
+                for key, t in layer(old):
+                    writer.write_layer(key, new, counts.get(key, len(layer_map)), t)
+                    del t  # gone before the next one is made
+            if files is not None:
+                files(writer)
+            for r in self.readers:
+                copy_side_files(r.root, writer, same_model)
+            return writer.bytes_written

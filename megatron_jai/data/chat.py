@@ -10,11 +10,13 @@ Records (JSON lines, plain or gzip)
 
 Rendering (:class:`ChatTokenizer`)
   The tokenizer directory's chat template is rendered and tokenized by the same Hugging Face
-  tokenizer, so the ids are exactly ``AutoTokenizer.from_pretrained(T).apply_chat_template(
-  messages, tokenize=True)``: the BOS token is whatever the template writes (Phi-3's writes
-  ``{{ bos_token }}``; none is added), and no generation prompt ends a sequence (every sequence ends
-  with an assistant turn). A template that ignores system messages (Phi-3's) drops them; the tool
-  counts the records affected.
+  tokenizer, the one a model trained with it is exported with (a sentencepiece directory, Phi-3's
+  layout, converted exactly: ``megatron_jai.data.hf_tokenizer.write_hf_tokenizer``), so the ids are
+  exactly ``AutoTokenizer.from_pretrained(EXPORT).apply_chat_template(messages, tokenize=True)``,
+  what TRL and serving engines feed the model: the BOS token is whatever the template writes
+  (Phi-3's writes ``{{ bos_token }}``; none is added), and no generation prompt ends a sequence
+  (every sequence ends with an assistant turn). A template that ignores system messages (Phi-3's)
+  drops them; the tool counts the records affected.
 
 Loss mask: an assistant turn is the text that rendering the conversation up to and including it
 (``Q``) adds to rendering it up to the turn with the generation prompt (``P``); its trained span
@@ -28,8 +30,11 @@ Too long (``seq_length``): with ``too_long="truncate"`` the oldest conversation 
 and what follows it, up to the next user turn) are dropped, system messages kept, until the record
 fits; the final assistant turn is always kept. If its own round (its prompt and answer) still does
 not fit, the sequence is cut at ``seq_length`` tokens (the answer loses its tail). With
-``too_long="skip"`` such records are skipped. Both are counted. A record whose final round's prompt
-alone fills ``seq_length`` (no answer token would fit) is bad input (``prompt_too_long``).
+``too_long="skip"`` such records are skipped. ``too_long="keep_start"`` is TRL's truncation: the
+whole conversation is rendered and its first ``seq_length`` tokens kept (the latest turns lose
+their tail, or all of it). All are counted. A record with no answer token within ``seq_length``
+tokens (truncate, skip: of its final round; keep_start: of the whole conversation) is bad input
+(``prompt_too_long``).
 
 Output of :func:`preprocess_chat` (Megatron-Core indexed datasets, readable with
 ``megatron.core.datasets.indexed_dataset.IndexedDataset``):
@@ -62,7 +67,7 @@ from megatron_jai.data.preprocess import (MAX_REPORTED_BAD_LINES, _chunks, _remo
 
 KINDS = ("sft", "dpo")
 ROLES = ("system", "user", "assistant")
-TOO_LONG = ("truncate", "skip")
+TOO_LONG = ("truncate", "skip", "keep_start")
 BAD_RECORD_REASONS = ("not_json", "empty", "missing_field", "bad_message", "unknown_role",
                       "no_assistant", "empty_answer", "chosen_equals_rejected", "template_error",
                       "prompt_too_long")
@@ -93,10 +98,8 @@ class ChatTokenizer:
         if not os.path.isdir(self.path):
             raise ChatDataError(f"tokenizer {self.path!r} is not a directory (a chat template "
                                 f"lives in a tokenizer directory's tokenizer_config.json)")
-        from transformers import AutoTokenizer
-
         try:
-            self.hf = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+            self.hf = _load_hf_tokenizer(self.path)
         except Exception as err:  # transformers raises many types for unloadable directories
             raise ChatDataError(f"cannot load the tokenizer in {self.path}: "
                                 f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
@@ -163,6 +166,24 @@ class ChatTokenizer:
         if header < 0 or probe[len(before):len(before) + header] != turn[:header]:
             header = max(turn.find(messages[i]["content"]), 0)
         return len(before) + header, len(before) + len(turn.rstrip())
+
+
+def _load_hf_tokenizer(path: str):
+    """``AutoTokenizer`` of the tokenizer directory ``path`` as the export writes it
+    (:func:`~megatron_jai.data.hf_tokenizer.write_hf_tokenizer`): a sentencepiece directory (Phi-3's
+    layout) is converted exactly, not by transformers' own converter."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    from megatron_jai.data.hf_tokenizer import write_hf_tokenizer
+
+    if os.path.isfile(os.path.join(path, "tokenizer.json")) or \
+            not os.path.isfile(os.path.join(path, "tokenizer.model")):
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    with tempfile.TemporaryDirectory(prefix="jai_tokenizer_") as tmp:
+        write_hf_tokenizer(path, tmp)
+        return AutoTokenizer.from_pretrained(tmp, local_files_only=True)
 
 
 @functools.lru_cache(maxsize=4)
@@ -281,11 +302,13 @@ def fit_record(chat: ChatTokenizer, head: List[dict], tails: Sequence[List[dict]
     seqs = render(0)
     if all(len(ids) <= seq_length for ids, _ in seqs):
         return seqs, "ok"
-    for cut in cuts[-1:] if too_long == "skip" else cuts:
+    # the older rounds that may go (keep_start: none, TRL's truncation keeps the start)
+    droppable = {"truncate": cuts, "skip": cuts[-1:], "keep_start": []}[too_long]
+    for cut in droppable:
         seqs = render(cut)
         if all(len(ids) <= seq_length for ids, _ in seqs):
             return (None, "skipped") if too_long == "skip" else (seqs, "truncated")
-    # even the final round does not fit: is there room for any answer token?
+    # still too long: the sequences are cut; is there room for any answer token?
     for ids, mask in seqs:
         trained = numpy.flatnonzero(mask)
         if not trained.size or trained[0] >= seq_length:
@@ -417,7 +440,7 @@ def preprocess_chat(kind: str, inputs: Sequence[str], output_prefix: str, tokeni
     renamed at the end: on any error or interrupt no output appears, and an existing dataset is
     only replaced with ``overwrite=True`` (and only once everything succeeded).
     """
-    from tqdm import tqdm
+    from megatron_jai.cli import progress as progress_bar
 
     if log is None:
         def log(msg):
@@ -468,8 +491,8 @@ def preprocess_chat(kind: str, inputs: Sequence[str], output_prefix: str, tokeni
         else:
             _init_worker(*init_args)
             results = map(_encode_chunk, _chunks(inputs, stats))
-        with tqdm(total=total_bytes, unit="B", unit_scale=True, disable=not progress,
-                  desc=f"preprocess_chat {kind}", dynamic_ncols=True) as bar:
+        with progress_bar(total=total_bytes, unit="B", unit_scale=True, enabled=progress,
+                          desc=f"preprocess_chat {kind}") as bar:
             for file_index, position, records, bad in results:
                 for seqs, status, has_system in records:
                     stats.system_ignored += int(has_system and chat.ignores_system)

@@ -1,13 +1,17 @@
-"""File helpers shared by the data modules: the cache directory, an inter-process lock, and
-reading JSON-lines files (plain or gzip) with byte progress."""
+"""File helpers shared by the data modules: the cache directory, an inter-process lock, reading
+lines of plain or gzip files with byte progress, and reading documents (JSON lines or plain
+text) for tokenizer training, tokens-per-character tables and evaluation."""
 from __future__ import annotations
 
 import contextlib
 import fcntl
 import gzip
+import json
 import os
+import zlib
 from typing import Iterator, Tuple
 
+from megatron_jai.data.tokenizer import TokenizerError
 from megatron_jai.paths import REPO_ROOT
 
 
@@ -43,3 +47,33 @@ def iter_lines(path: str) -> Iterator[Tuple[bytes, int]]:
         with stream:
             for line in stream:
                 yield line, raw.tell()
+
+
+def is_jsonl(path: str) -> bool:
+    name = path[:-3] if path.endswith(".gz") else path
+    return name.endswith((".jsonl", ".json"))
+
+
+def iter_documents(path: str, json_key: str = "text") -> Iterator[str]:
+    """Documents of a jsonl(.gz) file (field ``json_key``), or lines of a plain text(.gz) file."""
+    if not os.path.isfile(path):
+        raise TokenizerError(f"no such file: {path}")
+    jsonl = is_jsonl(path)
+    lineno = 0
+    try:
+        for lineno, (raw, _) in enumerate(iter_lines(path), 1):
+            line = raw.decode("utf-8").rstrip("\r\n")
+            if not jsonl:
+                yield line
+                continue
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TokenizerError(f"{path}:{lineno}: not JSON ({e.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get(json_key), str):
+                raise TokenizerError(f"{path}:{lineno}: no text field {json_key!r}")
+            yield record[json_key]
+    except (UnicodeDecodeError, EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise TokenizerError(f"{path}:{lineno + 1}: unreadable ({e})") from None

@@ -264,7 +264,7 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_path: str,
         workers: tokenizer processes (1 = in this process).
         append_eod: append the tokenizer's end-of-document id to every document.
         overwrite: replace an existing ``output_prefix.bin/.idx``.
-        progress: show a tqdm progress bar (bytes of input read).
+        progress: show progress (bytes of input read; a bar on a terminal).
         log: callable for warnings about bad lines (default: print to stderr).
         max_bad_fraction: fail when more than this fraction of the input lines is bad (1 = never).
 
@@ -276,7 +276,7 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_path: str,
         unreadable tokenizer, truncated gzip, no usable document, too many bad lines, a worker
         process that died. Nothing is left on disk then.
     """
-    from tqdm import tqdm
+    from megatron_jai.cli import progress as progress_bar
 
     if log is None:
         def log(msg):
@@ -316,8 +316,8 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_path: str,
         else:
             _init_worker(*init_args)
             results = map(_encode_chunk, _chunks(inputs, stats))
-        with tqdm(total=stats.input_bytes, unit="B", unit_scale=True, disable=not progress,
-                  desc="preprocess", dynamic_ncols=True) as bar:
+        with progress_bar(total=stats.input_bytes, unit="B", unit_scale=True, enabled=progress,
+                          desc="preprocess") as bar:
             for file_index, position, docs, bad in results:
                 for doc in docs:
                     writer.add_document(doc)

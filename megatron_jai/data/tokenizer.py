@@ -241,3 +241,4 @@ def load_tokenizer(path: str) -> Tokenizer:
         eos = None if "<|endoftext|>" in added else _configured_eos(path)
         return SentencePieceTokenizer(sp_model, added_tokens=added, eod_token=eos)
     return HuggingFaceTokenizer(path)
+

@@ -59,10 +59,9 @@ class EvalOptions:
 
 
 def _bar(lm, opts: EvalOptions, total: int, desc: str):
-    from tqdm import tqdm
+    from megatron_jai.cli import progress
 
-    return tqdm(total=total, desc=desc, unit="item", dynamic_ncols=True,
-                disable=not (opts.progress and lm.is_main))
+    return progress(total=total, desc=desc, unit="item", enabled=opts.progress and lm.is_main)
 
 
 def run_task(lm, task: Task, opts: EvalOptions) -> dict:

@@ -90,7 +90,7 @@ def score_documents(lm, texts: Iterable[str], context: int, stride: Optional[int
 def read_texts(path: str, text_key: str = "text", limit: Optional[int] = None) -> List[str]:
     """Documents of a JSON-lines file (``text_key``, plain or gzip), or the non-empty lines of a
     plain text file (NTREX: one sentence a line); the first ``limit`` when given."""
-    from megatron_jai.upscale.tokenizer import iter_documents
+    from megatron_jai.data.files import iter_documents
 
     try:
         texts: List[str] = []

@@ -1,10 +1,12 @@
-"""What an export to Hugging Face carries besides the weights.
+"""The export to Hugging Face and what it carries besides the weights.
 
+* :mod:`megatron_jai.hf.export`: ``mcore_to_hf``, the streaming export of a checkpoint;
 * ``configuration_jai.py`` / ``modeling_jai.py``: the JAI architecture for ``transformers``
   (self-contained: copied into every JAI export and loaded with ``trust_remote_code=True``);
 * :mod:`megatron_jai.hf.tokenizer`: the tokenizer files, special-token ids and generation config.
 
-The conversion itself (tensor layouts, streaming) lives in :mod:`megatron_jai.checkpoint.convert`.
+The tensor layouts of the formats live in :mod:`megatron_jai.checkpoint.formats`, the import
+direction in :mod:`megatron_jai.checkpoint.convert`.
 """
 import os
 

@@ -5,37 +5,33 @@ Where the tokenizer comes from (:func:`find_tokenizer`): ``--tokenizer`` when gi
 checkpoint's own ``tokenizer/`` (written by vocabulary surgery, by ``hf-to-mcore`` and by
 training runs), else the tokenizer files an older ``hf-to-mcore`` kept in ``hf/``.
 
-What is written (:func:`export_tokenizer`):
+What is written (:func:`export_tokenizer`): the tokenizer exactly as training saw it
+(:func:`megatron_jai.data.hf_tokenizer.write_hf_tokenizer`, which chat preprocessing renders
+with too):
 
 * a complete Hugging Face tokenizer (``tokenizer.json`` + ``tokenizer_config.json``, e.g. an
   extended tokenizer or an HF model's own) is copied as it is, with the sentencepiece model when
   there is one;
 * a sentencepiece tokenizer (a ``.model`` file, or the Phi-3 layout: ``tokenizer.model`` +
   ``added_tokens.json`` + ``tokenizer_config.json``) also gets a ``tokenizer.json`` that encodes
-  like it (:func:`megatron_jai.upscale.tokenizer.hf_tokenizer_from_proto`);
-* ``tokenizer_config.json`` gets what a user of the model needs and the source did not say:
-  bos / eos (= the end-of-document token of training) / unk / pad (= eos when there is none),
-  ``model_max_length`` and the chat template (Phi-3's when the source has none: the toolkit's chat
-  format). BOS is added by the HF tokenizer only where the source says so: pretraining data here
-  carries no BOS.
+  like it, its added tokens with the source's attributes (Phi-3's ``rstrip`` on ``<|user|>``,
+  ``<|assistant|>``, ``<|system|>`` and ``<|end|>`` included);
+* ``tokenizer_config.json`` keeps what the source says (added tokens, chat template, bos / eos /
+  unk / pad) and gets what a user of the model needs and the source did not say: eos (= the
+  end-of-document token of training), pad (= eos when there is none), ``model_max_length`` and the
+  chat template (Phi-3's when the source has none: the toolkit's chat format). BOS is added by the
+  HF tokenizer only where the source says so: pretraining data here carries no BOS.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from typing import Optional
 
 from megatron_jai.cli import UserError
+from megatron_jai.data.hf_tokenizer import PHI3_CHAT_TEMPLATE
 
-TOKENIZER_CONFIG = "tokenizer_config.json"
-# Phi-3's chat format (microsoft/Phi-3-medium-4k-instruct), the format of this toolkit.
-PHI3_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') %}"
-    "{{'<|user|>' + '\n' + message['content'] + '<|end|>' + '\n' + '<|assistant|>' + '\n'}}"
-    "{% elif (message['role'] == 'assistant') %}{{message['content'] + '<|end|>' + '\n'}}"
-    "{% endif %}{% endfor %}")
 CHAT_TOKENS = ("<|user|>", "<|assistant|>", "<|end|>")
 END_OF_TURN = "<|end|>"
 
@@ -78,7 +74,7 @@ def find_tokenizer(checkpoint_root: str, explicit: Optional[str] = None,
     :class:`TokenizerExportError` asking for ``--tokenizer`` when there is none."""
     if explicit:
         from megatron_jai.paths import shared_path
-        from megatron_jai.upscale.tokenizer import SHARED_TOKENIZERS
+        from megatron_jai.data.hf_tokenizer import SHARED_TOKENIZERS
 
         if explicit in SHARED_TOKENIZERS and not os.path.exists(explicit):
             explicit = shared_path("tokenizers", explicit)
@@ -93,17 +89,6 @@ def find_tokenizer(checkpoint_root: str, explicit: Optional[str] = None,
                                f"the model was trained with: --tokenizer PATH")
 
 
-def _read_config(directory: Optional[str]) -> dict:
-    path = os.path.join(directory, TOKENIZER_CONFIG) if directory else ""
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except ValueError as e:
-        raise TokenizerExportError(f"{path} is not valid JSON: {e}") from None
-
-
 def _content(token) -> Optional[str]:
     return token.get("content") if isinstance(token, dict) else token
 
@@ -114,7 +99,7 @@ def export_tokenizer(src: str, out_dir: str, model_vocab_size: int,
     ``out_dir`` (see the module docstring); checks it fits a model of ``model_vocab_size`` ids."""
     from tokenizers import Tokenizer as FastTokenizer
 
-    from megatron_jai.checkpoint.dist import tokenizer_files
+    from megatron_jai.data.hf_tokenizer import TOKENIZER_CONFIG, write_hf_tokenizer
     from megatron_jai.data.tokenizer import TokenizerError, load_tokenizer
 
     try:
@@ -124,37 +109,12 @@ def export_tokenizer(src: str, out_dir: str, model_vocab_size: int,
     if ours.vocab_size > model_vocab_size:
         raise TokenizerExportError(f"tokenizer {src} has {ours.vocab_size} ids but the model only "
                                    f"{model_vocab_size}: not the tokenizer it was trained with")
-    directory = src if os.path.isdir(src) else None
-    sp_model = src if directory is None else os.path.join(src, "tokenizer.model")
-    config = _read_config(directory)
+    try:
+        config = write_hf_tokenizer(src, out_dir)
+    except TokenizerError as e:
+        raise TokenizerExportError(str(e)) from None
+    original = dict(config)
     notes = []
-    if directory and os.path.isfile(os.path.join(src, "tokenizer.json")):
-        for name, path in tokenizer_files(src).items():
-            shutil.copyfile(path, os.path.join(out_dir, name))
-        original = dict(config)
-    elif os.path.isfile(sp_model):
-        from megatron_jai.upscale.tokenizer import (
-            hf_tokenizer_config,
-            hf_tokenizer_from_proto,
-            load_base_tokenizer,
-        )
-
-        try:
-            base = load_base_tokenizer(src)
-        except ValueError as e:
-            raise TokenizerExportError(str(e)) from None
-        add_bos = bool(config.get("add_bos_token", False))
-        hf_tokenizer_from_proto(base.proto, base.specials, add_bos).save(
-            os.path.join(out_dir, "tokenizer.json"))
-        shutil.copyfile(sp_model, os.path.join(out_dir, "tokenizer.model"))
-        if base.specials:
-            _write_json(os.path.join(out_dir, "added_tokens.json"), base.specials)
-        config, _ = hf_tokenizer_config(base, base.proto, base.specials, model_vocab_size, add_bos)
-        original = None
-    else:
-        raise TokenizerExportError(f"tokenizer {src} has neither tokenizer.json nor a sentencepiece "
-                                   f"tokenizer.model to export")
-
     fast = FastTokenizer.from_file(os.path.join(out_dir, "tokenizer.json"))
     eos = fast.id_to_token(ours.eod)
     if _content(config.get("eos_token")) not in (None, eos):

@@ -9,14 +9,7 @@ import re
 from typing import List, Sequence
 
 from megatron_jai.cli import UserError
-
-# Phi-3's template (shared/tokenizers/phi3): the project's base family.
-PHI3_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') %}"
-    "{{'<|user|>' + '\n' + message['content'] + '<|end|>' + '\n' + '<|assistant|>' + '\n'}}"
-    "{% elif (message['role'] == 'assistant') %}{{message['content'] + '<|end|>' + '\n'}}"
-    "{% endif %}{% endfor %}")
-
+from megatron_jai.data.hf_tokenizer import PHI3_CHAT_TEMPLATE
 
 def _tokenizer_dir(tokenizer) -> str:
     path = tokenizer.path

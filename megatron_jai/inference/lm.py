@@ -30,7 +30,7 @@ from megatron_jai.inference.generation import (
     megatron_generate,
 )
 
-from megatron_jai.checkpoint.hf_phi3 import ConversionError
+from megatron_jai.checkpoint.formats import ConversionError
 from megatron_jai.checkpoint.stream import CheckpointFormatError
 from megatron_jai.data.tokenizer import TokenizerError
 
@@ -147,12 +147,13 @@ class MegatronLM(LanguageModel):
         targets = ids[:, 1:]
         logits = forward_logits(self.model, ids[:, :-1], gather=False)
         result = None
-        if logits is not None:
+        if logits is not None:  # (the model masks its vocabulary padding)
             logits = logits.float()
-            shard = logits.shape[-1]
-            first = parallel_state.get_tensor_model_parallel_rank() * shard
-            padding = torch.arange(first, first + shard, device=device) >= (vocab or self.vocab_size)
-            logits = logits.masked_fill(padding, float("-inf"))  # Megatron's vocabulary padding
+            if vocab is not None:  # scored over the first `vocab` ids only
+                shard = logits.shape[-1]
+                first = parallel_state.get_tensor_model_parallel_rank() * shard
+                outside = torch.arange(first, first + shard, device=device) >= vocab
+                logits = logits.masked_fill(outside, float("-inf"))
             with torch.no_grad():
                 result = -vocab_parallel_cross_entropy(logits, targets)
         return broadcast_from_result_rank(result, result_rank(), tuple(targets.shape),

@@ -8,6 +8,7 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
 from megatron_jai.config import ModelConfig
+from megatron_jai.model.output_layer import VocabMaskedOutputLayer
 from megatron_jai.model.spec import decoder_spec
 
 
@@ -15,7 +16,8 @@ class JaiGPTModel(GPTModel):
     """Megatron-Core ``GPTModel`` with the JAI architecture settings applied from the config.
 
     Keeps the ``ModelConfig`` it was built from (``self.jai_config``) so tools can read the
-    architecture back without a second source of truth.
+    architecture back without a second source of truth. Its logits of Megatron's vocabulary padding
+    are masked (:mod:`megatron_jai.model.output_layer`).
     """
 
     def __init__(self, cfg: ModelConfig, transformer_config, pre_process: bool, post_process: bool,
@@ -34,6 +36,8 @@ class JaiGPTModel(GPTModel):
             vp_stage=vp_stage,
         )
         self.jai_config = cfg
+        if post_process:
+            VocabMaskedOutputLayer.convert(self.output_layer, cfg.vocab_size)
         if cfg.skip_connections:
             # GPTModel hard-codes TransformerBlock; convert it in place rather than build it twice.
             from megatron_jai.model.dus_block import DusTransformerBlock

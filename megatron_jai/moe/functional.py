@@ -11,7 +11,8 @@ Backend choice (``backend=`` argument, else the ``JAI_MOE_BACKEND`` environment 
 ``"auto"``): ``"triton"`` runs the kernels (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``,
 which must be set before the kernels are first imported); ``"reference"`` runs plain torch;
 ``"auto"`` picks Triton where it can run and the reference otherwise. Conventions (slot order, the
--1 = skip id, weight layouts) are documented in :mod:`megatron_jai.moe.reference`.
+-1 = skip id, routing metadata) are documented in :mod:`megatron_jai.kernels.routing`. The Triton
+kernels are imported on first use, since their first import fixes Triton's interpreter mode.
 """
 from __future__ import annotations
 
@@ -20,12 +21,8 @@ from typing import Optional
 
 import torch
 
-from megatron_jai.moe.reference import (
-    RoutingMetadata,
-    check_expert_inputs,
-    grouped_expert_ffn_reference,
-    topk_routing,
-)
+from megatron_jai.kernels.routing import routing_metadata  # noqa: F401 (part of this API)
+from megatron_jai.moe.reference import topk_routing
 
 BACKENDS = ("auto", "triton", "reference")
 
@@ -65,14 +62,6 @@ def resolve_backend(backend: Optional[str], device: torch.device) -> str:
     return choice
 
 
-def routing_metadata(expert_ids: torch.Tensor, num_experts: int) -> RoutingMetadata:
-    """Routing metadata of ``expert_ids`` ``[N, k]`` on its device, without a host synchronisation
-    on CUDA. See :mod:`megatron_jai.moe.reference` for the convention."""
-    from megatron_jai.kernels.routing import routing_metadata as _op
-
-    return _op(expert_ids, num_experts)
-
-
 def grouped_expert_ffn(
     hidden: torch.Tensor,
     expert_ids: torch.Tensor,
@@ -92,13 +81,13 @@ def grouped_expert_ffn(
     w_down. ``recompute_activation=True`` (Triton only) keeps only the pre-activation for backward and
     recomputes ``silu(gate) * up`` there, saving ``N * k * F`` elements of activation memory.
     """
-    check_expert_inputs(hidden, expert_ids, weights, w_gate_up, w_down, activation)
-    if resolve_backend(backend, hidden.device) == "triton":
-        from megatron_jai.kernels.moe_grouped_gemm import grouped_expert_ffn_triton
+    from megatron_jai.kernels import moe_grouped_gemm as kernels
 
-        return grouped_expert_ffn_triton(hidden, expert_ids, weights, w_gate_up, w_down,
-                                         recompute_activation=recompute_activation)
-    return grouped_expert_ffn_reference(hidden, expert_ids, weights, w_gate_up, w_down, activation)
+    kernels.check_expert_inputs(hidden, expert_ids, weights, w_gate_up, w_down, activation)
+    if resolve_backend(backend, hidden.device) == "triton":
+        return kernels.grouped_expert_ffn_triton(hidden, expert_ids, weights, w_gate_up, w_down,
+                                                 recompute_activation=recompute_activation)
+    return kernels.grouped_expert_ffn_reference(hidden, expert_ids, weights, w_gate_up, w_down, activation)
 
 
 def moe_ffn(

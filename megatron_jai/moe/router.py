@@ -31,7 +31,7 @@ import torch
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-DROP_POLICIES = ("probs", "position")
+from megatron_jai.config import DROP_POLICIES
 
 
 @dataclass(frozen=True)

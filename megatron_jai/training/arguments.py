@@ -15,10 +15,9 @@ import dataclasses
 import os
 from typing import Optional
 
-import yaml
-
+from megatron_jai import cli
 from megatron_jai.training.faults import TrainingError
-from megatron_jai.training.phases import Phase, build_phases, normalise_blend, validate_phase
+from megatron_jai.training.phases import Phase, build_phases, resolve_blend, validate_phase
 
 # Keys of the YAML file that are not flags.
 CONFIG_ONLY_KEYS = ("data", "valid_data", "phases", "plan")
@@ -176,27 +175,12 @@ def build_parser(prog: str = "pretrain_jai.py", description: Optional[str] = Non
     return p
 
 
-def _load_yaml(path: str) -> dict:
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
-    except OSError as err:
-        raise TrainingError(f"cannot read config {path}: {err.strerror}") from None
-    except yaml.YAMLError as err:
-        raise TrainingError(f"config {path} is not valid YAML: {str(err).splitlines()[0]}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise TrainingError(f"config {path} must be a mapping of settings")
-    return data
-
-
 def parse_args(argv: Optional[list] = None,
                parser: Optional[argparse.ArgumentParser] = None) -> argparse.Namespace:
     """Flags + YAML -> one namespace; ``args.phases`` is the resolved list of :class:`Phase`."""
     parser = parser or build_parser()
     config_path = _find_config(argv)
-    config = _load_yaml(config_path) if config_path else {}
+    config = cli.read_yaml(config_path, TrainingError) if config_path else {}
     flags = {a.dest for a in parser._actions}
     defaults = {}
     for key, value in config.items():
@@ -206,7 +190,7 @@ def parse_args(argv: Optional[list] = None,
         if dest not in flags or dest in ("config", "help"):
             raise TrainingError(f"config {config_path}: unknown setting {key!r}")
         if dest in PATH_SETTINGS and isinstance(value, str):
-            from megatron_jai.config import PRESETS
+            from megatron_jai.presets import PRESETS
 
             if not (dest == "model" and value in PRESETS):
                 value = _expand(value, os.path.dirname(os.path.abspath(config_path)))
@@ -286,7 +270,7 @@ def _blend_from_flag(spec: list, datasets: dict, flag: str) -> tuple:
         if len(spec) % 2:
             raise TrainingError(f"{flag} blend must be pairs: W1 PREFIX1 W2 PREFIX2 ...")
         blend = [[spec[i], spec[i + 1]] for i in range(0, len(spec), 2)]
-    return normalise_blend(blend, datasets, flag)
+    return resolve_blend(blend, datasets, flag)
 
 
 def flag_phase(args, demo_prefix: Optional[str] = None, name: str = "pretrain") -> Phase:

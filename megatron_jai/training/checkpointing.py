@@ -249,7 +249,8 @@ def saved_model_config(root: str, iteration: Optional[int] = None):
     """The ModelConfig of a saved iteration (default the latest)."""
     from megatron.core import dist_checkpointing
 
-    from megatron_jai.config import ModelConfig, load_model_config
+    from megatron_jai.config import ModelConfig
+    from megatron_jai.presets import load_model_config
 
     iteration = dist_ckpt.latest_iteration(root) if iteration is None else iteration
     path = dist_ckpt.iteration_dir(root, iteration)

@@ -28,10 +28,10 @@ GPU_MEMORY_GIB = 80.0  # H100 SXM
 
 class DryRun:
     def __init__(self, args, objective=None, prog: str = "pretrain_jai.py"):
-        from megatron_jai.training.objectives import Objective
+        from megatron_jai.training.objectives.pretrain import PretrainObjective
 
         self.args = args
-        self.objective = objective or Objective(args)
+        self.objective = objective or PretrainObjective(args)
         self.prog = prog
         self.problems: list = []
         self.out: list = []
@@ -73,7 +73,7 @@ class DryRun:
         return self._finish(cfg, phases, world)
 
     def _resolve_model(self):
-        from megatron_jai.config import load_model_config
+        from megatron_jai.presets import load_model_config
         from megatron_jai.training.loop import resolve_run
 
         args = self.args
@@ -170,9 +170,9 @@ class DryRun:
 
     # -------------------------------------------------------------------------------------------
     def _report(self, cfg, phases, world: int, dp: int) -> None:
-        from megatron_jai.config import pipeline_stage_layers
+        from megatron_jai.parallel import pipeline_stage_layers
         from megatron_jai.training.memory_estimate import GiB, estimate_stages
-        from megatron_jai.upscale.plan import crossing_skips
+        from megatron_jai.parallel import crossing_skips
 
         args = self.args
         try:

@@ -7,9 +7,12 @@
   finishes the current step, agrees across ranks that a signal arrived, saves and exits 0.
 * :class:`SkipTracker` counts steps skipped for a NaN/Inf loss or gradient and aborts after too many
   in a row.
+* The TESTING flags' faults: a NaN loss (:func:`poison_loss`) and a save that dies, is signalled or
+  finds the disk full half-way (:func:`testing_save_hook`).
 """
 from __future__ import annotations
 
+import os
 import signal
 from typing import Optional
 
@@ -72,3 +75,37 @@ class SkipTracker:
                 f"{self.in_a_row} steps in a row had a NaN/Inf loss or gradient (last at iteration "
                 f"{iteration}, --max-skipped-steps {self.max_in_a_row}); aborting. Resume from the "
                 f"last checkpoint with a lower --lr or check the data.")
+
+
+# ---- faults on request (the TESTING flags) -----------------------------------------------------
+def poison_loss(loss_sum, stats) -> tuple:
+    """``--inject-nan-at-step``: the micro-batch's loss (and its reported sum) become NaN."""
+    loss_sum = loss_sum * float("nan")
+    stats = stats.clone()
+    stats[0] = loss_sum.detach()
+    return loss_sum, stats
+
+
+def testing_save_hook(args, iteration: int):
+    """TESTING flags that act in the middle of a save (after the data, before the commit)."""
+    if args.kill_during_save_at_step == iteration:
+        def kill(tmp_dir):
+            import psutil
+
+            # Like a node failure: this process and its helpers (dist_checkpointing's writer
+            # manager) die at once, leaving the unrenamed temporary directory behind.
+            print(f"TESTING: killed while saving {tmp_dir}", flush=True)
+            me = psutil.Process()
+            for child in me.children(recursive=True):
+                child.kill()
+            me.kill()
+        return kill
+    if args.sigterm_during_save_at_step == iteration:
+        return lambda tmp_dir: os.kill(os.getpid(), signal.SIGTERM)
+    if args.full_disk_at_step == iteration:
+        def full(tmp_dir):
+            import errno
+
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), tmp_dir)
+        return full
+    return None

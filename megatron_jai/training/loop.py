@@ -3,7 +3,7 @@
 * model: :func:`megatron_jai.model.build_model` (this rank's pipeline stage), ``Float16Module`` for
   bf16, Megatron-Core ``DistributedDataParallel`` (gradient buffers, DP all-reduce);
 * optimizer: ``get_megatron_optimizer`` (Adam; the distributed optimizer on GPU, the plain one on
-  CPU where Megatron-Core's distributed optimizer insists on CUDA tensors) and
+  CPU where Megatron-Core's distributed optimizer insists on CUDA tensors; :mod:`~.optimizer`) and
   ``OptimizerParamScheduler`` (:mod:`~.schedule`: one schedule per phase);
 * schedules: ``get_forward_backward_func`` (1F1B for PP > 1);
 * what a batch is and what loss it gives: an :class:`~.objectives.Objective` (pretraining, SFT,
@@ -31,9 +31,13 @@ from megatron_jai.training import checkpointing
 from megatron_jai.training.arguments import flag_phase
 from megatron_jai.training.checkpointing import TrainState
 from megatron_jai.training.data_loading import data_iterator
-from megatron_jai.training.faults import PreemptionHandler, SkipTracker, TrainingError
+from megatron_jai.training.faults import (PreemptionHandler, SkipTracker, TrainingError,
+                                          testing_save_hook)
 from megatron_jai.training.metrics import H100_BF16_PEAK_TFLOPS, MetricsLogger, throughput
-from megatron_jai.training.objectives import Objective, make_loss_func, sums_by_name
+from megatron_jai.training.objectives import (Objective, ObjectiveContext, make_loss_func,
+                                              sums_by_name)
+from megatron_jai.training.objectives.pretrain import PretrainObjective
+from megatron_jai.training.optimizer import build_optimizer, optimizer_step
 from megatron_jai.training.phases import Phase, apply_rope
 from megatron_jai.training.schedule import build_scheduler, phase_schedule, restore_scheduler
 
@@ -84,7 +88,7 @@ class StepResult:
 class Trainer:
     def __init__(self, args, objective: Optional[Objective] = None):
         self.args = args
-        self.objective = objective or Objective(args)
+        self.objective = objective or PretrainObjective(args)
         self.on_gpu = torch.cuda.is_available()
         self.device = torch.device("cpu")  # this rank's GPU is known after parallel.initialize
         self.resume_iteration: Optional[int] = None
@@ -104,7 +108,11 @@ class Trainer:
             self.rank == 0, self.args.log_interval, self.args.metrics_file,
             self.args.tensorboard_dir, resume_step=self.state.iteration if self.resuming else 0)
         self._print_model_line()
-        self.objective.before_training(self)
+        self.context = ObjectiveContext(
+            args=self.args, cfg=self.cfg, tcfg=self.tcfg, model=self.model,
+            ddp_model=self.ddp_model, phases=self.phases, resuming=self.resuming,
+            device=self.device, rank=self.rank, dp=self.dp, dp_rank=self.dp_rank, log=self._print)
+        self.objective.before_training(self.context)
 
     def _init_parallel(self) -> None:
         from megatron.core import parallel_state as ps
@@ -157,7 +165,9 @@ class Trainer:
             self.cfg = self.cfg.replace(**overrides)
         if note:
             self._print(note)
-        self.phases = args.phases or [flag_phase(args, self._demo_data(), self.objective.name)]
+        data = None if args.data_path or args.phases else \
+            self.objective.default_data(print if self.rank == 0 else None)
+        self.phases = args.phases or [flag_phase(args, data, self.objective.name)]
         self._plan_save_dir()
         if args.tokenizer is None:
             args.tokenizer = checkpointing.checkpoint_tokenizer(
@@ -172,16 +182,6 @@ class Trainer:
                 error = str(err)
         self._sync_errors(error)
 
-    def _demo_data(self) -> Optional[str]:
-        """The demo corpus when no data was given (built once; safe from every rank at once)."""
-        if self.args.data_path or self.args.phases:
-            return None
-        from megatron_jai.data.demo import ensure_demo_data
-
-        demo = ensure_demo_data(self.args.data_cache_dir, log=print if self.rank == 0 else None)
-        self.args.tokenizer = self.args.tokenizer or demo.tokenizer_path
-        return demo.data_prefix
-
     def _sync_errors(self, error: Optional[str]) -> None:
         """Rank 0 validated: every rank raises its error (one line from rank 0, exit 2 everywhere)
         instead of the others dying in a collective with a traceback."""
@@ -193,7 +193,6 @@ class Trainer:
     def _build_model_and_optimizer(self) -> None:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed import finalize_model_grads
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.transformer.module import Float16Module
 
         from megatron_jai.model import build_model
@@ -218,12 +217,7 @@ class Trainer:
             use_distributed_optimizer=args.use_distributed_optimizer,
             overlap_grad_reduce=False, overlap_param_gather=False)
         self.ddp_model = DistributedDataParallel(tcfg, ddp_config, wrapped)
-        opt_config = OptimizerConfig(
-            optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
-            adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
-            clip_grad=args.clip_grad, bf16=args.bf16, params_dtype=dtype,
-            use_distributed_optimizer=args.use_distributed_optimizer)
-        self.optimizer = get_megatron_optimizer(opt_config, [self.ddp_model])
+        self.optimizer = build_optimizer(args, self.ddp_model, dtype)
         tcfg.no_sync_func = self.ddp_model.no_sync
         tcfg.finalize_model_grads_func = finalize_model_grads
         tcfg.grad_scale_func = self.optimizer.scale_loss
@@ -292,7 +286,7 @@ class Trainer:
         dist.barrier()
 
     def _print_model_line(self) -> None:
-        from megatron_jai.config import pipeline_stage_layers
+        from megatron_jai.parallel import pipeline_stage_layers
 
         args = self.args
         counts = self.cfg.parameter_counts()
@@ -442,7 +436,7 @@ class Trainer:
         step = self.state.iteration + 1
         t0 = time.perf_counter()
         batches, scale = self.global_batch(run.data_iter, run.num_micro)
-        batches = self.objective.prepare_batches(self, batches, run)
+        batches = self.objective.prepare_batches(self.context, batches, run)
         self.ddp_model.zero_grad_buffer()
         self.optimizer.zero_grad()
         losses = self.run_schedule(self.ddp_model, batches, run, scale, forward_only=False,
@@ -450,7 +444,8 @@ class Trainer:
         stats, preempted = self.reduce_stats(losses, len(run.stat_names), preemption.requested)
         metrics = self.objective.summarize(sums_by_name(stats, run.stat_names), run.labels)
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
-        updated, grad_norm = self._optimizer_step(math.isfinite(metrics["loss"]))
+        updated, grad_norm = optimizer_step(self.optimizer, self.args.clip_grad,
+                                            math.isfinite(metrics["loss"]))
         if updated:
             run.scheduler.step(increment=1)
             if self.cfg.is_moe:
@@ -461,23 +456,6 @@ class Trainer:
             torch.cuda.synchronize()
         return StepResult(step, lr, grad_norm, updated, time.perf_counter() - t0, preempted,
                           metrics)
-
-    def _optimizer_step(self, loss_finite: bool) -> tuple:
-        """Megatron's optimizer step, split so a non-finite loss or gradient skips the update."""
-        found_inf = self.optimizer.prepare_grads()
-        grad_norm = float(self.optimizer.get_grad_norm())
-        if found_inf or not loss_finite or not math.isfinite(grad_norm):
-            return False, grad_norm
-        clip = self.args.clip_grad
-        if clip > 0 and grad_norm > clip:
-            # (Megatron-Core's clip_grad_by_total_norm_fp32 asserts CUDA tensors: scale directly.)
-            # (MoE models get a ChainedOptimizer: dense and expert parameters; it has no
-            # get_parameters() of its own when it chains several.)
-            optimizers = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
-            grads = [p.grad for o in optimizers for p in o.get_parameters() if p.grad is not None]
-            torch._foreach_mul_(grads, clip / (grad_norm + 1e-6))
-        self.optimizer.step_with_ready_grads()
-        return True, grad_norm
 
     def advance(self, run: PhaseRun, result: StepResult) -> None:
         """Count the step in the training state (what the next checkpoint records)."""
@@ -517,17 +495,13 @@ class Trainer:
 
         args = self.args
         out = {}
-        modes = [("", self.objective.valid_alphas)]
-        if self.objective.valid_alphas == "inference" and self.cfg.skip_connections and \
-                any(s.alpha_train != s.alpha_infer for s in self.cfg.skip_connections):
-            modes.append(("_train_alphas", "train"))
         phase = run.phase
         labels = phase.valid_dataset_names or tuple(f"valid{i}"
                                                     for i in range(len(phase.valid_blend)))
         names = self.objective.stat_names(labels)
         self.ddp_model.eval()
         try:
-            for suffix, alphas in modes:
+            for suffix, alphas in self.objective.validation_modes(self.cfg):
                 it = data_iterator(run.valid_ds, 0, min(len(run.valid_ds), args.eval_iters * run.gbs),
                                    run.mbs, self.dp_rank, self.dp, 0, self.objective.collate)
                 total = torch.zeros(len(names), dtype=torch.float64)
@@ -537,7 +511,7 @@ class Trainer:
                             batches, scale = self.global_batch(it, run.num_micro)
                         except StopIteration:
                             break
-                        batches = self.objective.prepare_batches(self, batches, run)
+                        batches = self.objective.prepare_batches(self.context, batches, run)
                         losses = self.run_schedule(self.ddp_model, batches, run, scale,
                                                    forward_only=True, labels=labels)
                         total += self.reduce_stats(losses, len(names))[0]
@@ -690,7 +664,7 @@ def resolve_run(args) -> tuple:
     """``(resuming, model_config, note)``: whether ``--load`` resumes, and the architecture the
     run trains (the checkpoint's when resuming, incl. RoPE changes of its phases). Raises
     :class:`TrainingError` for a ``--load`` that names nothing to resume."""
-    from megatron_jai.config import load_model_config
+    from megatron_jai.presets import load_model_config
 
     note = None
     if args.load and args.load_iteration is not None:
@@ -719,33 +693,6 @@ def resolve_run(args) -> tuple:
     except (ValueError, OSError) as err:
         raise TrainingError(str(err)) from None
     return resuming, cfg, note
-
-
-def testing_save_hook(args, iteration: int):
-    """TESTING flags that act in the middle of a save (after the data, before the commit)."""
-    import signal
-
-    if args.kill_during_save_at_step == iteration:
-        def kill(tmp_dir):
-            import psutil
-
-            # Like a node failure: this process and its helpers (dist_checkpointing's writer
-            # manager) die at once, leaving the unrenamed temporary directory behind.
-            print(f"TESTING: killed while saving {tmp_dir}", flush=True)
-            me = psutil.Process()
-            for child in me.children(recursive=True):
-                child.kill()
-            me.kill()
-        return kill
-    if args.sigterm_during_save_at_step == iteration:
-        return lambda tmp_dir: os.kill(os.getpid(), signal.SIGTERM)
-    if args.full_disk_at_step == iteration:
-        def full(tmp_dir):
-            import errno
-
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), tmp_dir)
-        return full
-    return None
 
 
 def _plain(obj):

@@ -95,7 +95,7 @@ def estimate_stages(cfg: ModelConfig, world: int, tp: int, pp: int, ep: int = 1,
 
     ``stage_layers``: decoder layers per stage (an uneven split; default even);
     ``num_microbatches``: micro-batches per step (caps the 1F1B in-flight count)."""
-    from megatron_jai.config import pipeline_stage_layers
+    from megatron_jai.parallel import pipeline_stage_layers
 
     check_layout(cfg, world, tp, pp, ep, even=stage_layers is None)
     if recompute not in ("none", "selective", "full"):

@@ -55,8 +55,10 @@ _PHASE_KEYS = {"name", "blend", "valid_blend", "seq_length", "train_iters", "tra
                "recompute_activations"}
 
 
-def normalise_blend(blend, datasets: dict, where: str) -> tuple[tuple, tuple]:
-    """``blend``: ``{name_or_prefix: weight}``, ``[[weight, name_or_prefix], ...]`` or one prefix.
+def resolve_blend(blend, datasets: dict, where: str) -> tuple[tuple, tuple]:
+    """A phase's blend as a config or flag writes it -> dataset prefixes with normalised weights,
+    and their labels. ``blend``: ``{name_or_prefix: weight}``, ``[[weight, name_or_prefix], ...]``
+    or one prefix.
 
     The training side of a blend: names are looked up in ``datasets`` (the config's ``data:``
     section), mapping values are *relative* weights (normalised, unlike the target ratios of
@@ -125,10 +127,10 @@ def phase_from_dict(d: dict, datasets: dict, index: int,
             raise TrainingError(f"{where}: missing {key!r}")
     if (d.get("train_iters") is None) == (d.get("train_tokens") is None):
         raise TrainingError(f"{where}: give exactly one of train_iters or train_tokens")
-    blend, labels = normalise_blend(d.pop("blend"), datasets, where)
+    blend, labels = resolve_blend(d.pop("blend"), datasets, where)
     valid, valid_labels = ((), ())
     if d.get("valid_blend") is not None:
-        valid, valid_labels = normalise_blend(d.pop("valid_blend"), valid_datasets or datasets,
+        valid, valid_labels = resolve_blend(d.pop("valid_blend"), valid_datasets or datasets,
                                               f"{where} valid_blend")
     d.pop("valid_blend", None)
     phase = Phase(name=str(d.pop("name", f"phase{index + 1}")), blend=blend, dataset_names=labels,
@@ -226,7 +228,7 @@ def jai_plan(datasets: dict, valid_datasets: Optional[dict] = None, **options) -
         return d
 
     def blend(thai):
-        return normalise_blend(mix(thai), datasets, "plan jai")
+        return resolve_blend(mix(thai), datasets, "plan jai")
 
     def valid(thai):
         if not valid_datasets:
@@ -234,7 +236,7 @@ def jai_plan(datasets: dict, valid_datasets: Optional[dict] = None, **options) -
         missing = [name for name in mix(thai) if name not in valid_datasets]
         if missing:
             raise TrainingError(f"plan jai: valid_data: needs datasets named {missing}")
-        entries, labels = normalise_blend(mix(thai), valid_datasets, "plan jai valid_data")
+        entries, labels = resolve_blend(mix(thai), valid_datasets, "plan jai valid_data")
         return {"valid_blend": entries, "valid_dataset_names": labels}
 
     lr = {k: o[k] for k in ("lr", "min_lr", "warmup_iters") if o[k] is not None}

@@ -92,12 +92,12 @@ def check(args):
     """Every check that needs no stage to have run, before stage 1. Returns (base model config,
     DUS plan)."""
     from megatron_jai.checkpoint.convert import read_hf_config
-    from megatron_jai.checkpoint.hf_phi3 import model_config_from_hf
+    from megatron_jai.checkpoint.formats import model_config_from_hf
     from megatron_jai.checkpoint.stream import CheckpointReader
+    from megatron_jai.data.hf_tokenizer import load_base_tokenizer
     from megatron_jai.upscale.dus import dus_config
     from megatron_jai.upscale.plan import load_plan
-    from megatron_jai.upscale.tokenizer import (SP_MODEL_FILE, check_bpe_options,
-                                                load_base_tokenizer, load_vocab_map)
+    from megatron_jai.upscale.tokenizer import SP_MODEL_FILE, check_bpe_options, load_vocab_map
     from megatron_jai.upscale.upcycle import moe_config
     from megatron_jai.upscale.vocab import checkpoint_base_tokenizer
 

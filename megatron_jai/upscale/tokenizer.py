@@ -9,7 +9,6 @@ text that has no Thai are unchanged.
 """
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import re
@@ -19,49 +18,18 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Sequence
 
+from megatron_jai.data.files import iter_documents
+from megatron_jai.data.hf_tokenizer import (SHARED_TOKENIZERS, SP_MODEL_FILE, BaseTokenizer,
+                                                  hf_tokenizer_from_proto, load_base_tokenizer,
+                                                  read_model_proto)
 from megatron_jai.data.tokenizer import TokenizerError
 from megatron_jai.paths import shared_path
 
-SP_MODEL_FILE = "tokenizer.model"
 VOCAB_MAP_FILE = "vocab_map.json"  # old id -> new id, next to an extended tokenizer
 
 # ------------------------------------------------------------------------------------------------
-# Corpus reading
+# Corpus reading (documents: megatron_jai.data.files)
 # ------------------------------------------------------------------------------------------------
-
-
-def is_jsonl(path: str) -> bool:
-    name = path[:-3] if path.endswith(".gz") else path
-    return name.endswith((".jsonl", ".json"))
-
-
-def iter_documents(path: str, json_key: str = "text") -> Iterator[str]:
-    """Documents of a jsonl(.gz) file (field ``json_key``), or lines of a plain text(.gz) file."""
-    import zlib
-
-    from megatron_jai.data.files import iter_lines as iter_raw_lines
-
-    if not os.path.isfile(path):
-        raise TokenizerError(f"no such file: {path}")
-    jsonl = is_jsonl(path)
-    lineno = 0
-    try:
-        for lineno, (raw, _) in enumerate(iter_raw_lines(path), 1):
-            line = raw.decode("utf-8").rstrip("\r\n")
-            if not jsonl:
-                yield line
-                continue
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TokenizerError(f"{path}:{lineno}: not JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get(json_key), str):
-                raise TokenizerError(f"{path}:{lineno}: no text field {json_key!r}")
-            yield record[json_key]
-    except (UnicodeDecodeError, EOFError, gzip.BadGzipFile, zlib.error) as e:
-        raise TokenizerError(f"{path}:{lineno + 1}: unreadable ({e})") from None
 
 
 def iter_lines(path: str, json_key: str = "text") -> Iterator[str]:
@@ -169,7 +137,7 @@ def train_bpe(
     be merged into its vocabulary.
     """
     import sentencepiece as spm
-    from tqdm import tqdm
+    from megatron_jai.cli import progress as progress_bar
 
     check_bpe_options(vocab_size, clean)
     for path in inputs:
@@ -193,8 +161,8 @@ def train_bpe(
         n_sent = n_chars = 0
         with open(corpus, "w", encoding="utf-8") as f:
             for path in inputs:
-                docs = tqdm(iter_documents(path, json_key), desc=f"reading {os.path.basename(path)}",
-                            unit=" docs", disable=not progress)
+                docs = progress_bar(iter_documents(path, json_key), enabled=progress,
+                                    desc=f"reading {os.path.basename(path)}", unit=" docs")
                 for doc in docs:
                     for sent in split_sentences(cleaner(doc), max_sentence_chars):
                         f.write(sent)
@@ -276,10 +244,6 @@ def _write_json(path: str, obj, indent=1) -> None:
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
                   r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 QWEN2_PATTERN = LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
-
-# Short names for the reference tokenizers in shared/tokenizers.
-SHARED_TOKENIZERS = ("phi3", "llama3", "qwen2")
-
 
 @dataclass
 class TextEncoder:
@@ -456,70 +420,6 @@ def _any_piece(piece: str) -> bool:
 PIECE_FILTERS = {"thai": is_thai_piece, "all": _any_piece}
 
 
-@dataclass
-class BaseTokenizer:
-    """A base tokenizer directory: sentencepiece model + HF added special tokens + config."""
-
-    dir: str
-    proto: object  # sentencepiece ModelProto
-    specials: dict  # content -> id (added tokens above the sentencepiece pieces)
-    config: dict  # tokenizer_config.json (may be empty)
-
-    @property
-    def sp_size(self) -> int:
-        return len(self.proto.pieces)
-
-    @property
-    def vocab_size(self) -> int:
-        return max([self.sp_size - 1, *self.specials.values()]) + 1
-
-
-def read_model_proto(path: str):
-    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
-
-    proto = sp_pb2.ModelProto()
-    try:
-        with open(path, "rb") as f:
-            proto.ParseFromString(f.read())
-    except Exception as e:  # noqa: BLE001 - protobuf raises its own DecodeError
-        raise TokenizerError(f"{path}: not a sentencepiece model ({e})") from None
-    if not proto.pieces:
-        raise TokenizerError(f"{path}: not a sentencepiece model (no pieces)")
-    return proto
-
-
-def load_base_tokenizer(path: str) -> BaseTokenizer:
-    """A directory with ``tokenizer.model`` (+ optional ``added_tokens.json`` and
-    ``tokenizer_config.json``), a bare ``.model``, or phi3 (shared/tokenizers/phi3)."""
-    if path in SHARED_TOKENIZERS and not os.path.exists(path):
-        path = shared_path("tokenizers", path)
-    if os.path.isfile(path):
-        return BaseTokenizer(os.path.dirname(path), read_model_proto(path), {}, {})
-    model = os.path.join(path, SP_MODEL_FILE)
-    if not os.path.isfile(model):
-        raise TokenizerError(f"{path}: no {SP_MODEL_FILE} (a sentencepiece base tokenizer is "
-                             f"needed)")
-    proto = read_model_proto(model)
-    specials, config = {}, {}
-    added = os.path.join(path, "added_tokens.json")
-    if os.path.isfile(added):
-        with open(added) as f:
-            specials = {k: int(v) for k, v in json.load(f).items()}
-    cfg = os.path.join(path, "tokenizer_config.json")
-    if os.path.isfile(cfg):
-        with open(cfg) as f:
-            config = json.load(f)
-        for sid, tok in config.get("added_tokens_decoder", {}).items():
-            if int(sid) >= len(proto.pieces):
-                specials.setdefault(tok["content"], int(sid))
-    for content, sid in specials.items():
-        if sid < len(proto.pieces) and proto.pieces[sid].piece != content:
-            raise TokenizerError(f"{path}: added token {content!r} has id {sid}, which is the "
-                                 f"sentencepiece piece {proto.pieces[sid].piece!r}")
-    specials = {c: i for c, i in specials.items() if i >= len(proto.pieces)}
-    return BaseTokenizer(path, proto, specials, config)
-
-
 def adopt_special_tokens(proto, source: str) -> tuple:
     """The added special tokens and ``tokenizer_config.json`` of the tokenizer ``source`` (a
     directory, or phi3) for the sentencepiece model ``proto``, as a user moves a chat format onto a
@@ -662,59 +562,6 @@ def candidate_pieces(base: BaseTokenizer, add_proto, piece_filter: Callable[[str
             out.append(piece)
             seen.add(piece)
     return out
-
-
-def hf_tokenizer_from_proto(proto, specials: dict, add_bos: bool = True):
-    """A ``tokenizers.Tokenizer`` that encodes like the sentencepiece BPE ``proto`` (Llama-style,
-    non-legacy: the word-boundary "▁" is prepended to the first segment only), with the model's
-    normalizer (e.g. NFKC and whitespace folding of a sentencepiece default model) and a BOS
-    post-processor when ``add_bos``.
-
-    sentencepiece BPE merges the adjacent pair whose union has the highest score; HF BPE merges the
-    pair of lowest rank. Listing every split (left, right) of every piece, ranked by the piece's
-    score, makes the two agree."""
-    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
-    from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models, normalizers,
-                            pre_tokenizers, processors)
-
-    Piece = sp_pb2.ModelProto.SentencePiece
-    vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
-    mergeable = {p.piece for p in proto.pieces if p.type == Piece.NORMAL}
-    merges = []
-    for i, p in enumerate(proto.pieces):
-        if p.type != Piece.NORMAL or len(p.piece) < 2:
-            continue
-        s = p.piece
-        splits = [(s[:k], s[k:]) for k in range(1, len(s)) if s[:k] in mergeable and s[k:] in mergeable]
-        for left, right in sorted(splits, key=lambda lr: (vocab[lr[0]], vocab[lr[1]])):
-            merges.append((-p.score, i, vocab[left], left, right))
-    merges.sort(key=lambda m: m[:3])
-    model = models.BPE(vocab=vocab, merges=[(m[3], m[4]) for m in merges],
-                       unk_token=proto.pieces[proto.trainer_spec.unk_id].piece,
-                       byte_fallback=proto.trainer_spec.byte_fallback, fuse_unk=True)
-    tok = Tokenizer(model)
-    spec = proto.normalizer_spec
-    steps = [normalizers.Precompiled(spec.precompiled_charsmap)] if spec.precompiled_charsmap else []
-    if spec.remove_extra_whitespaces:  # spaces only, as sentencepiece does
-        # Leading spaces become the word boundary itself: removing them would shift the text off
-        # offset 0, where the pre-tokenizer's "first" scheme adds the dummy prefix.
-        steps += [normalizers.Replace(Regex(r"\A +\z| +\z"), ""),
-                  normalizers.Replace(Regex(r"\A +"), "\u2581"), normalizers.Replace(Regex(" {2,}"), " ")]
-    if steps:
-        tok.normalizer = normalizers.Sequence(steps)
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
-    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
-                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
-    ts = proto.trainer_spec
-    controls = [proto.pieces[i].piece for i in (ts.unk_id, ts.bos_id, ts.eos_id) if i >= 0]
-    tok.add_special_tokens([AddedToken(c, special=True, normalized=False) for c in controls])
-    tok.add_special_tokens([AddedToken(c, special=True, normalized=False, lstrip=False, rstrip=False)
-                            for c in sorted(specials, key=specials.get)])
-    if add_bos and ts.bos_id >= 0:
-        bos = proto.pieces[ts.bos_id].piece
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, ts.bos_id)])
-    return tok
 
 
 def hf_tokenizer_config(base: BaseTokenizer, proto, specials: dict, padded_vocab: int,

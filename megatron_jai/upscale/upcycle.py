@@ -28,12 +28,10 @@ import os
 from typing import Sequence
 
 import torch
-from tqdm import tqdm
 
-from megatron_jai.checkpoint.stream import CheckpointReader, CheckpointWriter
+from megatron_jai.checkpoint.stream import Surgery
 from megatron_jai.cli import UserError
 from megatron_jai.config import ModelConfig
-from megatron_jai.upscale.dus import copy_side_files, model_keys
 
 LAYERS = "decoder.layers."
 DENSE_FC1 = LAYERS + "mlp.linear_fc1.weight"
@@ -82,24 +80,20 @@ def upcycle(sources: Sequence[str], out: str, num_experts: int = 4, top_k: int =
                            f"most one per expert")
     if noise_std < 0 or (router_std is not None and router_std < 0):
         raise UpcycleError("--noise-std and --router-std must be >= 0")
-    readers = [CheckpointReader(s) for s in sources]
-    dense = readers[0].config
+    surgery = Surgery(sources)
+    surgery.check_layers()
+    readers, dense = surgery.readers, surgery.config
     for src, r in zip(sources[1:], readers[1:]):
         if _architecture(r.config) != _architecture(dense):
             raise UpcycleError(f"{src} has a different architecture than {sources[0]}")
     cfg = moe_config(dense, num_experts, top_k, name)
-    stacked, others = model_keys(readers[0])
     for key in (DENSE_FC1, DENSE_FC2):
-        if key not in stacked:
+        if key not in surgery.stacked:
             raise UpcycleError(f"{sources[0]} has no dense FFN tensor {key}")
-    for src, r in zip(sources[1:], readers[1:]):
-        if model_keys(r) != (stacked, others):
-            raise UpcycleError(f"{src} holds different tensors than {sources[0]}")
     gen = torch.Generator().manual_seed(seed)
-    L = dense.num_layers
+    dtype = readers[0].dtype(DENSE_FC1)
 
-    def shared(key, layer=None):
-        read = (lambda r: r.read(key)) if layer is None else (lambda r: r.read_layer(key, layer))
+    def shared(read):  # attention, norms, embeddings: the first input's, or the mean
         if not average_shared or len(readers) == 1:
             return read(readers[0])
         first = read(readers[0])
@@ -108,40 +102,39 @@ def upcycle(sources: Sequence[str], out: str, num_experts: int = 4, top_k: int =
             acc += read(r).double()
         return (acc / len(readers)).to(first.dtype)
 
-    with CheckpointWriter(out, cfg, force=force) as writer:
-        for key in others:
-            writer.write(key, shared(key))
-        for layer in tqdm(range(L), desc="moe layers", unit="layer", disable=not progress):
-            norm_weight = None
-            for key in stacked:
-                if key in FFN_MAP:
-                    per_input = [r.read_layer(key, layer) for r in readers]
-                    experts = torch.stack([per_input[i % len(readers)]
-                                           for i in range(num_experts)]).clone()
-                    if noise_std > 0 and len(readers) == 1:
-                        noise = torch.randn(experts[1:].shape, generator=gen, dtype=torch.float32)
-                        experts[1:] += (noise * noise_std).to(experts.dtype)
-                    writer.write_layer(FFN_MAP[key], layer, L, experts)
-                    del per_input, experts
-                else:
-                    tensor = shared(key, layer)
-                    if key in (DENSE_PRE_MLP_NORM, MOE_PRE_MLP_NORM):
-                        norm_weight = tensor
-                    writer.write_layer(RENAMED.get(key, key), layer, L, tensor)
-            dtype = readers[0].dtype(DENSE_FC1)
-            std = router_std
-            if std is None:
-                # |router input| ~ |norm weight| (RMSNorm output: unit RMS times the weight)
-                scale = norm_weight.float().norm().item() if norm_weight is not None \
-                    else dense.hidden_size ** 0.5
-                std = ROUTER_LOGIT_STD / max(scale, 1e-6)
-            router = torch.randn(num_experts, dense.hidden_size, generator=gen) * std
-            writer.write_layer(MOE_ROUTER, layer, L, router.to(dtype))
-            if cfg.moe_expert_bias:
-                writer.write_layer(MOE_EXPERT_BIAS, layer, L, torch.zeros(num_experts))
-        copy_side_files(readers[0].root, writer)
-        bytes_written = writer.bytes_written
+    def moe_layer(layer):
+        norm_weight = None
+        for key in surgery.stacked:
+            if key in FFN_MAP:
+                per_input = [r.read_layer(key, layer) for r in readers]
+                experts = torch.stack([per_input[i % len(readers)] for i in range(num_experts)]).clone()
+                del per_input
+                if noise_std > 0 and len(readers) == 1:
+                    noise = torch.randn(experts[1:].shape, generator=gen, dtype=torch.float32)
+                    experts[1:] += (noise * noise_std).to(experts.dtype)
+                yield FFN_MAP[key], experts
+                del experts  # one layer of one tensor in memory
+            else:
+                tensor = shared(lambda r: r.read_layer(key, layer))
+                if key in (DENSE_PRE_MLP_NORM, MOE_PRE_MLP_NORM):
+                    norm_weight = tensor
+                yield RENAMED.get(key, key), tensor
+        std = router_std
+        if std is None:
+            # |router input| ~ |norm weight| (RMSNorm output: unit RMS times the weight)
+            scale = norm_weight.float().norm().item() if norm_weight is not None \
+                else dense.hidden_size ** 0.5
+            std = ROUTER_LOGIT_STD / max(scale, 1e-6)
+        router = torch.randn(num_experts, dense.hidden_size, generator=gen) * std
+        yield MOE_ROUTER, router.to(dtype)
+        if cfg.moe_expert_bias:
+            yield MOE_EXPERT_BIAS, torch.zeros(num_experts)
+
+    bytes_written = surgery.write(out, cfg, tensor=lambda key: shared(lambda r: r.read(key)),
+                                  layer=moe_layer, force=force, progress=progress,
+                                  desc="moe layers")
     counts = cfg.parameter_counts()
     return {"out": os.path.abspath(out), "experts": num_experts, "top_k": top_k,
-            "inputs": len(sources), "layers": L, "config": cfg, "params_total": counts["total"],
-            "params_active": counts["active"], "bytes": bytes_written}
+            "inputs": len(sources), "layers": dense.num_layers, "config": cfg,
+            "params_total": counts["total"], "params_active": counts["active"],
+            "bytes": bytes_written}

@@ -28,9 +28,10 @@ from typing import List, Optional
 import torch
 
 from megatron_jai.checkpoint.dist import TOKENIZER_SUBDIR
+from megatron_jai.data.hf_tokenizer import SP_MODEL_FILE, load_base_tokenizer
 from megatron_jai.data.tokenizer import TokenizerError
 from megatron_jai.paths import shared_path
-from megatron_jai.upscale.tokenizer import SP_MODEL_FILE, load_base_tokenizer, load_vocab_map
+from megatron_jai.upscale.tokenizer import load_vocab_map
 
 EMBEDDING_KEY = "embedding.word_embeddings.weight"
 OUTPUT_KEY = "output_layer.weight"
@@ -97,17 +98,13 @@ def extend_vocab(src: str, tokenizer: str, out: str, base_tokenizer: Optional[st
                  progress: bool = True) -> dict:
     """Write checkpoint ``out``: ``src`` with embedding/output rows for the tokenizer
     ``tokenizer`` (a directory written by tools/extend_tokenizer.py). Returns a summary dict."""
-    from tqdm import tqdm
-
-    from megatron_jai.checkpoint.stream import (CheckpointFormatError, CheckpointReader,
-                                                CheckpointWriter)
-    from megatron_jai.upscale.dus import model_keys
+    from megatron_jai.checkpoint.stream import CheckpointFormatError, Surgery
 
     vmap = load_vocab_map(tokenizer)
     old_to_new, new_vocab = [int(i) for i in vmap["old_to_new"]], int(vmap["vocab_size"])
-    reader = CheckpointReader(src)
+    surgery = Surgery([src])
+    reader, base_cfg = surgery.readers[0], surgery.config
     base_tokenizer = base_tokenizer or checkpoint_base_tokenizer(reader.root)
-    base_cfg = reader.config
     if len(old_to_new) > base_cfg.vocab_size:
         raise TokenizerError(f"{tokenizer} maps {len(old_to_new)} base ids, but the checkpoint has "
                              f"only {base_cfg.vocab_size} (wrong --tokenizer or checkpoint?)")
@@ -123,30 +120,27 @@ def extend_vocab(src: str, tokenizer: str, out: str, base_tokenizer: Optional[st
     splits = base_splits(base_tokenizer, tokenizer, new_ids)
     cfg = base_cfg.replace(name=name or f"{base_cfg.name}-vocab{new_vocab}", vocab_size=new_vocab)
 
-    stacked, others = model_keys(reader)
-    if EMBEDDING_KEY not in others:
+    if EMBEDDING_KEY not in surgery.others:
         raise CheckpointFormatError(f"checkpoint {src} has no {EMBEDDING_KEY}")
-    table_keys = [k for k in (EMBEDDING_KEY, OUTPUT_KEY) if k in others]
+    table_keys = [k for k in (EMBEDDING_KEY, OUTPUT_KEY) if k in surgery.others]
     for key in table_keys:
         if reader.shape(key)[0] != base_cfg.padded_vocab_size:
             raise CheckpointFormatError(f"{key} has {reader.shape(key)[0]} rows, the config's "
                                         f"padded vocabulary is {base_cfg.padded_vocab_size}")
-    t0 = time.time()
-    with CheckpointWriter(out, cfg, force=force) as writer:
-        for key in tqdm(table_keys, desc="vocab tables", unit=" table", disable=not progress):
-            writer.write(key, extended_table(reader.read(key), old_to_new, new_ids, splits,
-                                             cfg.padded_vocab_size, norm_correction))
-        for key in [k for k in others if k not in table_keys]:
-            writer.write(key, reader.read(key))
-        layers = max((reader.shape(k)[0] for k in stacked), default=0)
-        for layer in tqdm(range(layers), desc="copy layers", unit=" layer", disable=not progress):
-            for key in stacked:
-                n = reader.shape(key)[0]
-                if layer < n:
-                    writer.write_layer(key, layer, n, reader.read_layer(key, layer))
+
+    def table(key):
+        if key not in table_keys:
+            return reader.read(key)
+        return extended_table(reader.read(key), old_to_new, new_ids, splits,
+                              cfg.padded_vocab_size, norm_correction)
+
+    def new_tokenizer(writer):  # replaces the input's own (side files never overwrite)
         tok_dir = writer.path(os.path.join(TOKENIZER_SUBDIR, SP_MODEL_FILE))
         shutil.copytree(tokenizer, os.path.dirname(tok_dir), dirs_exist_ok=True)
-        bytes_written = writer.bytes_written
+
+    t0 = time.time()
+    bytes_written = surgery.write(out, cfg, tensor=table, files=new_tokenizer, force=force,
+                                  progress=progress, desc="copy layers")
     counts = cfg.parameter_counts()
     return {"out": os.path.abspath(out), "base_vocab": base_cfg.vocab_size, "vocab": new_vocab,
             "padded_vocab": cfg.padded_vocab_size, "new_rows": len(new_ids),

@@ -4,7 +4,7 @@ import sys
 import torch
 
 from megatron_jai import parallel
-from megatron_jai.config import TINY
+from megatron_jai.presets import TINY
 from megatron_jai.model import build_model
 
 

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from megatron_jai import parallel
 from megatron_jai.checkpoint.dist import load_checkpoint, save_checkpoint
 from megatron_jai.checkpoint.stream import CheckpointReader, CheckpointWriter
-from megatron_jai.config import TINY
+from megatron_jai.presets import TINY
 from megatron_jai.model import build_model
 
 

@@ -4,7 +4,7 @@
    top-2) is built and initialised by Megatron at TP=2 and saved as a training run saves it;
    rank 0 exports it (``mcore_to_hf`` with ``TOKENIZER``) to ``WORK/jai_hf``.
 2. Every case of ``WORK/cases.json`` (``[name, hf_dir, mcore_dir, tp, pp, ep, first, last]``) is
-   compared with :func:`megatron_jai.checkpoint.compare.compare_logits`, the process group staying
+   compared with :func:`megatron_jai.inference.compare.compare_logits`, the process group staying
    up while the model-parallel layout changes. Rank 0 prints one ``RESULT {json}`` line per case.
 
 Usage: export_parity.py WORK TOKENIZER
@@ -17,11 +17,11 @@ import torch
 import torch.distributed as dist
 
 from megatron_jai import parallel
-from megatron_jai.checkpoint.compare import compare_logits
-from megatron_jai.checkpoint.convert import mcore_to_hf
 from megatron_jai.checkpoint.dist import save_checkpoint
-from megatron_jai.config import load_model_config
+from megatron_jai.hf.export import mcore_to_hf
+from megatron_jai.inference.compare import compare_logits
 from megatron_jai.model import build_model
+from megatron_jai.presets import load_model_config
 
 
 def main(work: str, tokenizer: str) -> None:

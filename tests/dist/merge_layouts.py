@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from megatron_jai import parallel
 from megatron_jai.checkpoint.dist import load_checkpoint, save_checkpoint
-from megatron_jai.config import TINY_MOE
+from megatron_jai.presets import TINY_MOE
 from megatron_jai.model import build_model
 
 CFG = TINY_MOE.replace(name="tiny-moe-merge", num_layers=2)

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_jai import parallel
-from megatron_jai.config import TINY_MOE
+from megatron_jai.presets import TINY_MOE
 from megatron_jai.moe.layer import moe_layer_spec
 from moe_single_rank import single_rank_forward_backward
 

@@ -17,7 +17,7 @@ import sys
 import torch
 
 from megatron_jai import parallel
-from megatron_jai.config import TINY_MOE
+from megatron_jai.presets import TINY_MOE
 
 CFG = TINY_MOE.replace(hidden_size=16, moe_ffn_hidden_size=12)
 TOL = dict(rtol=1e-5, atol=1e-5)

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from megatron_jai import parallel
 from megatron_jai.checkpoint.dist import load_checkpoint, save_checkpoint
-from megatron_jai.config import TINY_MOE
+from megatron_jai.presets import TINY_MOE
 from megatron_jai.model import build_model
 from megatron_jai.moe.layer import collect_router_stats
 

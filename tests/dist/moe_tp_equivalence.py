@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_jai import parallel
-from megatron_jai.config import TINY_MOE
+from megatron_jai.presets import TINY_MOE
 from megatron_jai.moe.experts import GroupedExperts
 from megatron_jai.moe.layer import moe_layer_spec, router_options
 from megatron_jai.moe.router import TopKRouter

@@ -44,7 +44,7 @@ def check_sft(init, prefix, tokenizer, work):
     with torch.no_grad():
         for b in batches:
             logits = trainer.model(b["tokens"], b["position_ids"], None).float()  # [b, s, V]
-            logp = torch.log_softmax(logits, dim=-1)  # Megatron normalises over the padded vocab
+            logp = torch.log_softmax(logits, dim=-1)  # (the model masks its vocabulary padding)
             token_logp = logp.gather(-1, b["labels"].unsqueeze(-1)).squeeze(-1)
             total += float(-(token_logp * b["loss_mask"]).sum())
             count += float(b["loss_mask"].sum())
@@ -62,7 +62,8 @@ def check_sft(init, prefix, tokenizer, work):
 
 
 def check_dpo(init, prefix, tokenizer, work):
-    from megatron_jai.training.posttraining import build_reference_model, reference_forward
+    from megatron_jai.training.objectives.dpo_reference import (build_reference_model,
+                                                                reference_forward)
 
     common = ["--init-from", init, "--data-path", prefix, "--tokenizer", tokenizer,
               "--seq-length", "128", "--global-batch-size", "4", "--micro-batch-size", "2",

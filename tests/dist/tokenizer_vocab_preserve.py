@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from megatron_jai import parallel
 from megatron_jai.checkpoint.dist import load_checkpoint, save_checkpoint
-from megatron_jai.config import TINY, load_model_config
+from megatron_jai.presets import TINY, load_model_config
 from megatron_jai.model import build_model
 from megatron_jai.paths import shared_path
 from megatron_jai.upscale import vocab

@@ -16,9 +16,10 @@ import torch.nn.functional as F
 
 from megatron_jai import parallel
 from megatron_jai.checkpoint.dist import load_checkpoint
-from megatron_jai.config import load_model_config, pipeline_stage_layers
+from megatron_jai.parallel import pipeline_stage_layers
+from megatron_jai.presets import load_model_config
 from megatron_jai.model import build_model
-from megatron_jai.upscale.plan import crossing_skips
+from megatron_jai.parallel import crossing_skips
 
 BATCH, SEQ, MICRO = 2, 16, 2
 _destroy_all = parallel.destroy

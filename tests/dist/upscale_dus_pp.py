@@ -11,9 +11,9 @@ import torch.distributed as dist
 
 from megatron_jai import parallel
 from megatron_jai.checkpoint.dist import load_checkpoint, save_checkpoint
-from megatron_jai.config import load_model_config
+from megatron_jai.presets import load_model_config
 from megatron_jai.model import build_model
-from megatron_jai.upscale.plan import crossing_skips
+from megatron_jai.parallel import crossing_skips
 
 BATCH, SEQ, MICRO = 2, 16, 2
 

@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from megatron_jai import parallel
 from megatron_jai.checkpoint.dist import load_checkpoint
-from megatron_jai.config import load_model_config
+from megatron_jai.presets import load_model_config
 from megatron_jai.model import build_model
 
 

@@ -1,11 +1,11 @@
-"""ModelConfig <-> the JAI Hugging Face layout (``model_type: "jai"``): configuration and tensors.
+"""The JAI Hugging Face format (``model_type: "jai"``): every model this toolkit makes.
 
 The layout is what :mod:`megatron_jai.hf.modeling_jai` loads: Llama / Mixtral tensor names on
 Phi-3's decoder, i.e. separate ``q_proj / k_proj / v_proj``, a dense MLP as ``mlp.gate_proj /
 up_proj / down_proj``, or experts as Mixtral's ``block_sparse_moe.gate`` and
 ``block_sparse_moe.experts.{e}.w1 / w3 / w2`` (+ ``block_sparse_moe.gate.expert_bias`` for
-aux-loss-free balancing). It expresses every model this toolkit makes: DUS skips with or without
-experts, any router options, RoPE position interpolation (``rope_type: "linear"``).
+aux-loss-free balancing). It expresses DUS skips with or without experts, any router options,
+RoPE position interpolation (``rope_type: "linear"``).
 """
 from __future__ import annotations
 
@@ -13,18 +13,12 @@ from typing import Optional
 
 import torch
 
-from megatron_jai.checkpoint.hf_phi3 import (
-    MODEL_TYPE,
-    ConversionError,
-    TensorMapping,
-    _layer,
-    mixtral_attention_tensor_map,
-    model_config_from_hf,
-    moe_mlp_tensor_map,
-)
-from megatron_jai.config import ModelConfig, SkipConnection
+from megatron_jai.checkpoint.formats import mixtral, phi3
+from megatron_jai.checkpoint.formats.common import (TOKEN_ID_FIELDS, ConversionError,
+                                                    TensorMapping, layer_row)
+from megatron_jai.config import ModelConfig, ModelConfigError, SkipConnection
 
-JAI_MODEL_TYPE = "jai"
+MODEL_TYPE = "jai"
 AUTO_MAP = {
     "AutoConfig": "configuration_jai.JaiConfig",
     "AutoModel": "modeling_jai.JaiModel",
@@ -48,18 +42,24 @@ def rope_parameters(cfg: ModelConfig) -> dict:
     return {"rope_type": "default", "rope_theta": cfg.rotary_base}
 
 
-def jai_hf_config_from_model_config(cfg: ModelConfig, base: Optional[dict] = None) -> dict:
+# ---- configuration -----------------------------------------------------------------------------
+def unsupported(cfg: ModelConfig) -> Optional[str]:
+    """Nothing: the JAI format expresses every model of this toolkit."""
+    return None
+
+
+def hf_config(cfg: ModelConfig, base: Optional[dict] = None) -> dict:
     """The JAI ``config.json`` dict of ``cfg``. A JAI ``base`` (the original config.json) keeps
     its other fields; any other base (e.g. the Phi-3 config of an up-scaled model) only lends its
     token ids."""
-    if base is not None and base.get("model_type") == JAI_MODEL_TYPE:
+    if base is not None and base.get("model_type") == MODEL_TYPE:
         hf = dict(base)
     else:
         hf = {"hidden_act": "silu", "attention_dropout": 0.0, "use_cache": True, "dtype": "float32"}
-        hf.update({k: (base or {}).get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
+        hf.update({k: (base or {}).get(k) for k in TOKEN_ID_FIELDS})
     want = {
         "architectures": ["JaiForCausalLM"],
-        "model_type": JAI_MODEL_TYPE,
+        "model_type": MODEL_TYPE,
         "auto_map": AUTO_MAP,
         "num_hidden_layers": cfg.num_layers,
         "hidden_size": cfg.hidden_size,
@@ -78,8 +78,7 @@ def jai_hf_config_from_model_config(cfg: ModelConfig, base: Optional[dict] = Non
         "rope_scaling": ({"type": "linear", "rope_type": "linear",
                           "factor": float(cfg.rotary_interpolation_factor)}
                          if cfg.rotary_interpolation_factor else None),
-        "skip_connections": [{"source": s.source, "target": s.target, "alpha_train": s.alpha_train,
-                              "alpha_infer": s.alpha_infer} for s in cfg.skip_connections],
+        "skip_connections": [s.to_dict() for s in cfg.skip_connections],
         "num_local_experts": cfg.num_experts,
         "num_experts_per_tok": cfg.moe_top_k,
         "norm_topk_prob": cfg.moe_normalize_topk,
@@ -94,23 +93,23 @@ def jai_hf_config_from_model_config(cfg: ModelConfig, base: Optional[dict] = Non
     return hf
 
 
-def model_config_from_jai(hf: dict, name: str = "jai") -> ModelConfig:
+def model_config(hf: dict, name: str = "jai") -> ModelConfig:
     """The :class:`ModelConfig` of a JAI ``config.json`` (as a dict)."""
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "linear"):
         raise ConversionError(f"RoPE type {rope_type!r} is not supported (default or linear)")
     try:
-        skips = tuple(SkipConnection(int(s["source"]), int(s["target"]), float(s["alpha_train"]),
-                                     float(s["alpha_infer"])) for s in hf.get("skip_connections") or ())
-    except (KeyError, TypeError, ValueError):
+        skips = tuple(SkipConnection.from_dict(s, alpha_train=None, alpha_infer=None)
+                      for s in hf.get("skip_connections") or ())
+    except ModelConfigError:
         raise ConversionError("config.json skip_connections must be a list of {source, target, "
                               "alpha_train, alpha_infer}") from None
     # The decoder fields are Phi-3's (same names and checks), with the RoPE scaling taken out.
     theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    decoder = model_config_from_hf({**hf, "model_type": MODEL_TYPE, "rope_scaling": None,
-                                    "rope_parameters": {"rope_type": "default", "rope_theta": theta}},
-                                   name=name)
+    decoder = phi3.model_config({**hf, "rope_scaling": None,
+                                 "rope_parameters": {"rope_type": "default", "rope_theta": theta}},
+                                name=name)
     return decoder.replace(
         rotary_interpolation_factor=float(rope["factor"]) if rope_type == "linear" else None,
         num_experts=int(hf.get("num_local_experts") or 0),
@@ -121,6 +120,7 @@ def model_config_from_jai(hf: dict, name: str = "jai") -> ModelConfig:
         **{field: hf[key] for key, field in _TRAINING_FIELDS.items() if key in hf})
 
 
+# ---- tensor layouts ----------------------------------------------------------------------------
 def _split_gate_up(cfg: ModelConfig, t: torch.Tensor) -> tuple:
     gate, up = t.chunk(2)
     return gate.contiguous(), up.contiguous()
@@ -130,20 +130,19 @@ def _cat_gate_up(cfg: ModelConfig, gate: torch.Tensor, up: torch.Tensor) -> torc
     return torch.cat([gate, up])
 
 
-def jai_tensor_map(cfg: ModelConfig) -> list[TensorMapping]:
-    """The decoder rows of the JAI layout (embeddings, final norm and head are shared with the
-    other layouts: :func:`megatron_jai.checkpoint.hf_phi3.tensor_map`)."""
-    rows = mixtral_attention_tensor_map(cfg)
+def decoder_tensor_map(cfg: ModelConfig) -> list[TensorMapping]:
+    """The per-layer rows of the JAI layout."""
+    rows = mixtral.attention_tensor_map(cfg)
     if cfg.is_moe:
-        rows += moe_mlp_tensor_map(cfg)
+        rows += mixtral.moe_tensor_map(cfg)
         if cfg.moe_expert_bias:
-            rows.append(_layer("mlp.router.expert_bias", "block_sparse_moe.gate.expert_bias"))
+            rows.append(layer_row("mlp.router.expert_bias", "block_sparse_moe.gate.expert_bias"))
         return rows
     mlp = "model.layers.{layer}.mlp"
     return rows + [
-        _layer("mlp.linear_fc1.layer_norm_weight", "post_attention_layernorm.weight"),
+        layer_row("mlp.linear_fc1.layer_norm_weight", "post_attention_layernorm.weight"),
         TensorMapping("decoder.layers.mlp.linear_fc1.weight",  # rows [gate; up]
                       (f"{mlp}.gate_proj.weight", f"{mlp}.up_proj.weight"),
                       _cat_gate_up, _split_gate_up, per_layer=True),
-        _layer("mlp.linear_fc2.weight", "mlp.down_proj.weight"),
+        layer_row("mlp.linear_fc2.weight", "mlp.down_proj.weight"),
     ]

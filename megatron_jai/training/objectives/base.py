@@ -1,4 +1,4 @@
-"""Training objectives: what a batch holds and what loss it gives.
+"""The plug-in interface of the one training loop: what a batch holds and what loss it gives.
 
 The loop (:mod:`megatron_jai.training.loop`) is the same for pretraining, SFT and DPO; an
 :class:`Objective` plugs in the data (datasets, collation) and the loss. Its loss is a *sum* over
@@ -9,17 +9,39 @@ forward pass, so the loss is the mean over the global batch, never a mean of mea
 Statistics are a flat fp32 vector per micro-batch, summed over micro-batches and DP ranks;
 ``stat_names`` names its entries (the first two are always ``loss_sum`` and ``units``) and
 ``summarize`` turns the sums into metrics.
+
+An objective sees the run through an :class:`ObjectiveContext` (model, config, arguments, the
+data-parallel position, a logger), never through the Trainer.
 """
 from __future__ import annotations
 
-import os
+import argparse
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
-from megatron_jai.training.faults import TrainingError
+from megatron_jai.training.faults import TrainingError, poison_loss
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+
+
+@dataclass
+class ObjectiveContext:
+    """What an objective may use of a run that is set up (the model built and loaded)."""
+
+    args: argparse.Namespace
+    cfg: object  # the run's ModelConfig
+    tcfg: object  # Megatron-Core's TransformerConfig of this rank
+    model: torch.nn.Module  # this rank's pipeline stage, unwrapped (``.jai_config``)
+    ddp_model: torch.nn.Module  # what the schedule runs (Float16Module / DDP wrapped)
+    phases: list
+    resuming: bool  # --load continues a run (else: --init-from or scratch)
+    device: torch.device
+    rank: int  # global rank
+    dp: int  # data-parallel size and this rank's position in it
+    dp_rank: int
+    log: Callable[[str], None]  # one line, printed by rank 0
 
 
 def collate(items: list) -> dict:
@@ -34,10 +56,11 @@ def collate(items: list) -> dict:
 
 
 class Objective:
-    """The pretraining objective: next-token cross entropy, averaged over the loss-masked tokens
-    of the global batch. Subclasses change the data (SFT) or the loss (DPO)."""
+    """An objective's data, loss and hooks. The defaults are those of language modelling on
+    Megatron's per-token cross entropy (:mod:`.pretrain`); subclasses give the datasets and the
+    loss."""
 
-    name = "pretrain"
+    name = "objective"
     sequences_per_sample = 1  # DPO: 2 (chosen and rejected share the micro-batch)
     trains = True  # False: the objective's before_training is the whole job
     # DUS skip alphas of validation: "inference" (as the exported model runs; models whose skips
@@ -55,15 +78,12 @@ class Objective:
         check_validation(phases, self.args.eval_interval)
         check_vocabulary(cfg, phases, self.args.tokenizer)
 
-    def build_dataset(self, blend, seq_length: int, num_samples: int, seed: int):
-        from megatron_jai.data.datasets import build_datasets
+    def default_data(self, log: Optional[Callable]) -> Optional[str]:
+        """The data prefix of a run given none (``--data-path`` and phases absent); None: refused."""
+        return None
 
-        cache = self.args.data_cache_dir
-        train, _ = build_datasets(
-            list(blend), seq_length, num_samples=num_samples, seed=seed,
-            tokenizer=self.args.tokenizer,
-            cache_dir=os.path.join(cache, "dataset_index") if cache else None)
-        return train
+    def build_dataset(self, blend, seq_length: int, num_samples: int, seed: int):
+        raise NotImplementedError
 
     def build_valid_dataset(self, blend, seq_length: int, num_samples: int, seed: int):
         return self.build_dataset(blend, seq_length, num_samples, seed)
@@ -71,21 +91,27 @@ class Objective:
     def collate(self, items: list) -> dict:
         return collate(items)
 
-    def prepare_batches(self, trainer, batches: list, run) -> list:
-        """The step's (device) micro-batches before the schedule runs (e.g. DPO's live reference
-        attaches its log-probs)."""
+    def prepare_batches(self, ctx: ObjectiveContext, batches: list, run) -> list:
+        """The step's (device) micro-batches before the schedule runs, on every rank (e.g. DPO's
+        live reference attaches its log-probs); ``run``: the phase's ``seq_length`` (``run.phase``)
+        and micro-batch size (``run.mbs``)."""
         return batches
 
     def units(self, batch: dict) -> int:
         """Loss units in a (host) micro-batch: what the global-batch mean divides by."""
         return int(batch["loss_mask"].sum())
 
+    def validation_modes(self, cfg) -> list:
+        """``[(metric suffix, DUS skip alphas)]`` of validation (see :attr:`valid_alphas`)."""
+        modes = [("", self.valid_alphas)]
+        if self.valid_alphas == "inference" and cfg.skip_connections and \
+                any(s.alpha_train != s.alpha_infer for s in cfg.skip_connections):
+            modes.append(("_train_alphas", "train"))
+        return modes
+
     # -- loss -------------------------------------------------------------------------------
     def stat_names(self, labels: tuple) -> list:
-        names = ["loss_sum", "units"]
-        if len(labels) > 1:
-            names += [f"loss_sum/{lab}" for lab in labels] + [f"units/{lab}" for lab in labels]
-        return names
+        return ["loss_sum", "units"]
 
     def forward(self, model, batch: dict, labels: tuple) -> tuple:
         """Run the model on a (device) micro-batch (packed sequences when it carries
@@ -103,32 +129,15 @@ class Objective:
         return output, lambda out: self.loss(out, batch, labels)
 
     def loss(self, per_token_loss: torch.Tensor, batch: dict, labels: tuple) -> tuple:
-        """``(loss_sum, stats)`` of a micro-batch from Megatron's per-token cross entropy:
-        the masked tokens' sum, and per dataset of a blend."""
-        n_datasets = len(labels)
-        mask = batch["loss_mask"].float()
-        per_sample = (per_token_loss.float() * mask).sum(dim=1)
-        loss_sum = per_sample.sum()
-        stats = [loss_sum.detach().reshape(1), mask.sum().reshape(1)]
-        if n_datasets > 1:
-            ids = batch["dataset_id"]
-            per_ds = torch.zeros(2 * n_datasets, device=loss_sum.device)
-            per_ds[:n_datasets].index_add_(0, ids, per_sample.detach())
-            per_ds[n_datasets:].index_add_(0, ids, mask.sum(dim=1))
-            stats.append(per_ds)
-        return loss_sum, torch.cat(stats)
+        """``(loss_sum, stats)`` of a micro-batch from Megatron's per-token cross entropy."""
+        raise NotImplementedError
 
     def summarize(self, sums: dict, labels: tuple) -> dict:
         """Metrics of a step from the summed statistics."""
-        out = {"loss": sums["loss_sum"] / sums["units"] if sums["units"] > 0 else float("nan")}
-        if len(labels) > 1:
-            for lab in labels:
-                if sums[f"units/{lab}"] > 0:
-                    out[f"loss/{lab}"] = sums[f"loss_sum/{lab}"] / sums[f"units/{lab}"]
-        return out
+        return {"loss": sums["loss_sum"] / sums["units"] if sums["units"] > 0 else float("nan")}
 
     # -- hooks ------------------------------------------------------------------------------
-    def before_training(self, trainer) -> None:
+    def before_training(self, ctx: ObjectiveContext) -> None:
         """After the model is built and loaded, before the first step (e.g. DPO's reference
         pass)."""
 
@@ -144,9 +153,7 @@ def make_loss_func(loss_terms: Callable, scale, inject_nan: bool) -> Callable:
     def loss_func(output_tensor):
         loss_sum, stats = loss_terms(output_tensor)
         if inject_nan:
-            loss_sum = loss_sum * float("nan")
-            stats = stats.clone()
-            stats[0] = loss_sum.detach()
+            loss_sum, stats = poison_loss(loss_sum, stats)
         # The schedule divides the returned loss in place: return a new tensor, report a clone.
         return loss_sum * scale, {"stats": stats.detach().clone()}
 
