@@ -13,6 +13,7 @@ FLOORS = (
     ("kernels", "moe", "model", "data", "checkpoint"),
     ("upscale", "inference"),
     ("training", "hf", "evaluation"),
+    ("replication",),  # drives tools/ and the entry scripts (by path: they are no modules)
 )
 # Groups of modules (or packages) that import nothing of the package but each other: the JAI
 # modeling code is copied into every export and loaded by transformers on its own; the kernels
