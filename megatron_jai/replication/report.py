@@ -68,7 +68,9 @@ def build_report(out: str, run: dict, rows: List[tuple]) -> dict:
         "scale": run["scale"], "seed": run["seed"], "seeds": r.seeds, "commit": run["commit"],
         "command": run["command"],
         "wall_seconds": sum(seconds for _, _, seconds in rows),
-        "stages": [{"stage": name, "seconds": round(seconds, 1)} for name, _, seconds in rows],
+        "stages": [{"stage": name, "seconds": round(seconds, 1),
+                    "cpu_seconds": round(r.stage(name).get("cpu_seconds", 0.0), 1)}
+                   for name, _, seconds in rows],
         "sizes": sizes(r), "models": models, "tokens_per_char": tokens_per_char(r),
         "comparison": comparison(r, models), "long_documents": long_documents(r),
         "post_training": post_training(r), "curves": curves(r),
@@ -218,11 +220,12 @@ def hypotheses(report: dict, models: dict, s1: int) -> List[dict]:
         out.append({"id": hid, "claim": claim, "measured": measured, "holds": bool(holds)})
 
     add("H1", "Upscaling costs English at start-up (the reason for English recovery): English "
-              "bits/char after DUS is above the base model's; after MoE upcycling from the "
-              "recovery snapshots it is below the DUS model's",
-        f"English valid bits/char: base {base:.4f}, after the tokenizer extension "
-        f"{en['vocab']:.4f} ({_pct(en['vocab'], base)}), after DUS {dus:.4f} ({_pct(dus, base)}), "
-        f"after MoE {moe:.4f} ({_pct(moe, base)})", dus > base and moe < dus)
+              "bits/char after DUS and after MoE upcycling are above the base model's",
+        f"English valid bits/char: base {base:.4f}; after the tokenizer extension "
+        f"{en['vocab']:.4f} ({_pct(en['vocab'], base)}); after DUS {dus:.4f} ({_pct(dus, base)}; "
+        f"{_pct(dus, en['vocab'])} over the model it grows); after MoE from the snapshots "
+        f"{moe:.4f} ({_pct(moe, base)}; {_pct(moe, en[f'jai-english-s{s1}'])} over the phase-1 end)",
+        dus > base and moe > base)
     recovered = en[f"jai-english-s{s1}"]
     add("H2", "English recovery brings English bits/char back to the base model's or below",
         f"English valid bits/char: base {base:.4f}, after DUS {dus:.4f}, after English recovery "
@@ -303,13 +306,28 @@ MODEL_ORDER = [("base", "base model (English, the stand-in for Phi-3)"),
                ("merge", "merge of SFT A and B (1:1)"), ("dpo", "DPO (final, `final_hf/`)")]
 
 
+# Stage groups of the time table (first matching prefix).
+STAGE_GROUPS = (("exports", ("export-",)),
+                ("evaluation", ("eval-", "curves", "iapp", "dpo-heldout")),
+                ("data, tokenizers, preprocessing", ("data", "base-tokenizer", "base-data", "convert",
+                                                     "thai-tokenizer", "extend-tokenizer",
+                                                     "tokens-per-char", "pretrain-data", "chat-data")),
+                ("base model", ("base-model",)),
+                ("JAI: surgery, phase 1, MoE, phases 2-3", ("vocab", "dus", "jai-", "moe-one")),
+                ("control (a)", ("control-a-",)), ("control (b)", ("control-b-",)),
+                ("SFT A and B, merge, DPO", ("sft-", "merge", "dpo")))
+
+
+def stage_group(name: str) -> str:
+    return next(group for group, prefixes in STAGE_GROUPS if name.startswith(prefixes))
+
+
 def markdown(report: dict) -> str:
-    s1, sc = report["seeds"][0], report["scale"]
+    s1 = report["seeds"][0]
     sz = report["sizes"]
-    hours = report["wall_seconds"] / 3600
     lines = [f"Run `{report['command']}` at commit `{report['commit'][:12]}`: {len(report['stages'])} "
-             f"stages, {report['wall_seconds'] / 60:.1f} minutes of stage wall time "
-             f"({hours:.2f} h), seeds {', '.join(map(str, report['seeds']))}.", ""]
+             f"stages, {report['wall_seconds'] / 60:.1f} minutes of stage wall time, seeds "
+             f"{', '.join(map(str, report['seeds']))}.", ""]
     lines += ["### Sizes", "", _table(["model", "layers", "hidden", "vocabulary", "experts", "skips",
                                        "parameters (total / active)"], [
         [label, p["layers"], p["hidden"], p["vocab"], p["experts"] or "dense", p["skips"],
@@ -365,6 +383,15 @@ def markdown(report: dict) -> str:
     lines += ["### Tokens per character (NTREX-128)", "", _table(
         ["tokenizer", "Thai", "English"],
         [[k, v["thai"]["tokens_per_char"], v["english"]["tokens_per_char"]] for k, v in t.items()]),
+        ""]
+    groups: Dict[str, list] = {}
+    for st in report["stages"]:
+        g = groups.setdefault(stage_group(st["stage"]), [0, 0.0, 0.0])
+        g[0] += 1
+        g[1] += st["seconds"]
+        g[2] += st["cpu_seconds"]
+    lines += ["### Time", "", _table(["stages", "count", "wall minutes", "CPU minutes"], [
+        [name, n, f"{wall / 60:.1f}", f"{cpu / 60:.1f}"] for name, (n, wall, cpu) in groups.items()]),
         ""]
     lines += ["### Plots", "", f"![bits per character against tokens](images/{IMAGES['curves']})", "",
               f"![expert load per layer](images/{IMAGES['router']})", ""]
