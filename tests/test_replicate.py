@@ -62,8 +62,8 @@ def test_smoke_chain(tmp_path, shared_dir, capsys):
 
     model = AutoModelForCausalLM.from_pretrained(out / "final_hf", trust_remote_code=True)
     tok = AutoTokenizer.from_pretrained(out / "final_hf", trust_remote_code=True)
-    chat = tok.apply_chat_template([{"role": "user", "content": "สวัสดี"}], add_generation_prompt=True,
-                                   return_tensors="pt", return_dict=True)
+    chat = tok.apply_chat_template([{"role": "user", "content": "สวัสดี"}],
+                                   add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():
         ids = model.generate(**chat, max_new_tokens=3, do_sample=False)
     assert ids.shape[1] > chat["input_ids"].shape[1]

@@ -2,7 +2,7 @@
 
     data -> base tokenizer (English BPE + Phi-3's chat format) -> base model -> its HF export
     -> hf-to-mcore -> Thai BPE -> extended tokenizer -> vocab surgery -> DUS.v2
-    -> JAI:       English recovery (snapshots) -> MoE from the snapshots -> Thai injection -> context extension
+    -> JAI:       English recovery (snapshots) -> MoE from the snapshots -> Thai -> long context
     -> control a: the vocab-surgery model, the same three phases
     -> control b: the JAI architecture from random init, the same three phases
     -> SFT A, SFT B -> 1:1 merge -> DPO;  every stage's model exported to HF and evaluated
@@ -26,7 +26,7 @@ from megatron_jai.replication.scales import (PHASES, Scale, base_model_config, d
 PRETRAIN, POSTTRAIN = "pretrain_jai.py", "posttrain_jai.py"
 
 
-def tool(name: str) -> str:
+def tool_path(name: str) -> str:
     return os.path.join("tools", f"{name}.py")
 
 
@@ -60,7 +60,10 @@ class Chain:
 
     @property
     def base_ids(self) -> int:
-        return self.scale.base_vocab + 11  # Phi-3's special tokens above the pieces
+        """Ids of the base tokenizer: its pieces and the special tokens above them."""
+        from megatron_jai.data.tokenizer import load_tokenizer
+
+        return load_tokenizer(self.path("tokenizers", "base")).vocab_size
 
     def tool(self, script: str, *argv) -> None:
         self.runner.tool(script, *argv)
@@ -170,7 +173,7 @@ class Chain:
 
     # ---- the base model ------------------------------------------------------------------------
     def base_tokenizer(self) -> None:
-        self.tool(tool("train_tokenizer"), "--input", self.path("data", "en_train.jsonl"),
+        self.tool(tool_path("train_tokenizer"), "--input", self.path("data", "en_train.jsonl"),
                   "--vocab-size", self.scale.base_vocab, "--special-tokens-from", "phi3",
                   "--out", self.path("tokenizers", "base"), "--quiet", "--force")
 
@@ -178,7 +181,7 @@ class Chain:
         self.preprocess("en_train.jsonl", "en_base", self.path("tokenizers", "base"))
 
     def preprocess(self, src: str, prefix: str, tokenizer: str) -> None:
-        self.tool(tool("preprocess_data"), "--input", self.path("data", src), "--output-prefix",
+        self.tool(tool_path("preprocess_data"), "--input", self.path("data", src), "--output-prefix",
                   self.path("data", prefix), "--tokenizer", tokenizer, "--workers", 1,
                   "--no-progress", "--force")
 
@@ -194,17 +197,16 @@ class Chain:
                    max(1, sc.base_steps // 20), "--seed", self.seed)
 
     def train(self, script: str, name: str, *argv) -> None:
-        """A training run that saves into (and resumes from) ``models/NAME``."""
+        """A training run (``argv``: a posttrain mode first) that saves into, and resumes from,
+        ``models/NAME``."""
         root = self.model(name)
-        mode = list(argv[:1]) if script == POSTTRAIN else []
-        rest = argv[1:] if script == POSTTRAIN else argv
-        self.tool(script, *mode, *rest, "--save", root, "--load", root, "--metrics-file",
+        self.tool(script, *argv, "--save", root, "--load", root, "--metrics-file",
                   self.path("metrics", f"{name}.jsonl"), "--data-cache-dir", self.path("cache"),
                   "--log-interval", max(1, self.scale.phase_steps[0] // 10))
 
     def export(self, name: str, source: Optional[str] = None) -> dict:
         out = self.hf(name)
-        self.tool(tool("convert_checkpoint"), "mcore-to-hf", "--mcore-dir",
+        self.tool(tool_path("convert_checkpoint"), "mcore-to-hf", "--mcore-dir",
                   source or self.model(name), "--out", out, "--no-progress", "--force")
         with open(os.path.join(out, "config.json"), encoding="utf-8") as f:
             return {"hf": out, "architectures": json.load(f).get("architectures")}
@@ -214,50 +216,51 @@ class Chain:
         and of NTREX (both languages), at the short context."""
         sc, out = self.scale, self.eval_dir(name)
         os.makedirs(out, exist_ok=True)
-        tasks = ("--task", "ntrex_tha", "--task", "ntrex_eng", "--limit", sc.ntrex_lines) if ntrex else ()
+        tasks = ("--task", "ntrex_tha", "--task", "ntrex_eng", "--limit", sc.ntrex_lines)
         self.evaluate(model or self.hf(name), os.path.join(out, "bits.json"),
                       "--text", self.path("data", "thai_valid.jsonl"),
-                      "--text", self.path("data", "english_valid.jsonl"), *tasks,
-                      "--context", sc.seq)
+                      "--text", self.path("data", "english_valid.jsonl"),
+                      *(tasks if ntrex else ()), "--context", sc.seq)
 
     def evaluate(self, model: str, output: str, *argv) -> None:
-        self.tool(tool("evaluate"), "--model", model, *argv, "--output", output, "--no-progress")
+        self.tool(tool_path("evaluate"), "--model", model, *argv, "--output", output, "--no-progress")
 
     # ---- the recipe ----------------------------------------------------------------------------
     def convert(self) -> None:
-        self.tool(tool("convert_checkpoint"), "hf-to-mcore", "--hf-dir", self.hf("base"), "--out",
+        self.tool(tool_path("convert_checkpoint"), "hf-to-mcore", "--hf-dir", self.hf("base"), "--out",
                   self.model("base-mcore"), "--no-progress", "--force")
 
     def thai_tokenizer(self) -> None:
-        self.tool(tool("train_tokenizer"), "--input", self.path("data", "th_train.jsonl"),
+        self.tool(tool_path("train_tokenizer"), "--input", self.path("data", "th_train.jsonl"),
                   "--vocab-size", self.scale.thai_vocab, "--clean", "thaigov", "--out",
                   self.path("tokenizers", "thai"), "--quiet", "--force")
 
     def extend_tokenizer(self) -> None:
-        self.tool(tool("extend_tokenizer"), "--base", self.hf("base"), "--add",
+        self.tool(tool_path("extend_tokenizer"), "--base", self.hf("base"), "--add",
                   self.path("tokenizers", "thai"), "--target-vocab", self.scale.target_vocab,
                   "--out", self.path("tokenizers", "extended"), "--force")
 
     def tokens_per_char(self) -> None:
-        self.tool(tool("tokens_per_char"), "--tokenizer", self.hf("base"), "--tokenizer",
+        self.tool(tool_path("tokens_per_char"), "--tokenizer", self.hf("base"), "--tokenizer",
                   self.path("tokenizers", "extended"), "--text",
                   shared_path("data", "eval", "ntrex128.tha.txt"), "--text",
                   shared_path("data", "eval", "ntrex128.eng.txt"), "--json",
                   self.path("eval", "tokens_per_char.json"))
 
     def vocab(self) -> None:
-        self.tool(tool("upscale"), "vocab", "--in", self.model("base-mcore"), "--tokenizer",
+        self.tool(tool_path("upscale"), "vocab", "--in", self.model("base-mcore"), "--tokenizer",
                   self.path("tokenizers", "extended"), "--out", self.model("vocab"), "--force")
 
     def vocab_as_base(self) -> None:
-        self.evaluate(self.hf("vocab"), os.path.join(self.eval_dir("vocab"), "english_base_ids.json"),
+        self.evaluate(self.hf("vocab"), os.path.join(self.eval_dir("vocab"),
+                                                     "english_base_ids.json"),
                       "--text", self.path("data", "english_valid.jsonl"), "--context",
                       self.scale.seq, "--score-vocab", self.base_ids)
 
     def dus(self) -> None:
         plan = self.path("configs", "dus_plan.json")
         _write_json(plan, dus_plan(self.scale))
-        self.tool(tool("upscale"), "dus", "--in", self.model("vocab"), "--plan", plan, "--out",
+        self.tool(tool_path("upscale"), "dus", "--in", self.model("vocab"), "--plan", plan, "--out",
                   self.model("dus"), "--force")
 
     def pretrain_data(self) -> dict:
@@ -305,12 +308,12 @@ class Chain:
 
     def jai_moe(self, seed: int) -> dict:
         inputs = self.snapshots(seed)
-        self.tool(tool("upscale"), "moe", "--in", *inputs, "--experts", 4, "--top-k", 2, "--seed",
+        self.tool(tool_path("upscale"), "moe", "--in", *inputs, "--experts", 4, "--top-k", 2, "--seed",
                   seed, "--out", self.model(f"jai-moe-s{seed}"), "--force")
         return {"snapshots": inputs}
 
     def moe_one_snapshot(self) -> None:
-        self.tool(tool("upscale"), "moe", "--in", self.model(f"jai-english-s{self.seeds[0]}"),
+        self.tool(tool_path("upscale"), "moe", "--in", self.model(f"jai-english-s{self.seeds[0]}"),
                   "--experts", 4, "--top-k", 2, "--out", self.model("moe-one-snapshot"), "--force")
 
     def jai_thai_long(self, seed: int) -> None:
@@ -363,14 +366,14 @@ class Chain:
         chat, tok = self.path("data", "chat"), self.path("tokenizers", "extended")
         seq = self.scale.long_seq
         for name in (*SFT_SOURCES, IAPP_VALID):
-            self.tool(tool("preprocess_chat"), "--kind", "sft", "--input",
+            self.tool(tool_path("preprocess_chat"), "--kind", "sft", "--input",
                       os.path.join(chat, f"{name}.jsonl"), "--output-prefix",
                       os.path.join(chat, name), "--tokenizer", tok, "--seq-length", seq,
                       "--max-bad-fraction", 1, "--workers", 1, "--no-progress", "--force")
         for lang in DPO_SOURCES:
             for split in ("train", "heldout"):
                 name = f"{lang}_dpo_{split}"
-                self.tool(tool("preprocess_chat"), "--kind", "dpo", "--input",
+                self.tool(tool_path("preprocess_chat"), "--kind", "dpo", "--input",
                           os.path.join(chat, f"{name}.jsonl"), "--output-prefix",
                           os.path.join(chat, name), "--tokenizer", tok, "--seq-length",
                           self.scale.dpo_seq,
@@ -386,7 +389,7 @@ class Chain:
                    max(1, sc.sft_steps // 10), "--seed", seed + (name == "sft-b"))
 
     def merge(self) -> None:
-        self.tool(tool("merge_checkpoints"), "--method", "linear", "--inputs", self.model("sft-a"),
+        self.tool(tool_path("merge_checkpoints"), "--method", "linear", "--inputs", self.model("sft-a"),
                   self.model("sft-b"), "--out", self.model("merge"), "--no-progress", "--force")
 
     def dpo(self) -> None:

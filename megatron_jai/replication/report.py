@@ -377,7 +377,8 @@ def markdown(report: dict) -> str:
         [[name, v["exact_match"], v["f1"], f"{v['items']} ({v['skipped'] or 0})", v["answer_loss"]]
          for name, v in pt["iapp"].items()]), "",
         "DPO held-out accuracy: " + ", ".join(
-            f"{lang} {h['accuracy']:.3f} ({h['pairs']} pairs)" for lang, h in pt["dpo_heldout"].items()) +
+            f"{lang} {h['accuracy']:.3f} ({h['pairs']} pairs)"
+            for lang, h in pt["dpo_heldout"].items()) +
         f"; all {_fmt(pt['dpo_heldout_accuracy'], 3)}.", ""]
     t = report["tokens_per_char"]
     lines += ["### Tokens per character (NTREX-128)", "", _table(
