@@ -82,6 +82,26 @@ def test_phi3_rendering_equals_apply_chat_template_and_masks_assistant_turns(cha
     assert _masked_runs(chat, ids, mask) == ["You are welcome!<|end|>"]
 
 
+def test_other_base_rendering(tmp_path_factory, shared_dir):
+    """The extended tokenizer of a base other than Phi-3's (an English BPE of its own with Phi-3's
+    special tokens and template, grown to 1,200 ids): apply_chat_template's ids, the assistant
+    turns and their <|end|> trained, the headers not."""
+    from transformers import AutoTokenizer
+
+    from test_tokenizer import make_english_base_tokenizers
+
+    _, ext = make_english_base_tokenizers(tmp_path_factory, shared_dir)
+    chat, reference = C.load_chat_tokenizer(ext), AutoTokenizer.from_pretrained(ext)
+    end, header = reference.convert_tokens_to_ids(["<|end|>", "<|assistant|>"])
+    assert (end, header) == (607, 601)
+    for messages in SFT_RECORDS:
+        ids, mask = chat.render(messages)
+        assert ids.tolist() == reference.apply_chat_template(messages, tokenize=True,
+                                                             return_dict=False)
+        assert _masked_runs(chat, ids, mask) == _assistant_turns(messages, "<|end|>")
+        assert mask[ids == header].sum() == 0 and ids[mask == 1][-1] == end
+
+
 def _tiny_tokenizer_dir(path, template):
     """A byte-level BPE tokenizer (no BOS) with ChatML specials and the given chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -286,6 +286,28 @@ def test_phi3_tokenizer_export(shared_dir, tmp_path):
         _export_tokenizer(phi3, tmp_path / "small", 300)
 
 
+def test_other_base_tokenizer_exports_with_phi3_chat_format(shared_dir, tmp_path, tmp_path_factory):
+    """A base other than Phi-3's (an English BPE of 600 pieces with Phi-3's 11 special tokens at
+    600-610 and its chat template, from train_tokenizer --special-tokens-from phi3) exports as the
+    Phi-3 layout does: the special ids and their attributes, the template, eos <|endoftext|>, stops
+    at <|endoftext|> and <|end|>, encodings as our tokenizer's."""
+    from megatron_jai.data.tokenizer import load_tokenizer
+    from test_tokenizer import make_english_base_tokenizers
+
+    base, _ = make_english_base_tokenizers(tmp_path_factory, shared_dir)
+    info = _export_tokenizer(base, tmp_path, 640)
+    assert info.token_ids() == {"bos_token_id": 1, "eos_token_id": 600, "pad_token_id": 600}
+    assert info.generation_config()["eos_token_id"] == [600, 607]
+    hf_tok = _assert_carried(tmp_path, json.load(open(os.path.join(base, "tokenizer_config.json"))))
+    ours = load_tokenizer(base)
+    for text in ("Hello world!  Two  spaces\nnew line", "สวัสดีครับ 123", "emoji 😀 \t tab"):
+        assert hf_tok.encode(text, add_special_tokens=False) == ours.encode(text), text
+    chat = hf_tok.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant",
+                                                                          "content": "y"}])
+    assert hf_tok.convert_ids_to_tokens(chat["input_ids"]) == \
+        ["<s>", "<|user|>", "x", "<|end|>", "<|assistant|>", "y", "<|end|>"]
+
+
 def test_extended_and_configless_tokenizers_export_unchanged(shared_dir, tmp_path,
                                                              tmp_path_factory):
     """An extended tokenizer (tools/extend_tokenizer.py) keeps its attributes, template and special
