@@ -262,50 +262,34 @@ def _assert_carried(exported, config):
     return tok
 
 
-def test_phi3_tokenizer_export(shared_dir, tmp_path):
-    """The Phi-3 layout (sentencepiece + added_tokens.json + config, no tokenizer.json): the export
-    encodes like sentencepiece, keeps every added-token attribute (rstrip on the chat tokens: no
-    newline token after them), the chat template and the special tokens, and stops generation at
-    <|endoftext|> and <|end|>."""
-    from megatron_jai.data.tokenizer import load_tokenizer
-
-    phi3 = os.path.join(shared_dir, "tokenizers", "phi3")
-    info = _export_tokenizer(phi3, tmp_path)
-    assert info.token_ids() == {"bos_token_id": 1, "eos_token_id": 32000, "pad_token_id": 32000}
-    assert info.generation_config()["eos_token_id"] == [32000, 32007]
-    hf_tok = _assert_carried(tmp_path, json.load(open(os.path.join(phi3, "tokenizer_config.json"))))
-    ours = load_tokenizer(phi3)
-    for text in ("Hello world!  Two  spaces\nnew line", "สวัสดีครับ ภาษาไทย 123", "emoji 😀 \t tab"):
-        assert hf_tok.encode(text, add_special_tokens=False) == ours.encode(text), text
-    assert hf_tok.encode("Hi")[0] == 1 and hf_tok.convert_tokens_to_ids("<|end|>") == 32007
-    chat = hf_tok.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant",
-                                                                          "content": "y"}])
-    assert hf_tok.convert_ids_to_tokens(chat["input_ids"]) == \
-        ["<s>", "<|user|>", "x", "<|end|>", "<|assistant|>", "y", "<|end|>"]
-    with pytest.raises(cli.UserError, match="32011 ids but the model only 300"):
-        _export_tokenizer(phi3, tmp_path / "small", 300)
-
-
-def test_other_base_tokenizer_exports_with_phi3_chat_format(shared_dir, tmp_path, tmp_path_factory):
-    """A base other than Phi-3's (an English BPE of 600 pieces with Phi-3's 11 special tokens at
-    600-610 and its chat template, from train_tokenizer --special-tokens-from phi3) exports as the
-    Phi-3 layout does: the special ids and their attributes, the template, eos <|endoftext|>, stops
-    at <|endoftext|> and <|end|>, encodings as our tokenizer's."""
+@pytest.mark.parametrize("base", ["phi3", "english"])
+def test_phi3_layout_tokenizer_export(base, shared_dir, tmp_path, tmp_path_factory):
+    """The Phi-3 layout (sentencepiece + added_tokens.json + config, no tokenizer.json), Phi-3's
+    own and an English BPE of 600 pieces with Phi-3's special tokens at 600-610 and its template
+    (train_tokenizer --special-tokens-from phi3): the export encodes like sentencepiece, keeps every
+    added-token attribute (rstrip on the chat tokens: no newline token after them), the chat
+    template and the special tokens, and stops generation at <|endoftext|> and <|end|>."""
     from megatron_jai.data.tokenizer import load_tokenizer
     from test_tokenizer import make_english_base_tokenizers
 
-    base, _ = make_english_base_tokenizers(tmp_path_factory, shared_dir)
-    info = _export_tokenizer(base, tmp_path, 640)
-    assert info.token_ids() == {"bos_token_id": 1, "eos_token_id": 600, "pad_token_id": 600}
-    assert info.generation_config()["eos_token_id"] == [600, 607]
-    hf_tok = _assert_carried(tmp_path, json.load(open(os.path.join(base, "tokenizer_config.json"))))
-    ours = load_tokenizer(base)
-    for text in ("Hello world!  Two  spaces\nnew line", "สวัสดีครับ 123", "emoji 😀 \t tab"):
+    if base == "phi3":
+        src, eos, rows = os.path.join(shared_dir, "tokenizers", "phi3"), 32000, 32064
+    else:
+        src, eos, rows = make_english_base_tokenizers(tmp_path_factory, shared_dir)[0], 600, 640
+    info = _export_tokenizer(src, tmp_path, rows)
+    assert info.token_ids() == {"bos_token_id": 1, "eos_token_id": eos, "pad_token_id": eos}
+    assert info.generation_config()["eos_token_id"] == [eos, eos + 7]
+    hf_tok = _assert_carried(tmp_path, json.load(open(os.path.join(src, "tokenizer_config.json"))))
+    ours = load_tokenizer(src)
+    for text in ("Hello world!  Two  spaces\nnew line", "สวัสดีครับ ภาษาไทย 123", "emoji 😀 \t tab"):
         assert hf_tok.encode(text, add_special_tokens=False) == ours.encode(text), text
+    assert hf_tok.encode("Hi")[0] == 1 and hf_tok.convert_tokens_to_ids("<|end|>") == eos + 7
     chat = hf_tok.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant",
                                                                           "content": "y"}])
     assert hf_tok.convert_ids_to_tokens(chat["input_ids"]) == \
         ["<s>", "<|user|>", "x", "<|end|>", "<|assistant|>", "y", "<|end|>"]
+    with pytest.raises(cli.UserError, match=f"{eos + 11} ids but the model only 300"):
+        _export_tokenizer(src, tmp_path / "small", 300)
 
 
 def test_extended_and_configless_tokenizers_export_unchanged(shared_dir, tmp_path,
