@@ -99,6 +99,13 @@ def test_experts_from_snapshots_and_shared_weights(dense_checkpoints, tmp_path, 
         assert torch.count_nonzero(r.read_layer("decoder.layers.mlp.router.weight", layer)) == 0
     qkv = "decoder.layers.self_attention.linear_qkv.weight"
     assert torch.equal(r.read_layer(qkv, 1), srcs[0].read_layer(qkv, 1))  # shared from input 1
+    last = tmp_path / "last"  # chronological snapshots: the shared weights of the newest
+    _upcycle(capsys, "--in", dense_checkpoints[0], snapshot, "--shared-from", "last", "--out", last)
+    snap = CheckpointReader(snapshot)
+    for key in (qkv, "embedding.word_embeddings.weight"):
+        read = (lambda c: c.read_layer(key, 1)) if key == qkv else (lambda c: c.read(key))
+        assert torch.equal(read(CheckpointReader(str(last))), read(snap)), key
+        assert not torch.equal(read(snap), read(srcs[0])), key  # the test can tell them apart
     avg = tmp_path / "avg"
     _upcycle(capsys, "--in", *dense_checkpoints, "--experts", 2, "--average-shared", "--out", avg)
     mean = (srcs[0].read_layer(qkv, 1) + srcs[1].read_layer(qkv, 1)) / 2

@@ -88,9 +88,12 @@ def add_moe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--router-std", type=float, default=None,
                    help="router weight init std (default: per layer, router logits of std 0.01: "
                         "near-uniform probabilities, tokens spread over the experts); 0 = exactly "
-                        "uniform probabilities, but then every token picks experts 0..k-1")
-    p.add_argument("--average-shared", action="store_true",
-                   help="attention/norms/embeddings = mean over the inputs (default: input 1)")
+                        "uniform probabilities, but then every token picks the same k experts")
+    p.add_argument("--shared-from", choices=("first", "last", "mean"), default="first",
+                   help="attention, norms and embeddings from the first input, the last (the "
+                        "newest of chronological snapshots: --in S0 S2K S4K S6K --shared-from "
+                        "last continues from S6K, as JAI-1) or their mean (default: first)")
+    p.add_argument("--average-shared", action="store_true", help="the same as --shared-from mean")
     p.add_argument("--seed", type=int, default=0, help="seed for noise and router init")
     p.add_argument("--name", help="model name in the new config (default: <base>-moe<E>)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
@@ -101,7 +104,8 @@ def run_moe(args) -> int:
 
     t0 = time.time()
     s = upcycle(args.src, args.out, args.experts, args.top_k, noise_std=args.noise_std,
-                router_std=args.router_std, average_shared=args.average_shared, seed=args.seed,
+                router_std=args.router_std, average_shared=args.average_shared,
+                shared_from=args.shared_from, seed=args.seed,
                 name=args.name, force=args.force)
     print(f"moe: {s['layers']} layers x {s['experts']} experts (top-{s['top_k']}) from "
           f"{s['inputs']} checkpoint(s), parameters {human_count(s['params_total'])} total / "

@@ -308,8 +308,10 @@ class Chain:
 
     def jai_moe(self, seed: int) -> dict:
         inputs = self.snapshots(seed)
-        self.tool(tool_path("upscale"), "moe", "--in", *inputs, "--experts", 4, "--top-k", 2, "--seed",
-                  seed, "--out", self.model(f"jai-moe-s{seed}"), "--force")
+        # Attention, norms and embeddings from the end of phase 1 (the last snapshot), as JAI-1
+        # continues from the end of English recovery; the experts from all four.
+        self.tool(tool_path("upscale"), "moe", "--in", *inputs, "--shared-from", "last", "--experts",
+                  4, "--top-k", 2, "--seed", seed, "--out", self.model(f"jai-moe-s{seed}"), "--force")
         return {"snapshots": inputs}
 
     def moe_one_snapshot(self) -> None:

@@ -16,8 +16,8 @@ whose inputs are unchanged and redoes the rest, so correcting the plan redoes on
 ``moe``. ``--fresh`` discards the work directory first. ``--in CKPT`` starts from one of our
 checkpoints instead of an HF directory, ``--tokenizer TOK`` uses a prepared extended tokenizer
 instead of training one, and ``--experts 0`` stops after DUS (JAI-1 then trains the dense model and
-seeds the experts from snapshots with ``tools/upscale.py moe --in S0 S2K S4K S6K``). The tokenizer
-is trained with the options of the README's separate steps (``train_tokenizer.py --clean thaigov``
+seeds the experts from snapshots with ``tools/upscale.py moe --in S0 S2K S4K S6K --shared-from
+last``). The tokenizer is trained with the options of the README's separate steps (``train_tokenizer.py --clean thaigov``
 and its defaults), so both give the same tokenizer.
 """
 from __future__ import annotations

@@ -9,8 +9,10 @@ so that the router logits have a standard deviation of about ``ROUTER_LOGIT_STD`
 within ~1% of uniform, but every token with its own top-k): the router reads the pre-MLP RMSNorm
 output, whose norm is about that of the norm's weight ``g``, so ``router_std = ROUTER_LOGIT_STD /
 |g|``. ``router_std=0`` gives exactly uniform probabilities, but then every tie is broken the same
-way and ALL tokens go to experts 0..k-1 (with a capacity factor the rest are dropped).
-Attention, norms and embeddings come from the first input, or their mean over the inputs.
+way and ALL tokens go to the same k experts (with a capacity factor the rest are dropped).
+Attention, norms and embeddings come from one input (``shared_from``: the first, or the last: the
+newest of chronological snapshots, as JAI-1 continues from the end of English recovery), or their
+mean over the inputs.
 
 With identical experts and normalised top-k weights the upcycled model computes exactly the dense
 model's function, whatever the router does; the tests check that.
@@ -45,6 +47,7 @@ MOE_PRE_MLP_NORM = LAYERS + "pre_mlp_layernorm.weight"
 FFN_MAP = {DENSE_FC1: MOE_GATE_UP, DENSE_FC2: MOE_DOWN}
 ROUTER_LOGIT_STD = 0.01  # default router init: logit std (see the module docstring)
 RENAMED = {DENSE_PRE_MLP_NORM: MOE_PRE_MLP_NORM}
+SHARED_FROM = ("first", "last", "mean")  # where attention, norms and embeddings come from
 
 
 class UpcycleError(UserError):
@@ -70,9 +73,17 @@ def moe_config(dense: ModelConfig, num_experts: int, top_k: int, name: str | Non
 
 def upcycle(sources: Sequence[str], out: str, num_experts: int = 4, top_k: int = 2, *,
             noise_std: float = 0.0, router_std: float | None = None, average_shared: bool = False,
-            seed: int = 0, name: str | None = None, force: bool = False,
-            progress: bool = True) -> dict:
-    """Write the upcycled MoE checkpoint ``out``. Returns a summary dict."""
+            shared_from: str = "first", seed: int = 0, name: str | None = None,
+            force: bool = False, progress: bool = True) -> dict:
+    """Write the upcycled MoE checkpoint ``out``. Returns a summary dict. ``shared_from``
+    (``first``, ``last`` or ``mean``; ``average_shared`` is ``mean``) picks the input of the
+    attention, norms and embeddings."""
+    if average_shared:
+        if shared_from == "last":
+            raise UpcycleError("shared weights: --average-shared and --shared-from last exclude each other")
+        shared_from = "mean"
+    if shared_from not in SHARED_FROM:
+        raise UpcycleError(f"shared weights from {shared_from!r}: choose one of {', '.join(SHARED_FROM)}")
     if not sources:
         raise UpcycleError("at least one input checkpoint is needed")
     if len(sources) > num_experts:
@@ -93,9 +104,9 @@ def upcycle(sources: Sequence[str], out: str, num_experts: int = 4, top_k: int =
     gen = torch.Generator().manual_seed(seed)
     dtype = readers[0].dtype(DENSE_FC1)
 
-    def shared(read):  # attention, norms, embeddings: the first input's, or the mean
-        if not average_shared or len(readers) == 1:
-            return read(readers[0])
+    def shared(read):  # attention, norms, embeddings: the first or last input's, or the mean
+        if shared_from != "mean" or len(readers) == 1:
+            return read(readers[-1 if shared_from == "last" else 0])
         first = read(readers[0])
         acc = first.double()
         for r in readers[1:]:
