@@ -200,7 +200,10 @@ def is_disk_full(err: BaseException) -> bool:
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
         if isinstance(e, BaseException):
-            text = str(e)
+            try:
+                text = str(e)
+            except Exception:  # noqa: BLE001 - a malformed wrapper still has its causes
+                text = ""
             if any(marker in text for marker in _DISK_FULL_TEXT) or \
                     ("inline_container.cc" in text and "unexpected pos" in text):
                 return True
@@ -233,13 +236,18 @@ def _announce_disk_full() -> None:
             pass
 
 
-def _peer_saw_disk_full() -> bool:
+def _peer_saw_disk_full(wait_s: float = 10.0) -> bool:
+    """Whether another rank reported a full disk (waiting a little: DCP raises on every rank at
+    once, with the failure's details only on the coordinator)."""
     store = _job_store()
     if store is None:
         return False
+    from datetime import timedelta
+
     try:
-        return bool(store.check([_DISK_FULL_KEY]))
-    except Exception:  # noqa: BLE001
+        store.wait([_DISK_FULL_KEY], timedelta(seconds=wait_s))
+        return True
+    except Exception:  # noqa: BLE001 - timed out, or the store is gone
         return False
 
 
@@ -311,7 +319,9 @@ def save_checkpoint(root: str, model_chunks: Sequence[torch.nn.Module], cfg: Mod
         _write_manifest(tmp)
         if before_commit is not None:
             before_commit(tmp)
-    except Exception as err:  # noqa: BLE001 - classified below; anything else propagates
+    except BaseException as err:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
+        if isinstance(err, (KeyboardInterrupt, SystemExit)):
+            raise
         if is_disk_full(err):
             _announce_disk_full()
         elif not _peer_saw_disk_full():  # a rank stuck in a collective with the one that saw it

@@ -15,6 +15,7 @@ An existing lock:
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import signal
@@ -168,8 +169,8 @@ def _exit_on_sigterm(signum, frame):
 def acquire(root: str, force: bool = False, flag: str = "--save") -> tuple:
     """Take ``root``'s lock. Returns ``(DirLock, notes)``; raises :class:`SaveDirLockError`.
 
-    Until :meth:`DirLock.release`, SIGTERM (when it would kill the process outright) exits through
-    ``SystemExit`` so that the lock is released."""
+    Until :meth:`DirLock.release` (called at exit at the latest), SIGTERM (when it would kill the
+    process outright) exits through ``SystemExit`` so that the lock is released."""
     created = not os.path.isdir(root)
     os.makedirs(root, exist_ok=True)
     token = uuid.uuid4().hex
@@ -177,6 +178,7 @@ def acquire(root: str, force: bool = False, flag: str = "--save") -> tuple:
     for _ in range(3):
         if _try_create(root, token):
             lock = DirLock(root, token, created)
+            atexit.register(lock.release)  # any exit but SIGKILL; release is idempotent
             if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
                 lock._previous_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
             return lock, notes
