@@ -217,43 +217,73 @@ def test_tools_verify_their_inputs_and_older_checkpoints_load_with_a_note(traine
 
 # ---- a full disk -------------------------------------------------------------------------------
 def _recorded_chains():
-    """The exceptions a real full disk raised (tmpfs of 15 MB, this project's saves), rebuilt:
-    types and messages as recorded."""
+    """The exceptions real full disks raised in this project's saves (tmpfs of 4 and 15 MB, one
+    and two processes; types and messages as recorded), rebuilt."""
     from torch.distributed.checkpoint.api import CheckpointException
 
-    # rank 0, torch.save of common.pt (Megatron-Core's save_common) on a full tmpfs
-    zip_writer = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs "
-                              "598")
-    # torch.save of a record bigger than the space left
-    stream_writer = RuntimeError("[enforce fail at inline_container.cc:858] . "
-                                 "PytorchStreamWriter failed writing file data/2: file write "
-                                 "failed")
-    # DCP's writer, one rank's OSError gathered into a CheckpointException on every rank
-    oserror = OSError(28, "No space left on device")
-    dcp = CheckpointException("save", {1: (oserror, [])})  # (exception, traceback)
-    # Megatron-Core's writer processes hand back their failure as text
-    worker = RuntimeError(f"Worker failure: {oserror}")
-    # ... and the OSError raised while handling another error
-    try:
-        try:
-            raise oserror
-        except OSError:
-            raise RuntimeError("write of iter_0000006.tmp/__0_0.distcp failed")
-    except RuntimeError as err:
-        chained = err
-    return {"zip writer": zip_writer, "stream writer": stream_writer, "DCP": dcp,
-            "writer process": worker, "context": chained}
+    def with_context(err, context):
+        err.__context__ = context
+        return err
+
+    return {
+        # rank 0, torch.save of common.pt (Megatron-Core's save_common) with 4 KB left
+        "common.pt zip writer": with_context(
+            RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0"),
+            RuntimeError("basic_ios::clear: iostream error")),
+        # one process, DCP's writer process out of space while writing a .distcp file
+        "writer process": CheckpointException("write", {0: (RuntimeError(
+            "Worker failure: [Errno 28] No space left on device"), None)}),
+        # two processes, 15 MB: the zip writer's enforce failure inside the writer process
+        "writer process, zip writer": CheckpointException("write", {0: (RuntimeError(
+            "Worker failure: [enforce fail at inline_container.cc:672] . unexpected pos 704 vs "
+            "598"), None)}),
+        # rank 0 copying the tokenizer into the save root
+        "tokenizer copy": OSError(28, "No space left on device"),
+        # not recorded here (EDQUOT, an OSError below a wrapper): the chain is followed
+        "chained": with_context(RuntimeError("write failed"), OSError(122, "Disk quota exceeded")),
+    }
 
 
-def test_full_disk_is_recognised_in_every_recorded_form():
-    from megatron_jai.checkpoint.dist import is_disk_full
+# What the other rank saw in the same runs: no disk-full in its own exception.
+PEER_FAILURES = {
+    "DCP, non-coordinator": lambda: __import__(
+        "torch.distributed.checkpoint.api", fromlist=["CheckpointException"]
+    ).CheckpointException("write", {}),
+    "gloo, peer gone": lambda: RuntimeError(
+        "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed "
+        "by peer [127.0.0.1]:20892. This is typically caused by a remote worker crashing."),
+}
+
+
+def test_full_disk_is_recognised_in_every_recorded_form(tmp_path, monkeypatch):
+    import torch.distributed as tdist
+
+    from megatron_jai.checkpoint import dist as ckpt
 
     for name, err in _recorded_chains().items():
-        assert is_disk_full(err), name
+        assert ckpt.is_disk_full(err), name
     for other in (RuntimeError("[enforce fail at inline_container.cc:319] . file not found: "
                                "archive/data.pkl"), OSError(13, "Permission denied"),
-                  ValueError("unexpected pos in a config")):
-        assert not is_disk_full(other), other
+                  ValueError("unexpected pos in a config"), *(f() for f in PEER_FAILURES.values())):
+        assert not ckpt.is_disk_full(other), other
+    # The other ranks: their own failure is not a full disk, but the job's store says a rank
+    # found one; then they give the same line (rank 0 prints it) and remove their .tmp.
+    store = tdist.HashStore()
+    monkeypatch.setattr(ckpt, "_job_store", lambda: store)
+    monkeypatch.setattr(ckpt, "PEER_WAIT_S", 0.2)
+    root = tmp_path / "r"
+    (root / "iter_0000005.tmp").mkdir(parents=True)
+    for name, make in PEER_FAILURES.items():
+        ckpt.raise_if_disk_full(make(), str(root), 5)  # nobody found a full disk: returns
+    ckpt.raise_if_disk_full(ValueError("unrelated"), str(root), 5)
+    with pytest.raises(ckpt.CheckpointError, match=r"^disk full while saving iteration 5 to "):
+        ckpt.raise_if_disk_full(_recorded_chains()["writer process"], str(root), 5)
+    assert not (root / "iter_0000005.tmp").exists()
+    for name, make in PEER_FAILURES.items():
+        (root / "iter_0000005.tmp").mkdir()
+        with pytest.raises(ckpt.CheckpointError, match=r"there is no earlier checkpoint"):
+            ckpt.raise_if_disk_full(make(), str(root), 5)
+        assert not (root / "iter_0000005.tmp").exists(), name
 
 
 @pytest.fixture
@@ -289,6 +319,25 @@ def test_a_real_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmpfs, c
     from megatron_jai.checkpoint import manifest
 
     assert manifest.check(iter_dir(root, tracked)).ok
+
+
+@pytest.mark.dist
+def test_a_real_full_disk_on_two_ranks_ends_both_with_one_line(tmpfs, common):
+    from conftest import torchrun
+
+    root = tmpfs / "ckpt"
+    proc = torchrun(2, PRETRAIN, *common, "--train-iters", 8, "--save", root, "--save-interval",
+                    1, "--keep-last", 8, check=False)
+    assert proc.returncode != 0
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines()
+              if line.startswith("pretrain_jai.py: error:")]
+    tracked = int(open(root / TRACKER).read())
+    assert errors == [f"pretrain_jai.py: error: disk full while saving iteration {tracked + 1} "
+                      f"to {root} (partial iter_{tracked + 1:07d}.tmp removed); the previous "
+                      f"checkpoint {iter_dir(root, tracked)} is intact; free space and resume"]
+    assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
+    assert "exitcode  : 2" in proc.stderr  # the workers' own exit code (torchrun then says 1)
+    assert not [n for n in os.listdir(root) if n.endswith(".tmp")]
 
 
 # ---- one run per save directory ----------------------------------------------------------------

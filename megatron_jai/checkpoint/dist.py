@@ -236,7 +236,10 @@ def _announce_disk_full() -> None:
             pass
 
 
-def _peer_saw_disk_full(wait_s: float = 10.0) -> bool:
+PEER_WAIT_S = 10.0  # how long a failing rank waits to hear that another one found the disk full
+
+
+def _peer_saw_disk_full() -> bool:
     """Whether another rank reported a full disk (waiting a little: DCP raises on every rank at
     once, with the failure's details only on the coordinator)."""
     store = _job_store()
@@ -245,7 +248,7 @@ def _peer_saw_disk_full(wait_s: float = 10.0) -> bool:
     from datetime import timedelta
 
     try:
-        store.wait([_DISK_FULL_KEY], timedelta(seconds=wait_s))
+        store.wait([_DISK_FULL_KEY], timedelta(seconds=PEER_WAIT_S))
         return True
     except Exception:  # noqa: BLE001 - timed out, or the store is gone
         return False
@@ -273,6 +276,17 @@ def _write_manifest(directory: str) -> None:
     entries = checksum_across_ranks(directory, names[0])
     if _rank() == 0:
         manifest.write(directory, entries)
+
+
+def raise_if_disk_full(err: BaseException, root: str, iteration: int) -> None:
+    """Raise the one-line disk-full error when ``err`` is a full disk, or the failure of a rank
+    stuck in a collective with one that found the disk full; return otherwise. Every rank that
+    gets here removes the partial ``iter_N.tmp``."""
+    if is_disk_full(err):
+        _announce_disk_full()
+    elif not _peer_saw_disk_full():
+        return
+    raise _disk_full_error(root, iteration, iteration_dir(root, iteration) + ".tmp") from None
 
 
 def _disk_full_error(root: str, iteration: int, tmp: str) -> CheckpointError:
@@ -303,34 +317,31 @@ def save_checkpoint(root: str, model_chunks: Sequence[torch.nn.Module], cfg: Mod
 
     final = iteration_dir(root, iteration)
     tmp = final + ".tmp"
-    if _rank() == 0:
-        os.makedirs(root, exist_ok=True)
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
-        os.makedirs(tmp)
-    _barrier()
     state = _model_sharded_state_dict(model_chunks)
     state.update(extra_sharded or {})
     state.update(common or {})
     state[manifest.COMMON_KEY] = manifest.MANIFEST_FILE  # a deleted manifest is then an error
     try:
+        if _rank() == 0:
+            os.makedirs(root, exist_ok=True)
+            if os.path.exists(tmp):
+                shutil.rmtree(tmp)
+            os.makedirs(tmp)
+        _barrier()
         dist_checkpointing.save(state, tmp)
         _barrier()
         _write_manifest(tmp)
         if before_commit is not None:
             before_commit(tmp)
+        _barrier()
+        if _rank() == 0:  # a full disk here (config, tracker) leaves the previous one tracked
+            commit_iteration(root, iteration, tmp, cfg)
+        _barrier()
     except BaseException as err:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
         if isinstance(err, (KeyboardInterrupt, SystemExit)):
             raise
-        if is_disk_full(err):
-            _announce_disk_full()
-        elif not _peer_saw_disk_full():  # a rank stuck in a collective with the one that saw it
-            raise
-        raise _disk_full_error(root, iteration, tmp) from None
-    _barrier()
-    if _rank() == 0:
-        commit_iteration(root, iteration, tmp, cfg)
-    _barrier()
+        raise_if_disk_full(err, root, iteration)
+        raise
     return final
 
 
@@ -355,8 +366,12 @@ def store_tokenizer(root: str, tokenizer_path: Optional[str]) -> Optional[str]:
     tmp = dest + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    for name, src in files.items():
-        shutil.copyfile(src, os.path.join(tmp, name))
+    try:
+        for name, src in files.items():
+            shutil.copyfile(src, os.path.join(tmp, name))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # e.g. a full disk: nothing half-copied stays
+        raise
     old = dest + _OLD_SUFFIX
     if os.path.exists(dest):
         shutil.rmtree(old, ignore_errors=True)

@@ -155,9 +155,16 @@ def save(root: str, model, optimizer, state: TrainState, keep_last: int,
     common = {"train_state": asdict(state), "args": args_snapshot or {},
               "model_config": model.jai_config.to_dict()}
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    if rank0 and tokenizer:
-        os.makedirs(root, exist_ok=True)
-        dist_ckpt.store_tokenizer(root, tokenizer)
+    try:
+        if rank0 and tokenizer:
+            os.makedirs(root, exist_ok=True)
+            dist_ckpt.store_tokenizer(root, tokenizer)
+    except OSError as err:  # the other ranks learn it in save_checkpoint's first collective
+        try:
+            dist_ckpt.raise_if_disk_full(err, root, state.iteration)
+        except dist_ckpt.CheckpointError as full:
+            raise TrainingError(str(full)) from None
+        raise
     try:
         path = dist_ckpt.save_checkpoint(root, [model], model.jai_config, state.iteration,
                                          extra_sharded=extra, common=common,
