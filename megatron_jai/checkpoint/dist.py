@@ -29,6 +29,7 @@ import errno
 import os
 import re
 import shutil
+import time
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -245,13 +246,16 @@ def _peer_saw_disk_full() -> bool:
     store = _job_store()
     if store is None:
         return False
-    from datetime import timedelta
-
-    try:
-        store.wait([_DISK_FULL_KEY], timedelta(seconds=PEER_WAIT_S))
-        return True
-    except Exception:  # noqa: BLE001 - timed out, or the store is gone
-        return False
+    deadline = time.monotonic() + PEER_WAIT_S
+    while True:  # polled: store.wait's timeout logs a C++ warning
+        try:
+            if store.check([_DISK_FULL_KEY]):
+                return True
+        except Exception:  # noqa: BLE001 - the store is gone
+            return False
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)
 
 
 def checksum_across_ranks(directory: str, names: Sequence[str]) -> dict:
