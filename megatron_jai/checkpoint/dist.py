@@ -410,8 +410,16 @@ def verify_iteration(root: str, iteration: int, hint=manifest.resume_hint,
     """Verify ``root``'s iteration against its manifest before it is read (collective when
     torch.distributed is initialised: the ranks share the checksums). False: an older checkpoint
     without a manifest (``note`` got one line). Raises ``CheckpointIntegrityError``."""
-    return manifest.verify_for_reading(iteration_dir(root, iteration), hint,
-                                       share=checksum_across_ranks, note=note)
+    directory = iteration_dir(root, iteration)
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return manifest.verify_for_reading(directory, hint, note=note)
+    # Every rank checks, or none: one may have verified it already (a CheckpointReader).
+    done = [None] * dist.get_world_size()
+    dist.all_gather_object(done, manifest.is_verified(directory))
+    if all(done):
+        return True
+    return manifest.verify_for_reading(directory, hint, share=checksum_across_ranks, note=note,
+                                       use_cache=False)
 
 
 def load_checkpoint(root: str, model_chunks: Sequence[torch.nn.Module],

@@ -219,6 +219,7 @@ def way_out(root: str, failed: Optional[int], hint: Callable[[str, int], str],
 
 
 _verified: dict = {}  # (realpath, manifest mtime) of directories verified by this process
+_noted: dict = {}  # directories without a manifest this process has said so about once
 
 
 def _cache_key(directory: str):
@@ -229,20 +230,33 @@ def _cache_key(directory: str):
     return os.path.realpath(directory), st.st_mtime_ns, st.st_size
 
 
+def is_verified(directory: str) -> bool:
+    """Whether this process has verified ``directory`` (and its manifest is unchanged since)."""
+    key = _cache_key(directory)
+    return key is not None and key in _verified
+
+
 def verify_for_reading(directory: str, hint: Callable[[str, int], str] = path_hint,
-                       share: Optional[Callable] = None, note: Optional[Callable] = None) -> bool:
+                       share: Optional[Callable] = None, note: Optional[Callable] = None,
+                       use_cache: bool = True) -> bool:
     """Verify an iteration directory before it is read into a model. Returns True when verified,
     False for an older checkpoint without a manifest (``note`` gets one line, default stderr on
-    rank 0). Raises :class:`CheckpointIntegrityError` (one line) otherwise."""
-    key = _cache_key(directory)
-    if key is not None and key in _verified:
+    rank 0). Raises :class:`CheckpointIntegrityError` (one line) otherwise.
+
+    ``use_cache``: skip a directory this process verified before; a collective ``share`` must
+    not (the ranks' caches may differ: the caller agrees on it first)."""
+    if use_cache and is_verified(directory):
         return True
+    key = _cache_key(directory)
     verdict = check(directory, share)
     if verdict.ok:
         if key is not None:
             _verified[key] = True
         return True
     if verdict.unverified:
+        if _noted.get(os.path.realpath(directory)):
+            return False
+        _noted[os.path.realpath(directory)] = True
         line = f"note: {directory} has no {MANIFEST_FILE} (saved before checkpoints had " \
                f"manifests); read without verification"
         if note is not None:
