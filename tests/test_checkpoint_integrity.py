@@ -376,6 +376,20 @@ def test_lock_holder_takeover_and_force(tmp_path):
     assert notes[0].endswith("(forced)")
     held.release()
 
+    # --load of a directory a live run holds: read (complete, verified iterations only), with a
+    # note, and left untouched; --save is this run's own.
+    from megatron_jai.training.checkpointing import lock_run_dirs
+
+    other, _ = lock.acquire(root)
+    mine, notes, read_only = lock_run_dirs(str(tmp_path / "mine"), root, None, False)
+    assert read_only == {root} and notes == [
+        f"note: --load {root} belongs to a run in progress (pid {os.getpid()} on host "
+        f"{socket.gethostname()}, started {lock.read_holder(root)['started_utc']}); reading its "
+        f"newest complete iteration, which is verified first"]
+    assert lock.read_holder(str(tmp_path / "mine"))["token"] == mine.token
+    mine.release()
+    other.release()
+
 
 def test_sigterm_releases_the_lock(tmp_path):
     root = tmp_path / "save"
