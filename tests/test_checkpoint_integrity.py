@@ -404,6 +404,7 @@ def test_sigterm_releases_the_lock(tmp_path):
     assert not root.exists()  # the lock, and the directory it made, are gone
 
 
+@pytest.mark.dist  # two runs at once: slow on 2 shared cores
 def test_two_runs_cannot_share_a_save_directory(tmp_path, common):
     """Before: run B resumed from run A's checkpoint while A trained, then died on A's .tmp."""
     root = tmp_path / "shared"
