@@ -100,8 +100,8 @@ def test_empty_tracker_names_the_newest_complete_iteration(tmp_path, common):
     assert proc.returncode == 2
     assert last_error(proc) == (
         f"pretrain_jai.py: error: {root}/latest_checkpointed_iteration.txt is empty or "
-        f"unreadable; the newest complete iteration found by scanning is 8 (resume it with "
-        f"--load-iteration 8, or write 8 into the tracker)")
+        f"unreadable; the newest complete iteration under {root} (saved without a manifest: "
+        f"unverified) is 8 (resume it with --load-iteration 8, or write 8 into the tracker)")
     assert iterations(root) == ["iter_0000004", "iter_0000008"]
 
 
@@ -199,7 +199,8 @@ def test_phase_lr_and_full_disk(tmp_path, common, corpus):
     # removed, the previous one intact.
     assert proc.returncode == 2
     assert last_error(proc) == (
-        f"pretrain_jai.py: error: no space left on device while writing checkpoint "
-        f"{root}/iter_0000003.tmp (partial checkpoint removed; the previous checkpoint, "
-        f"iteration 2, is intact)")
+        f"pretrain_jai.py: error: disk full while saving iteration 3 to {root} (partial "
+        f"iter_0000003.tmp removed); the previous checkpoint {root}/iter_0000002 is intact; free "
+        f"space and resume")
     assert iterations(root) == ["iter_0000001", "iter_0000002"] and tracked(root) == 2
+    assert not (root / "jai_run.lock").exists()  # released on the error too

@@ -77,8 +77,13 @@ def test_reader_rejects_non_checkpoints(tmp_path):
     _write_small(root)
     data = root / "iter_0000002" / "__0_0.distcp"
     data.write_bytes(data.read_bytes()[:100])
-    with pytest.raises(CheckpointFormatError, match="truncated"):
-        CheckpointReader(str(root)).read("decoder.layers.self_attention.linear_qkv.weight")
+    from megatron_jai.checkpoint.manifest import CheckpointIntegrityError
+
+    with pytest.raises(CheckpointIntegrityError, match=r"__0_0.distcp: truncated \(100 bytes"):
+        CheckpointReader(str(root))  # the manifest, before anything is read
+    with pytest.raises(CheckpointFormatError, match="truncated"):  # the reader's own check
+        CheckpointReader(str(root), verify=False).read(
+            "decoder.layers.self_attention.linear_qkv.weight")
 
 
 @pytest.mark.dist

@@ -114,7 +114,8 @@ def test_linear_1to1_is_the_elementwise_mean_bit_for_bit(ckpts, tmp_path, capsys
     # an ordinary model-only checkpoint root: tracker, iteration 0, config, the tokenizer
     assert sorted(os.listdir(out)) == ["iter_0000000", "latest_checkpointed_iteration.txt",
                                        "merge.json", "model_config.json", "tokenizer"]
-    assert m.iteration == 0 and m.config == CFG and m.common == {}
+    assert m.iteration == 0 and m.config == CFG
+    assert m.common == {"jai_manifest": "jai_manifest.json"}  # only the manifest's mark
     assert sorted(m.object_keys()) == sorted(a.object_keys())
     assert (out / "tokenizer" / "tokenizer.model").read_bytes() == b"the same tokenizer"
     record = json.loads((out / "merge.json").read_text())

@@ -73,6 +73,7 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
+from megatron_jai.checkpoint import manifest
 from megatron_jai.checkpoint.dist import (CONFIG_FILE, TOKENIZER_SUBDIR, TRACKER_FILE, iteration_dir,
                                           latest_iteration)
 from megatron_jai import cli
@@ -153,9 +154,10 @@ class _FileSlice(io.RawIOBase):
 class CheckpointReader:
     """Read tensors of a checkpoint one at a time (see the module docstring)."""
 
-    def __init__(self, path: str, iteration: Optional[int] = None):
+    def __init__(self, path: str, iteration: Optional[int] = None, verify: bool = True):
         path = os.path.abspath(path)
-        if os.path.isfile(os.path.join(path, METADATA_FILE)):
+        if os.path.isfile(os.path.join(path, METADATA_FILE)) or \
+                (os.path.isdir(path) and manifest.ITER_DIR.match(os.path.basename(path))):
             self.iter_dir, self.root = path, os.path.dirname(path)
             name = os.path.basename(path)
             self.iteration = int(name[5:]) if name.startswith("iter_") and name[5:].isdigit() else None
@@ -169,6 +171,8 @@ class CheckpointReader:
                         f"{path} is not a checkpoint (no {TRACKER_FILE} and no {METADATA_FILE})")
             self.root, self.iteration = path, iteration
             self.iter_dir = iteration_dir(path, iteration)
+        if verify:  # before anything of it is read (checkpoint/manifest.py)
+            manifest.verify_for_reading(self.iter_dir, manifest.path_hint)
         meta_path = os.path.join(self.iter_dir, METADATA_FILE)
         try:
             with open(meta_path, "rb") as f:
@@ -440,9 +444,11 @@ class CheckpointWriter:
             )
             with open(os.path.join(self.tmp_iter, METADATA_FILE), "wb") as f:
                 pickle.dump(metadata, f)
-            torch.save(common or {}, os.path.join(self.tmp_iter, COMMON_FILE))
+            torch.save({**(common or {}), manifest.COMMON_KEY: manifest.MANIFEST_FILE},
+                       os.path.join(self.tmp_iter, COMMON_FILE))
             with open(os.path.join(self.tmp_iter, MEGATRON_CONFIG_FILE), "w") as f:
                 json.dump(MEGATRON_CONFIG, f)
+            manifest.write(self.tmp_iter)  # last in the iteration directory
             self.cfg.save(os.path.join(self.tmp_root, CONFIG_FILE))
             with open(os.path.join(self.tmp_root, TRACKER_FILE), "w") as f:
                 f.write(f"{self.iteration}\n")

@@ -151,6 +151,9 @@ def build_parser(prog: str = "pretrain_jai.py", description: Optional[str] = Non
     g.add_argument("--keep-last", type=int, default=3, help="keep the newest K checkpoints")
     g.add_argument("--overwrite-save", action="store_true",
                    help="delete checkpoints already in --save when not resuming from it")
+    g.add_argument("--force-unlock", action="store_true",
+                   help="take over --save's lock (jai_run.lock) held by a run on another host "
+                        "that is known to have ended")
 
     g = p.add_argument_group("logging")
     g.add_argument("--log-interval", type=int, default=10)

@@ -21,6 +21,10 @@ What a save root keeps (docs/training.md, "Checkpoints"):
   ``R/abandoned/after_iter_M_<UTC time>/`` and the tracker points at M;
 * ``--overwrite-save``: the previous run's iterations are deleted only after this run's first
   checkpoint is complete, and never when ``--save`` is the ``--load``/``--init-from`` checkpoint.
+
+Before a run reads or writes anything, rank 0 takes ``--save``'s lock (:func:`lock_run_dirs`, one
+run per save directory) and every rank verifies the iteration it will start from against its
+manifest (:func:`verify_inputs`).
 """
 from __future__ import annotations
 
@@ -35,6 +39,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_jai.checkpoint import dist as dist_ckpt
+from megatron_jai.checkpoint import lock as dir_lock
+from megatron_jai.checkpoint import manifest
 from megatron_jai.training.faults import TrainingError
 
 ABANDONED_SUBDIR = "abandoned"
@@ -149,9 +155,16 @@ def save(root: str, model, optimizer, state: TrainState, keep_last: int,
     common = {"train_state": asdict(state), "args": args_snapshot or {},
               "model_config": model.jai_config.to_dict()}
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    if rank0 and tokenizer:
-        os.makedirs(root, exist_ok=True)
-        dist_ckpt.store_tokenizer(root, tokenizer)
+    try:
+        if rank0 and tokenizer:
+            os.makedirs(root, exist_ok=True)
+            dist_ckpt.store_tokenizer(root, tokenizer)
+    except OSError as err:  # the other ranks learn it in save_checkpoint's first collective
+        try:
+            dist_ckpt.raise_if_disk_full(err, root, state.iteration)
+        except dist_ckpt.CheckpointError as full:
+            raise TrainingError(str(full)) from None
+        raise
     try:
         path = dist_ckpt.save_checkpoint(root, [model], model.jai_config, state.iteration,
                                          extra_sharded=extra, common=common,
@@ -262,10 +275,77 @@ def saved_model_config(root: str, iteration: Optional[int] = None):
 
 
 def has_checkpoint(root: Optional[str]) -> bool:
+    """Whether ``--load root`` resumes. A root with iterations but no tracker (deleted) is a
+    TrainingError naming the newest iteration that verifies, as an empty tracker is."""
     try:
-        return bool(root) and dist_ckpt.latest_iteration(root) is not None
+        if bool(root) and dist_ckpt.latest_iteration(root) is not None:
+            return True
     except dist_ckpt.CheckpointError as err:
         raise TrainingError(str(err)) from None
+    if root and complete_iterations(root):
+        tracker = os.path.join(root, dist_ckpt.TRACKER_FILE)
+        raise TrainingError(f"{tracker} is missing but {root} holds iterations "
+                            f"{complete_iterations(root)}; {dist_ckpt.suggest_iteration(root)}")
+    return False
+
+
+def _start_iteration(root: Optional[str], iteration: Optional[int]) -> Optional[int]:
+    """The iteration a run would read from ``root`` (None: nothing there, or a tracker problem
+    that resolving the run reports)."""
+    if not root or not os.path.isdir(root):
+        return None
+    if iteration is None:
+        try:
+            iteration = dist_ckpt.latest_iteration(root)
+        except dist_ckpt.CheckpointError:
+            return None
+    if iteration is None or not os.path.isdir(dist_ckpt.iteration_dir(root, iteration)):
+        return None
+    return iteration
+
+
+def verify_inputs(load: Optional[str], load_iteration: Optional[int], init_from: Optional[str],
+                  note: Callable[[str], None]) -> None:
+    """Verify the checkpoint iteration this run starts from (``--load``'s, else
+    ``--init-from``'s) against its manifest before anything of it is read. Collective: the ranks
+    share the checksums. Raises TrainingError (one line: the file, what is wrong, the newest
+    iteration that verifies)."""
+    target = None
+    it = _start_iteration(load, load_iteration)
+    if it is not None:
+        target = (load, it, manifest.resume_hint)
+    else:
+        it = _start_iteration(init_from, None)
+        if it is not None:
+            target = (init_from, it, manifest.tracker_hint)
+    if target is None:
+        return
+    try:
+        dist_ckpt.verify_iteration(*target, note=note)
+    except manifest.CheckpointIntegrityError as err:
+        raise TrainingError(str(err)) from None
+
+
+def lock_run_dirs(save: Optional[str], load: Optional[str], init_from: Optional[str],
+                  force_unlock: bool) -> tuple:
+    """Rank 0, before anything is read or written: take ``--save``'s lock (one run per save
+    directory). ``--load`` / ``--init-from`` of a directory another live run holds is allowed
+    (only complete, verified iterations are read: the run writes into ``iter_N.tmp`` and renames)
+    but that directory is then left as it is (no repair of an interrupted commit there).
+    Returns ``(lock or None, notes, read_only_dirs)``; raises SaveDirLockError."""
+    held, notes, read_only = None, [], set()
+    if save:
+        held, notes = dir_lock.acquire(save, force=force_unlock)
+    for flag, path in (("--load", load), ("--init-from", init_from)):
+        if not path or (save and os.path.realpath(path) == os.path.realpath(save)):
+            continue
+        info = dir_lock.live_holder(path)
+        if info is not None:
+            read_only.add(path)
+            notes.append(f"note: {flag} {path} belongs to a run in progress "
+                         f"({dir_lock.describe(info)}); reading its newest complete iteration, "
+                         f"which is verified first")
+    return held, notes, read_only
 
 
 def load(root: str, model, optimizer, load_optimizer: bool = True,
@@ -282,6 +362,10 @@ def load(root: str, model, optimizer, load_optimizer: bool = True,
         iteration = dist_ckpt.latest_iteration(root)
     if iteration is None:
         raise TrainingError(f"no complete checkpoint in {root}")
+    try:  # a no-op when the run verified it already (verify_inputs)
+        dist_ckpt.verify_iteration(root, iteration)
+    except manifest.CheckpointIntegrityError as err:
+        raise TrainingError(str(err)) from None
     path = dist_ckpt.iteration_dir(root, iteration)
     if not os.path.isdir(path):
         raise TrainingError(f"no checkpoint of iteration {iteration} in {root} (have "
@@ -299,7 +383,8 @@ def load(root: str, model, optimizer, load_optimizer: bool = True,
     extra = _optimizer_sharded(model, optimizer, is_loading=True) if load_optimizer else {}
     if same_layout:
         extra.update(_rng_sharded(None))
-    _, loaded = dist_ckpt.load_checkpoint(root, [model], iteration=iteration, extra_sharded=extra)
+    _, loaded = dist_ckpt.load_checkpoint(root, [model], iteration=iteration, extra_sharded=extra,
+                                          verify=False)
     if load_optimizer:
         optimizer.load_state_dict(loaded["optimizer"])
     if same_layout:
@@ -311,6 +396,6 @@ def load_model_weights(root: str, model) -> int:
     """Only the model weights of the latest checkpoint under ``root`` (``--init-from``)."""
     try:
         iteration, _ = dist_ckpt.load_checkpoint(root, [model])
-    except FileNotFoundError as err:
+    except (FileNotFoundError, manifest.CheckpointIntegrityError) as err:
         raise TrainingError(str(err)) from None
     return iteration

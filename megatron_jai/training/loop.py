@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_jai.cli import UserError
 from megatron_jai.training import checkpointing
 from megatron_jai.training.arguments import flag_phase
 from megatron_jai.training.checkpointing import TrainState
@@ -145,10 +146,12 @@ class Trainer:
             args.save = args.save or os.path.join(DEMO_RUN_DIR, "checkpoints")
             args.metrics_file = args.metrics_file or os.path.join(DEMO_RUN_DIR, "metrics.jsonl")
             args.overwrite_save = True
-        if self.rank == 0 and args.load and os.path.isdir(args.load):
+        read_only = self._lock_run_dirs()
+        if self.rank == 0 and args.load and os.path.isdir(args.load) and args.load not in read_only:
             for it in checkpointing.dist_ckpt.recover_interrupted_commit(args.load):
                 self._print(f"{args.load}: restored iteration {it}, whose re-save was interrupted")
         dist.barrier()
+        checkpointing.verify_inputs(args.load, args.load_iteration, args.init_from, self._print)
         error = None
         try:
             resolved = resolve_run(args)
@@ -172,6 +175,28 @@ class Trainer:
         if args.tokenizer is None:
             args.tokenizer = checkpointing.checkpoint_tokenizer(
                 args.load if self.resuming else args.init_from)
+
+    def _lock_run_dirs(self) -> set:
+        """Rank 0 takes --save's lock before anything is read or written; every rank learns the
+        outcome (one line and exit 2 everywhere when another run holds it)."""
+        error, read_only, self.save_lock = None, set(), None
+        if self.rank == 0:
+            try:
+                self.save_lock, notes, read_only = checkpointing.lock_run_dirs(
+                    self.args.save, self.args.load, self.args.init_from,
+                    getattr(self.args, "force_unlock", False))
+                for line in notes:
+                    self._print(line)
+            except UserError as err:
+                error = str(err)
+        self._sync_errors(error)
+        return read_only
+
+    def release(self) -> None:
+        """Give --save's lock back (normal end, error, SIGTERM)."""
+        if getattr(self, "save_lock", None) is not None:
+            self.save_lock.release()
+            self.save_lock = None
 
     def _check_inputs(self) -> None:
         error = None
@@ -733,6 +758,7 @@ def run(args, objective: Optional[Objective] = None) -> int:
             + (" (pre-empted)" if s.preempted else ""))
         return 0
     finally:
+        trainer.release()
         parallel.destroy()
 
 
