@@ -118,8 +118,10 @@ class Trainer:
         from megatron.core import parallel_state as ps
 
         from megatron_jai import parallel
+        from megatron_jai.training import children
 
         args = self.args
+        children.install()  # before any worker or writer process exists
         apply_device_defaults(args, self.on_gpu)
         try:
             parallel.initialize(args.tp, args.pp, args.ep, seed=args.seed)
