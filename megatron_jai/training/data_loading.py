@@ -47,11 +47,15 @@ def _init_worker(worker_id: int) -> None:
 
 
 def data_iterator(dataset, consumed: int, total: int, mbs: int, dp_rank: int, dp_size: int,
-                  num_workers: int, collate_fn: Callable):
+                  num_workers: int, collate_fn: Callable, seed: int = 0):
+    """This DP rank's micro-batches from sample ``consumed`` on. ``seed``: of the loader's own
+    generator (making the iterator draws from it, not from torch's global one: exact resume)."""
+    from megatron_jai.training.rng import loader_generator
+
     sampler = MicroBatchSampler(total, consumed, mbs, dp_rank, dp_size)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=num_workers,
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=torch.cuda.is_available(), generator=loader_generator(seed),
         worker_init_fn=_init_worker if num_workers else None)
     return iter(loader)
 
