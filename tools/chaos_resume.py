@@ -228,7 +228,14 @@ class Chaos:
     def launch(self, name: str, root: str) -> tuple:
         cmd, metrics = self.command(name, root)
         self.launches += 1
-        return Launch(name, cmd, os.path.join(self.work, "logs", f"{name}.log")), metrics
+        self.current = Launch(name, cmd, os.path.join(self.work, "logs", f"{name}.log"))
+        return self.current, metrics
+
+    def stop_current(self) -> None:
+        """Interrupted (Ctrl-C, SIGTERM): the launch in flight goes too."""
+        current = getattr(self, "current", None)
+        if current is not None and current.proc.poll() is None:
+            current.stop()
 
     def reference(self) -> tuple:
         root = os.path.join(self.work, "reference")
@@ -316,6 +323,14 @@ def main(argv=None) -> int:
     for sub in ("logs", "metrics"):
         os.makedirs(os.path.join(work, sub), exist_ok=True)
     chaos = Chaos(args, work)
+    try:
+        return _run(chaos, args, work)
+    except BaseException:
+        chaos.stop_current()
+        raise
+
+
+def _run(chaos: Chaos, args, work: str) -> int:
     t0 = time.time()
     print(f"chaos_resume: uninterrupted reference run of {args.config} ({args.nproc} processes)",
           flush=True)
