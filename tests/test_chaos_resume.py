@@ -27,6 +27,9 @@ def test_three_kills_on_a_two_process_moe_run(shared_dir, tmp_path, capsys):
     out, _ = run_tool(capsys, "chaos_resume", "--config", config, "--kills", 3, "--seed", 3,
                       "--work", tmp_path / "work", "--no-progress")
     rows = [line for line in out.splitlines() if re.match(r"\s+\d+\s+(save|step)\s", line)]
-    assert len(rows) == 3 and all(row.rstrip().endswith("ok") for row in rows), out
-    assert "kills survived 3/3 (3 delivered" in out
+    assert len(rows) == 3, out
+    # A kill is not delivered only when an earlier one landed after the final commit.
+    delivered = [row for row in rows if not row.rstrip().endswith("not delivered")]
+    assert len(delivered) >= 2 and all(row.rstrip().endswith("ok") for row in delivered), out
+    assert f"kills survived {len(delivered)}/{len(delivered)} (3 planned" in out
     assert "final checkpoint (iteration 4) equals the uninterrupted run's" in out

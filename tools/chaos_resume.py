@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import re
@@ -250,8 +251,12 @@ class Chaos:
     def kill_one(self, index: int, root: str, total_steps: int) -> dict:
         """One launch (resuming from ``root``) and its kill. Returns the kill's record."""
         aim_save = self.rng.random() < self.args.save_share
-        start = (_tracked(root) or 0) + 1
-        target = self.rng.randint(min(start, total_steps), total_steps)
+        # Spread the kills over the whole run: each launch gets a random share of what is left,
+        # about twice its fair share, so kills land early, late and across phase boundaries.
+        start = min((_tracked(root) or 0) + 1, total_steps)
+        kills_left = self.args.kills - index + 1
+        span = max(1, math.ceil(2 * (total_steps - start + 1) / kills_left))
+        target = min(total_steps, start + self.rng.randrange(span))
         if not aim_save and target >= total_steps:
             aim_save = True  # after the last step only its save is left to hit
         delay = self.rng.uniform(0.0, 0.5)
@@ -280,7 +285,7 @@ class Chaos:
                     break
             time.sleep(0.005)
         if victim is None:
-            record["moment"] = "not delivered (the launch ended first)"
+            record["moment"] = "the launch ended first"
         rc = run.wait(max(60.0, deadline - time.time()))
         record["rc"] = rc
         record["tracked_after"] = _tracked(root)
@@ -358,8 +363,9 @@ def _run(chaos: Chaos, args, work: str) -> int:
                         else "start" if following.started_fresh else "failed")
         k["checked_steps"] = len(steps)
         problems = []
-        if k["rank"] is None:
-            problems.append("not delivered")
+        if k["rank"] is None:  # nothing to survive: the run was already complete
+            k["problems"] = []
+            continue
         if not _resume_ok(following, k["tracked_after"]):
             problems.append(f"no resume (log {following.log_path})")
         if wrong:
@@ -392,13 +398,13 @@ def _run(chaos: Chaos, args, work: str) -> int:
                                   f"{len(differences)} place(s), first {differences[0]}")
 
     _print_table(kills)
-    survived = sum(1 for k in kills if not k["problems"]) if not final_problems else 0
-    delivered = sum(1 for k in kills if k["rank"] is not None)
-    during_save = sum(1 for k in kills if "writing" in k["moment"])
+    delivered = [k for k in kills if k["rank"] is not None]
+    survived = sum(1 for k in delivered if not k["problems"]) if not final_problems else 0
+    during_save = sum(1 for k in delivered if "writing" in k["moment"])
     for line in final_problems:
         print(f"FAILED: {line}")
-    ok = survived == len(kills)
-    print(f"chaos_resume: kills survived {survived}/{len(kills)} ({delivered} delivered, "
+    ok = bool(delivered) and survived == len(delivered)
+    print(f"chaos_resume: kills survived {survived}/{len(delivered)} ({len(kills)} planned, "
           f"{during_save} during a save); final checkpoint (iteration {final_iteration}) "
           + ("equals the uninterrupted run's" if not final_problems else "NOT verified")
           + f"; {chaos.launches} launches in {time.time() - t0:.0f} s"
@@ -413,7 +419,8 @@ def _print_table(kills: list) -> None:
           f"{'steps':>5}  result")
     for k in kills:
         rank = "-" if k["rank"] is None else str(k["rank"])
-        result = "ok" if not k["problems"] else "FAILED: " + "; ".join(k["problems"])
+        result = "not delivered" if k["rank"] is None else "ok" if not k["problems"] else \
+            "FAILED: " + "; ".join(k["problems"])
         print(f"{k['kill']:>4}  {k['aim']:<4}  {rank:>4}  {k['moment'][:40]:<40}  "
               f"{k.get('resumed', ''):<14}  {k.get('checked_steps', 0):>5}  {result}")
 
