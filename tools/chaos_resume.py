@@ -7,8 +7,9 @@
 The config is a ``pretrain_jai.py`` YAML (any TP/PP/EP that ``--nproc`` processes hold; flags
 after ``--`` go to every launch). The tool first trains it uninterrupted (the reference), then
 again under ``torchrun --nproc_per_node N`` with ``--load`` = ``--save``, and SIGKILLs one random
-rank of each launch at a random moment: after a random step, or (half of the kills, see
-``--save-share``) while a checkpoint is being written, as soon as its ``iter_N.tmp`` appears. Each
+rank of each launch at a random moment: after a random step (the kills' steps are drawn uniformly
+over the run and taken in order), or (half of the kills, see ``--save-share``) while the first
+checkpoint written from that step on is being written, as soon as its ``iter_N.tmp`` appears. Each
 kill is followed by a resume (a new launch), and after the last one the run trains to the end.
 
 A kill is survived when the next launch resumes from a complete checkpoint, every step logged
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import re
@@ -251,12 +251,10 @@ class Chaos:
     def kill_one(self, index: int, root: str, total_steps: int) -> dict:
         """One launch (resuming from ``root``) and its kill. Returns the kill's record."""
         aim_save = self.rng.random() < self.args.save_share
-        # Spread the kills over the whole run: each launch gets a random share of what is left,
-        # about twice its fair share, so kills land early, late and across phase boundaries.
+        # The plan's steps are sorted: the kills spread over the whole run (early, late, across
+        # phase boundaries); one the resume point has passed lands right after the restart.
         start = min((_tracked(root) or 0) + 1, total_steps)
-        kills_left = self.args.kills - index + 1
-        span = max(1, math.ceil(2 * (total_steps - start + 1) / kills_left))
-        target = min(total_steps, start + self.rng.randrange(span))
+        target = max(start, self.plan(total_steps)[index - 1])
         if not aim_save and target >= total_steps:
             aim_save = True  # after the last step only its save is left to hit
         delay = self.rng.uniform(0.0, 0.5)
@@ -298,6 +296,12 @@ class Chaos:
             for p in left:
                 _kill(p)
         return record
+
+    def plan(self, total_steps: int) -> list:
+        """The step after which each kill is aimed: uniform over the run, sorted."""
+        if not hasattr(self, "_plan"):
+            self._plan = sorted(self.rng.randint(1, total_steps) for _ in range(self.args.kills))
+        return self._plan
 
     def finish(self, name: str, root: str) -> tuple:
         run, metrics = self.launch(name, root)
