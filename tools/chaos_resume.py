@@ -189,13 +189,28 @@ def _read_metrics(path: str) -> dict:
     return losses
 
 
-def _saving(root: str) -> str | None:
+def _saving(root: str, since: float) -> str | None:
+    """The ``iter_N.tmp`` being written: made after ``since`` (a killed launch's leftover is
+    older; a save of the same iteration makes it anew)."""
     try:
         names = os.listdir(root)
     except OSError:
         return None
-    found = [n for n in names if n.startswith("iter_") and n.endswith(".tmp")]
-    return found[0] if found else None
+    for name in names:
+        if name.startswith("iter_") and name.endswith(".tmp"):
+            try:
+                if os.stat(os.path.join(root, name)).st_mtime >= since:
+                    return name
+            except OSError:
+                continue  # renamed or removed meanwhile
+    return None
+
+
+def _rank_of(p) -> str:
+    try:
+        return p.environ().get("RANK", "?")
+    except Exception:  # noqa: BLE001 - gone already
+        return "?"
 
 
 def _tracked(root: str):
@@ -258,6 +273,7 @@ class Chaos:
         if not aim_save and target >= total_steps:
             aim_save = True  # after the last step only its save is left to hit
         delay = self.rng.uniform(0.0, 0.5)
+        launched = time.time() - 1.0  # (filesystem timestamps may be coarse)
         run, metrics = self.launch(f"kill{index:02d}", root)
         record = {"kill": index, "aim": "save" if aim_save else "step", "target": target,
                   "rank": None, "moment": "", "run": run, "metrics": metrics, "orphans": 0}
@@ -267,7 +283,7 @@ class Chaos:
         while time.time() < deadline and run.proc.poll() is None:
             ranks = run.ranks()
             if run.last_step >= target and len(ranks) == self.args.nproc:
-                tmp = _saving(root)
+                tmp = _saving(root, launched)
                 if aim_save and tmp:
                     victim, record["moment"] = self.rng.choice(ranks), f"writing {tmp}"
                 elif not aim_save:
@@ -277,8 +293,11 @@ class Chaos:
                         record["moment"] = f"after step {run.last_step}" + (
                             f", writing {tmp}" if tmp else "")
                 if victim is not None:
-                    helpers = victim.children(recursive=True)
-                    record["rank"] = ranks.index(victim)
+                    try:
+                        helpers = victim.children(recursive=True)
+                    except Exception:  # noqa: BLE001 - the rank died on its own meanwhile
+                        helpers = []
+                    record["rank"] = _rank_of(victim)
                     _kill(victim)
                     break
             time.sleep(0.005)
