@@ -270,8 +270,8 @@ class Chaos:
         # phase boundaries); one the resume point has passed lands right after the restart.
         start = min((_tracked(root) or 0) + 1, total_steps)
         target = max(start, self.plan(total_steps)[index - 1])
-        if not aim_save and target >= total_steps:
-            aim_save = True  # after the last step only its save is left to hit
+        if not aim_save and target >= total_steps - 1:
+            aim_save = True  # near the end only the last save is sure to be hit
         delay = self.rng.uniform(0.0, 0.5)
         launched = time.time() - 1.0  # (filesystem timestamps may be coarse)
         run, metrics = self.launch(f"kill{index:02d}", root)
@@ -282,6 +282,9 @@ class Chaos:
         seen_step_at = None
         while time.time() < deadline and run.proc.poll() is None:
             ranks = run.ranks()
+            if run.last_step >= total_steps and not aim_save:
+                aim_save = True  # the last step is done: its save is the last moment to hit
+                record["aim"] = "save"
             if run.last_step >= target and len(ranks) == self.args.nproc:
                 tmp = _saving(root, launched)
                 if aim_save and tmp:
