@@ -2,6 +2,9 @@
 
 * TP=2 and PP=2 tiny runs: finite, falling loss; checkpoints that load again (issue 2);
 * exact resume: 8 steps == 4 steps + resume + 4 steps, bit-identical losses and grad norms (TP=2);
+  a run killed while saving step 8 and resumed ends in the uninterrupted run's checkpoint: every
+  tensor and every rank's RNG states (python, numpy, torch) bit for bit, only the command line
+  differs;
 * resume into another layout (TP=2 checkpoint -> PP=2, and -> DP=2): first-step loss within 1e-5.
 """
 import json
@@ -33,9 +36,9 @@ def run(shared_dir, tmp_path_factory):
               "--global-batch-size", 8, "--micro-batch-size", 2, "--seq-length", 64,
               "--log-interval", 1, "--data-cache-dir", str(tmp / "cache")]
 
-    def _run(name, *args):
+    def _run(name, *args, check=True):
         metrics = tmp / f"{name}.jsonl"
-        proc = torchrun(2, PRETRAIN, *common, "--metrics-file", metrics, *args)
+        proc = torchrun(2, PRETRAIN, *common, "--metrics-file", metrics, *args, check=check)
         return proc, (read_metrics(metrics) if metrics.exists() else [])
 
     _run.tmp = tmp
@@ -74,6 +77,27 @@ def test_exact_resume_tp2(run, reference):
         assert got["loss"] == want["loss"], (got["step"], got["loss"], want["loss"])
         assert got["grad_norm"] == want["grad_norm"]
         assert got["lr"] == want["lr"]
+
+
+# What may differ between the two final checkpoints: the runs' own command lines.
+RUN_FLAGS = ("load", "save", "metrics_file", "kill_during_save_at_step")
+
+
+def test_killed_and_resumed_checkpoint_equals_uninterrupted(run, reference):
+    from megatron_jai.checkpoint.diff import diff_iterations
+
+    root, _ = reference
+    killed = run.tmp / "killed_ckpt"
+    proc, _ = run("killed", "--tp", 2, "--save", killed, "--save-interval", STEPS // 2,
+                  "--kill-during-save-at-step", STEPS, check=False)
+    assert proc.returncode != 0 and (killed / f"iter_{STEPS:07d}.tmp").is_dir(), proc.stdout
+    proc, _ = run("killed_resumed", "--tp", 2, "--load", killed, "--save", killed,
+                  "--save-interval", STEPS // 2)
+    assert f"resumed from {killed} at iteration {STEPS // 2}" in proc.stdout
+    final = f"iter_{STEPS:07d}"
+    differences = diff_iterations(root / final, killed / final,
+                                  ignore=[f"common/args/{k}" for k in RUN_FLAGS])
+    assert differences == [], "\n".join(differences)
 
 
 def test_resume_into_pp2_then_dp2(run, reference):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from typing import Optional
 
@@ -27,13 +28,21 @@ PATH_SETTINGS = ("model", "tokenizer", "data_cache_dir", "load", "init_from", "s
                  "metrics_file", "tensorboard_dir")
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse's usage errors as the project's one line (``PROG: error: ...``, exit 2), without
+    the page of usage before it (``--help`` shows that)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
+
+
 def build_parser(prog: str = "pretrain_jai.py", description: Optional[str] = None,
                  parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
     """The training flags (every entry point of the one loop shares them); ``parser``: add them
     to an existing (sub)parser."""
     from megatron_jai.cli import HelpFormatter
 
-    p = parser or argparse.ArgumentParser(
+    p = parser or OneLineErrorParser(
         prog=prog,
         description=description or "Pretrain a JAI/Phi-3 model on Megatron-Core (TP/PP/EP/DP). "
                                    "Run under torchrun; with no arguments it trains the tiny "
@@ -95,8 +104,10 @@ def build_parser(prog: str = "pretrain_jai.py", description: Optional[str] = Non
                         "in total")
     g.add_argument("--train-tokens", type=int, default=None,
                    help="token budget instead of --train-iters")
-    g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
-    g.add_argument("--min-lr", type=float, default=3e-4)
+    g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (> 0)")
+    g.add_argument("--min-lr", type=float, default=None,
+                   help="learning rate at the end of the decay, 0 <= min-lr <= lr (default: a "
+                        "tenth of the phase's peak)")
     g.add_argument("--warmup-iters", type=int, default=10)
     g.add_argument("--lr-decay-iters", type=int, default=None,
                    help="decay length (default: the phase length)")
@@ -110,11 +121,12 @@ def build_parser(prog: str = "pretrain_jai.py", description: Optional[str] = Non
     g.add_argument("--use-checkpoint-schedule", action="store_true",
                    help="on resume, keep the checkpoint's LR schedule where this run's differs "
                         "(default: this run's flags win; the differences are printed)")
-    g.add_argument("--weight-decay", type=float, default=0.1)
-    g.add_argument("--adam-beta1", type=float, default=0.9)
-    g.add_argument("--adam-beta2", type=float, default=0.95)
-    g.add_argument("--adam-eps", type=float, default=1e-8)
-    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--weight-decay", type=float, default=0.1, help=">= 0")
+    g.add_argument("--adam-beta1", type=float, default=0.9, help="in [0, 1)")
+    g.add_argument("--adam-beta2", type=float, default=0.95, help="in [0, 1)")
+    g.add_argument("--adam-eps", type=float, default=1e-8, help="> 0")
+    g.add_argument("--clip-grad", type=float, default=1.0,
+                   help="clip the global gradient norm to this (0 = no clipping)")
     g.add_argument("--seed", type=int, default=1234)
 
     g = p.add_argument_group("data")
@@ -212,6 +224,7 @@ def parse_args(argv: Optional[list] = None,
             named = {k: _expand(v, base) for k, v in named.items()}
         sections[key] = named
     args.datasets, args.valid_datasets = sections["data"], sections["valid_data"]
+    _check_numbers(args, parser)
     args.phases = build_phases(config.get("phases"), config.get("plan"), args.datasets,
                                args.valid_datasets)
     _validate(args)
@@ -233,6 +246,64 @@ def _expand(path: str, base: str) -> str:
     """``~`` and ``$VARS`` expanded; relative paths are relative to the config file."""
     path = os.path.expandvars(os.path.expanduser(str(path)))
     return path if os.path.isabs(path) else os.path.normpath(os.path.join(base, path))
+
+
+def _finite(v):
+    return math.isfinite(v)
+
+
+# Every numeric setting: (rule as the error says it, check). Checked after flags and YAML are
+# merged, so a flag, a config value and a dry run get the same one-line error.
+NUMBER_RULES = {
+    "lr": ("a finite number > 0", lambda v: _finite(v) and v > 0),
+    "min_lr": ("a finite number >= 0", lambda v: _finite(v) and v >= 0),
+    "weight_decay": ("a finite number >= 0", lambda v: _finite(v) and v >= 0),
+    "adam_beta1": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "adam_beta2": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "adam_eps": ("a finite number > 0", lambda v: _finite(v) and v > 0),
+    "clip_grad": ("a finite number >= 0 (0 = no clipping)", lambda v: _finite(v) and v >= 0),
+    "warmup_iters": ("an integer >= 0", lambda v: v >= 0),
+    "lr_decay_iters": ("an integer >= 0", lambda v: v >= 0),
+    "lr_wsd_decay_iters": ("an integer >= 0", lambda v: v >= 0),
+    "train_iters": ("a positive integer", lambda v: v >= 1),
+    "train_tokens": ("a positive integer", lambda v: v >= 1),
+    "seed": ("an integer in [0, 2**32)", lambda v: 0 <= v < 2 ** 32),
+    "moe_aux_loss_coeff": ("a finite number >= 0", lambda v: _finite(v) and v >= 0),
+    "moe_z_loss_coeff": ("a finite number >= 0", lambda v: _finite(v) and v >= 0),
+    "num_workers": ("an integer >= 0", lambda v: v >= 0),
+    "eval_interval": ("an integer >= 0 (0 = off)", lambda v: v >= 0),
+    "eval_iters": ("a positive integer", lambda v: v >= 1),
+    "save_interval": ("an integer >= 0 (0 = off)", lambda v: v >= 0),
+    "load_iteration": ("an integer >= 0", lambda v: v >= 0),
+    "max_skipped_steps": ("an integer >= 0", lambda v: v >= 0),
+    "gpu_memory_gib": ("a finite number > 0", lambda v: _finite(v) and v > 0),
+    "peak_tflops": ("a finite number > 0", lambda v: _finite(v) and v > 0),
+}
+
+
+def _check_numbers(args, parser: argparse.ArgumentParser) -> None:
+    """Every numeric setting against :data:`NUMBER_RULES` (None: not given, allowed); a value of
+    the wrong type (a config's string or list) is refused the same way."""
+    types = {a.dest: a.type for a in parser._actions if a.type in (int, float)}
+    for name, (rule, valid) in NUMBER_RULES.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        kind = types.get(name, float)
+        try:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) \
+                and (kind is float or float(value).is_integer()) and valid(value)
+        except (TypeError, ValueError, OverflowError):
+            ok = False
+        if not ok:
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            shown = kind(value) if number and kind is float else value  # -1 from YAML: -1.0
+            raise TrainingError(f"{flag} must be {rule}, got {shown!r}")
+        setattr(args, name, kind(value))
+    if args.min_lr is not None and args.min_lr > args.lr:
+        raise TrainingError(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}: the minimum "
+                            f"learning rate must be <= the peak")
 
 
 def _validate(args) -> None:

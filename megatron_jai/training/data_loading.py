@@ -34,21 +34,29 @@ class MicroBatchSampler:
             yield list(range(first, first + self.mbs))
 
 
-def _ignore_sigterm(worker_id: int) -> None:
-    # Slurm signals every process of the job step: loader workers must outlive the main process's
-    # pre-emption checkpoint instead of dying and failing the next fetch.
+def _init_worker(worker_id: int) -> None:
     import signal
 
+    from megatron_jai.training.children import die_with_parent
+
+    # Slurm signals every process of the job step: loader workers must outlive the main process's
+    # pre-emption checkpoint instead of dying and failing the next fetch; so SIGTERM cannot end
+    # them, and the death of their rank (SIGKILL included) must.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    die_with_parent()
 
 
 def data_iterator(dataset, consumed: int, total: int, mbs: int, dp_rank: int, dp_size: int,
-                  num_workers: int, collate_fn: Callable):
+                  num_workers: int, collate_fn: Callable, seed: int = 0):
+    """This DP rank's micro-batches from sample ``consumed`` on. ``seed``: of the loader's own
+    generator (making the iterator draws from it, not from torch's global one: exact resume)."""
+    from megatron_jai.training.rng import loader_generator
+
     sampler = MicroBatchSampler(total, consumed, mbs, dp_rank, dp_size)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=num_workers,
-        pin_memory=torch.cuda.is_available(),
-        worker_init_fn=_ignore_sigterm if num_workers else None)
+        pin_memory=torch.cuda.is_available(), generator=loader_generator(seed),
+        worker_init_fn=_init_worker if num_workers else None)
     return iter(loader)
 
 

@@ -119,13 +119,18 @@ class Trainer:
         from megatron.core import parallel_state as ps
 
         from megatron_jai import parallel
+        from megatron_jai.training import children
 
         args = self.args
+        children.install()  # before any worker or writer process exists
         apply_device_defaults(args, self.on_gpu)
         try:
             parallel.initialize(args.tp, args.pp, args.ep, seed=args.seed)
         except ValueError as err:
             raise TrainingError(str(err)) from None
+        from megatron_jai.training.rng import seed_host_generators
+
+        seed_host_generators(args.seed)
         if self.on_gpu:  # initialize() selected this rank's GPU (LOCAL_RANK)
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.rank = dist.get_rank()
@@ -378,7 +383,7 @@ class Trainer:
                        * self.objective.sequences_per_sample)
         run.data_iter = data_iterator(train_ds, state.phase_consumed_samples, iters * gbs, mbs,
                                       self.dp_rank, self.dp, args.num_workers,
-                                      self.objective.collate)
+                                      self.objective.collate, seed=seed)
         return run
 
     def _set_recompute(self, phase: Phase) -> None:

@@ -9,8 +9,12 @@ import torch
 def build_optimizer(args, ddp_model, dtype: torch.dtype):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
+    from megatron_jai.training.schedule import DEFAULT_MIN_LR_FRACTION
+
+    # (Each phase's scheduler sets the rates it uses: these are only Megatron-Core's start values.)
+    min_lr = args.min_lr if args.min_lr is not None else args.lr * DEFAULT_MIN_LR_FRACTION
     config = OptimizerConfig(
-        optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+        optimizer="adam", lr=args.lr, min_lr=min_lr, weight_decay=args.weight_decay,
         adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
         clip_grad=args.clip_grad, bf16=args.bf16, params_dtype=dtype,
         use_distributed_optimizer=args.use_distributed_optimizer)

@@ -157,12 +157,28 @@ def _number(key, value, where):
         raise TrainingError(f"{where}: {key} must be a number, got {value!r}") from None
 
 
+_SCHEDULE_RULES = (
+    ("lr", "a finite number > 0", lambda v: math.isfinite(v) and v > 0),
+    ("min_lr", "a finite number >= 0", lambda v: math.isfinite(v) and v >= 0),
+    ("lr_scale", "a finite number > 0", lambda v: math.isfinite(v) and v > 0),
+    ("warmup_iters", "an integer >= 0", lambda v: v >= 0),
+    ("lr_decay_iters", "an integer >= 0", lambda v: v >= 0),
+)
+
+
 def validate_phase(phase: Phase, where: str) -> None:
     for key in ("seq_length", "train_iters", "train_tokens", "global_batch_size",
                 "micro_batch_size"):
         value = getattr(phase, key)
         if value is not None and value <= 0:
             raise TrainingError(f"{where}: {key} must be positive")
+    for key, rule, valid in _SCHEDULE_RULES:
+        value = getattr(phase, key)
+        if value is not None and not valid(value):
+            raise TrainingError(f"{where}: {key} must be {rule}, got {value!r}")
+    if phase.lr is not None and phase.min_lr is not None and phase.min_lr > phase.lr:
+        raise TrainingError(f"{where}: min_lr {phase.min_lr:g} is above lr {phase.lr:g}: the "
+                            f"minimum learning rate must be <= the peak")
     if phase.rotary_base is not None and phase.rotary_base <= 1:
         raise TrainingError(f"{where}: rotary_base must be > 1")
     if phase.rotary_interpolation_factor is not None and phase.rotary_interpolation_factor < 1:
@@ -239,8 +255,9 @@ def jai_plan(datasets: dict, valid_datasets: Optional[dict] = None, **options) -
         entries, labels = resolve_blend(mix(thai), valid_datasets, "plan jai valid_data")
         return {"valid_blend": entries, "valid_dataset_names": labels}
 
-    lr = {k: o[k] for k in ("lr", "min_lr", "warmup_iters") if o[k] is not None}
-    long_lr = {**lr, "lr_scale": float(o["phase3_lr_scale"]),
+    lr = {k: _number(k, o[k], "plan jai") for k in ("lr", "min_lr", "warmup_iters")
+          if o[k] is not None}
+    long_lr = {**lr, "lr_scale": _number("lr_scale", o["phase3_lr_scale"], "plan jai phase3_lr_scale"),
                "recompute_activations": bool(o["long_recompute_activations"])}
     specs = [
         ("english-recovery", blend(o["phase1_thai_share"]), short,

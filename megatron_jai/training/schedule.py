@@ -13,6 +13,9 @@ from __future__ import annotations
 
 from megatron_jai.training.faults import TrainingError
 
+# --min-lr not given: this fraction of the phase's peak.
+DEFAULT_MIN_LR_FRACTION = 0.1
+
 # OptimizerParamScheduler.state_dict() keys a user can change, and how to name them.
 SCHEDULE_FIELDS = {
     "max_lr": "peak LR",
@@ -30,13 +33,20 @@ SCHEDULE_FIELDS = {
 def phase_schedule(args, phase, iters: int) -> dict:
     """The schedule of ``phase`` (``iters`` steps) from its own settings and the run's flags."""
     scale = phase.lr_scale
-    max_lr = (phase.lr if phase.lr is not None else args.lr) * scale
-    min_lr = (phase.min_lr if phase.min_lr is not None else args.min_lr) * scale
+    peak = phase.lr if phase.lr is not None else args.lr
+    min_lr = phase.min_lr if phase.min_lr is not None else args.min_lr
+    if min_lr is None:
+        min_lr = peak * DEFAULT_MIN_LR_FRACTION
+    if min_lr > peak:  # an error, never a silent clamp
+        raise TrainingError(f"phase {phase.name}: min_lr {min_lr:g} is above its lr {peak:g} "
+                            f"(--min-lr / --lr or the phase's own): the minimum learning rate "
+                            f"must be <= the peak")
+    max_lr, min_lr = peak * scale, min_lr * scale
     decay = phase.lr_decay_iters or args.lr_decay_iters or iters
     warmup = phase.warmup_iters if phase.warmup_iters is not None else args.warmup_iters
     style = phase.lr_decay_style or args.lr_decay_style
     schedule = {
-        "max_lr": float(max_lr), "min_lr": float(min(min_lr, max_lr)),
+        "max_lr": float(max_lr), "min_lr": float(min_lr),
         "lr_warmup_steps": min(warmup, max(decay - 1, 0)), "lr_decay_steps": decay,
         "lr_decay_style": style,
         "start_wd": args.weight_decay, "end_wd": args.weight_decay, "wd_incr_steps": decay,
