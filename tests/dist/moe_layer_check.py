@@ -90,7 +90,10 @@ def check_reference():
     loss_terms = load_balancing_loss(probs, ids, CFG.moe_top_k, CFG.moe_aux_loss_coeff) \
         + z_loss(logits, CFG.moe_z_loss_coeff)
     loss_terms.backward()
-    torch.testing.assert_close(gp_t[0] - gp_r[0], w.grad, rtol=1e-4, atol=1e-6)
+    # The aux gradient is the difference of two router gradients ~2000x its size: fp32 rounding of
+    # those (a few ulps, CPU-dependent summation order) bounds how closely it can match.
+    atol = 8 * torch.finfo(torch.float32).eps * gp_r[0].abs().max().item()
+    torch.testing.assert_close(gp_t[0] - gp_r[0], w.grad, rtol=1e-4, atol=atol)
     assert w.grad.abs().max() > 1e-4
     stats = collect_router_stats(layer)
     total = stats["moe/aux_loss"] + stats["moe/z_loss"]
