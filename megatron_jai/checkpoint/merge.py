@@ -302,13 +302,19 @@ def task_vectors(base: torch.Tensor, xs: Sequence[torch.Tensor], weights: Sequen
     return mixed.add_(base)
 
 
-def model_stock(base: torch.Tensor, xs: Sequence[torch.Tensor], filter_wise: bool = False) -> torch.Tensor:
-    """Model Stock: the base moved towards the inputs' mean by the share their angle implies."""
+def model_stock(base: torch.Tensor, xs: Sequence[torch.Tensor], filter_wise: bool = False,
+                workers: int = 1) -> torch.Tensor:
+    """Model Stock: the base moved towards the inputs' mean by the share their angle implies.
+    ``workers`` threads make the inputs' offsets and norms at once."""
     dtype = _work_dtype(base, *xs)
     shape = (-1, base.shape[-1]) if filter_wise and base.dim() > 1 else (1, -1)
     rows = base.reshape(shape)
-    offsets = [_difference(x.reshape(shape), rows, dtype) for x in xs]
-    norms = [o.norm(dim=-1) for o in offsets]  # each once, not once per pair
+
+    def offset(x: torch.Tensor) -> tuple:  # each norm once, not once per pair
+        o = _difference(x.reshape(shape), rows, dtype)
+        return o, o.norm(dim=-1)
+
+    offsets, norms = zip(*_map(offset, xs, workers))
     cosines = []
     for i, a in enumerate(offsets):
         for j in range(i + 1, len(offsets)):
@@ -585,7 +591,7 @@ class _Merge:
             return linear(xs, weights, shared["normalize"])
         *xs, base = xs
         if m.name == "model_stock":
-            return model_stock(base, xs, shared["filter_wise"])
+            return model_stock(base, xs, shared["filter_wise"], self.workers)
         generators = ([_generator(self.seed, tensor_name, i) for i in range(len(xs))]
                       if m.sparsify == "random" else None)
         return task_vectors(base, xs, per_model["weight"], densities=per_model["density"],
