@@ -3,9 +3,9 @@
 
 Works on our checkpoints directly, whatever TP/PP/EP saved them (tensors are stored in their global
 shape), and streams: one layer of one tensor from each input at a time, computed in fp32 (fp64
-inputs in fp64), cast to the inputs' dtype (or ``dtype``), written at once; worker threads read and
-merge the next tensors while one is written, within the bytes of the largest tensor. Every model tensor is
-merged, experts and router included; optimizer states and RNG are not read, so the output is a
+inputs in fp64), cast to the inputs' dtype (or ``dtype``), written at once; worker threads read
+and merge the next tensors while one is written, within the bytes of the largest tensor. Every
+model tensor is merged, experts and router included; optimizer states and RNG are not read, so the output is a
 model-only iteration-0 checkpoint that ``pretrain_jai.py --init-from`` loads and
 ``convert_checkpoint.py mcore-to-hf`` exports.
 
