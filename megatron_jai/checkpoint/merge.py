@@ -5,8 +5,8 @@ Works on our checkpoints directly, whatever TP/PP/EP saved them (tensors are sto
 shape), and streams: one layer of one tensor from each input at a time, computed in fp32 (fp64
 inputs in fp64), cast to the inputs' dtype (or ``dtype``), written at once; worker threads read
 and merge the next tensors while one is written, within the bytes of the largest tensor. Every
-model tensor is merged, experts and router included; optimizer states and RNG are not read, so the output is a
-model-only iteration-0 checkpoint that ``pretrain_jai.py --init-from`` loads and
+model tensor is merged, experts and router included; optimizer states and RNG are not read, so
+the output is a model-only iteration-0 checkpoint that ``pretrain_jai.py --init-from`` loads and
 ``convert_checkpoint.py mcore-to-hf`` exports.
 
 The methods, their parameters and defaults are mergekit's (0.1.5), per tensor (``x_i`` the inputs,
