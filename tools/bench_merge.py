@@ -137,13 +137,16 @@ def timed(cmd: list, nice: int) -> tuple:
     return seconds, rss
 
 
+# mergekit-yaml's entry point, run by this interpreter (a console script's #! may name another)
+MERGEKIT_YAML = ("import sys; from mergekit.scripts.run_yaml import main; "
+                 "sys.argv[0] = 'mergekit-yaml'; sys.exit(main())")
+
+
 def commands(method: str, configs: tuple, out: str) -> dict:
-    mergekit = shutil.which("mergekit-yaml") or os.path.join(os.path.dirname(sys.executable),
-                                                             "mergekit-yaml")
     return {"ours": [sys.executable, os.path.join(REPO_ROOT, "tools", "merge_checkpoints.py"),
                      "--config", configs[0], "--out", out, "--no-progress"],
-            "mergekit": [mergekit, configs[1], out + "_hf", "--trust-remote-code",
-                         "--random-seed", "0"]}
+            "mergekit": [sys.executable, "-c", MERGEKIT_YAML, configs[1], out + "_hf",
+                         "--trust-remote-code", "--random-seed", "0"]}
 
 
 def main(argv=None) -> int:
