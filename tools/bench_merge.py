@@ -13,8 +13,8 @@ and two models base + N(0, 0.002), as our checkpoints and as their mcore-to-hf e
 tokenizer from the shared directory). One mergekit YAML per method: both models weight 1, density
 0.5 for ties, dare_*, breadcrumbs_ties; t 0.5 for slerp (from A to B); dtype bfloat16.
 
-Each run is one process under ``/usr/bin/time -v`` (wall clock and maximum resident set size) at
-``nice -n --nice``; per run the methods go in turn, ours then mergekit's, so that a change in the
+Each run is one process under ``/usr/bin/time -v`` (wall clock, CPU time of all its threads and
+maximum resident set size) at ``nice -n --nice``; per run the methods go in turn, ours then mergekit's, so that a change in the
 machine's load hits both. Prints one line per process, then the table of medians in markdown and
 the range of the 1-minute load average seen.
 """
@@ -125,7 +125,8 @@ def write_configs(work: str, paths: dict, method: str) -> tuple:
 
 
 def timed(cmd: list, nice: int) -> tuple:
-    """(wall seconds, peak RSS bytes) of one process run under /usr/bin/time -v."""
+    """(wall seconds, peak RSS bytes, CPU seconds: user + system, all threads) of one process run
+    under /usr/bin/time -v."""
     proc = subprocess.run(["nice", "-n", str(nice), "/usr/bin/time", "-v", *cmd],
                           capture_output=True, text=True)
     if proc.returncode != 0:
@@ -134,7 +135,9 @@ def timed(cmd: list, nice: int) -> tuple:
     wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", proc.stderr).group(1)
     seconds = sum(float(x) * 60 ** i for i, x in enumerate(reversed(wall.split(":"))))
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1)) * 1024
-    return seconds, rss
+    cpu = sum(float(re.search(rf"{kind} time \(seconds\): (\S+)", proc.stderr).group(1))
+              for kind in ("User", "System"))
+    return seconds, rss, cpu
 
 
 # mergekit-yaml's entry point, run by this interpreter (a console script's #! may name another)
@@ -163,23 +166,27 @@ def main(argv=None) -> int:
             cmds = commands(method, write_configs(args.work, paths, method), out)
             for side in sides:
                 loads.append(os.getloadavg()[0])
-                seconds, rss = timed(cmds[side], args.nice)
-                results[method, side].append((seconds, rss))
+                seconds, rss, cpu = timed(cmds[side], args.nice)
+                results[method, side].append((seconds, rss, cpu))
                 shutil.rmtree(out, ignore_errors=True)
                 shutil.rmtree(out + "_hf", ignore_errors=True)
-                print(f"run {run + 1} {method} {side}: {seconds:.1f} s, {rss / 2 ** 20:.0f} MiB "
-                      f"(load {loads[-1]:.1f})", flush=True)
+                print(f"run {run + 1} {method} {side}: {seconds:.1f} s, CPU {cpu:.1f} s, "
+                      f"{rss / 2 ** 20:.0f} MiB (load {loads[-1]:.1f})", flush=True)
     mib = 2 ** 20
-    print("\n| method | ours: time | mergekit: time | speed-up | ours: peak RSS | "
-          "mergekit: peak RSS | ours / mergekit RSS | runs |\n|---|---|---|---|---|---|---|---|")
+    print("\n| method | ours: time | mergekit: time | speed-up | ours: CPU | mergekit: CPU | "
+          "ours: peak RSS | mergekit: peak RSS | ours / mergekit RSS | runs |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
     for method in args.methods:
-        med = {s: (statistics.median(t for t, _ in results[method, s]),
-                   statistics.median(r for _, r in results[method, s])) for s in sides}
+        med = {s: [statistics.median(r[i] for r in results[method, s]) for i in range(3)]
+               for s in sides}
         ours, theirs = med.get("ours"), med.get("mergekit")
+        both = ours and theirs
         cells = [f"{ours[0]:.0f} s" if ours else "", f"{theirs[0]:.0f} s" if theirs else "",
-                 f"{theirs[0] / ours[0]:.1f}x" if ours and theirs else "",
-                 f"{ours[1] / mib:.0f} MiB" if ours else "", f"{theirs[1] / mib:.0f} MiB" if theirs else "",
-                 f"{ours[1] / theirs[1]:.0%}" if ours and theirs else ""]
+                 f"{theirs[0] / ours[0]:.1f}x" if both else "",
+                 f"{ours[2]:.0f} s" if ours else "", f"{theirs[2]:.0f} s" if theirs else "",
+                 f"{ours[1] / mib:.0f} MiB" if ours else "",
+                 f"{theirs[1] / mib:.0f} MiB" if theirs else "",
+                 f"{ours[1] / theirs[1]:.0%}" if both else ""]
         print(f"| {method} | {' | '.join(cells)} | {args.runs} |")
     print(f"\nload average (1 min) between {min(loads):.1f} and {max(loads):.1f}; "
           f"{json.dumps({'runs': args.runs, 'nice': args.nice})}")
