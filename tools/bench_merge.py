@@ -174,8 +174,8 @@ def main(argv=None) -> int:
                       f"{rss / 2 ** 20:.0f} MiB (load {loads[-1]:.1f})", flush=True)
     mib = 2 ** 20
     print("\n| method | ours: time | mergekit: time | speed-up | ours: CPU | mergekit: CPU | "
-          "ours: peak RSS | mergekit: peak RSS | ours / mergekit RSS | runs |\n"
-          "|---|---|---|---|---|---|---|---|---|---|")
+          "CPU ratio | ours: peak RSS | mergekit: peak RSS | ours / mergekit RSS | runs |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|")
     for method in args.methods:
         med = {s: [statistics.median(r[i] for r in results[method, s]) for i in range(3)]
                for s in sides}
@@ -183,7 +183,8 @@ def main(argv=None) -> int:
         both = ours and theirs
         cells = [f"{ours[0]:.0f} s" if ours else "", f"{theirs[0]:.0f} s" if theirs else "",
                  f"{theirs[0] / ours[0]:.1f}x" if both else "",
-                 f"{ours[2]:.0f} s" if ours else "", f"{theirs[2]:.0f} s" if theirs else "",
+                 f"{ours[2]:.1f} s" if ours else "", f"{theirs[2]:.1f} s" if theirs else "",
+                 f"{theirs[2] / ours[2]:.1f}x" if both else "",
                  f"{ours[1] / mib:.0f} MiB" if ours else "",
                  f"{theirs[1] / mib:.0f} MiB" if theirs else "",
                  f"{ours[1] / theirs[1]:.0%}" if both else ""]
