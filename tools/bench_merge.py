@@ -129,9 +129,9 @@ def timed(cmd: list, nice: int) -> tuple:
     under /usr/bin/time -v."""
     proc = subprocess.run(["nice", "-n", str(nice), "/usr/bin/time", "-v", *cmd],
                           capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise cli.UserError(f"{' '.join(cmd)} failed ({proc.returncode}): "
-                            f"{proc.stderr.strip().splitlines()[-1:]}")
+    if proc.returncode != 0:  # its own last words come before time's report
+        words = proc.stderr.split("\tCommand being timed")[0].strip().splitlines()[-3:]
+        raise cli.UserError(f"{' '.join(cmd[-6:])} failed ({proc.returncode}): {' / '.join(words)}")
     wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", proc.stderr).group(1)
     seconds = sum(float(x) * 60 ** i for i, x in enumerate(reversed(wall.split(":"))))
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1)) * 1024
