@@ -275,6 +275,84 @@ def test_kernels_equal_mergekit(shape):
         torch.testing.assert_close(linear(xs[:2], [0.3, 0.9]), theirs, rtol=0, atol=1e-7)
 
 
+def test_heavy_ties_in_16_bits_equal_mergekit():
+    """bf16 inputs (sorted at once, in place; the magnitudes made twice; the inputs' task vectors
+    in threads) on tensors large enough for torch's sort to order equal values its own way:
+    ties, breadcrumbs_ties and the sparsification alone equal mergekit's kernels on the same
+    values in fp32, where a third of the magnitudes or more sit at the threshold."""
+    from mergekit.merge_methods import registry
+    from mergekit.merge_methods.base import TensorGroup
+    from mergekit.sparsify import magnitude, magnitude_outliers
+
+    from megatron_jai.checkpoint.merge import sparsify, task_vectors
+
+    gen = torch.Generator().manual_seed(11)
+    shape = (384, 640)
+    base = (torch.randn(shape, generator=gen) * 0.02).bfloat16()
+    xs = [(base.float() + torch.randint(-2, 3, shape, generator=gen) * 2.0 ** -12).bfloat16()
+          for _ in range(2)]
+    d = xs[0].float() - base.float()
+    tied = (d.abs() == d.abs().flatten().kthvalue(d.numel() // 2).values).float().mean().item()
+    assert tied > 0.3, tied  # the threshold cuts through a block of equal magnitudes
+    for density, gamma in ((0.5, 0.01), (0.7, 0.1)):
+        assert torch.equal(sparsify(d.clone(), "magnitude", density, ties_likely=True),
+                           magnitude(d, density))
+        assert torch.equal(sparsify(d.clone(), "magnitude_outliers", density, gamma=gamma,
+                                    ties_likely=True), magnitude_outliers(d, density, gamma=gamma))
+    group = TensorGroup.from_tensors([base.float(), *(x.float() for x in xs)], base_index=0)
+    for name, method, gammas in (("ties", "magnitude", None),
+                                 ("breadcrumbs_ties", "magnitude_outliers", [0.02, 0.05])):
+        for rescale in (False, True):
+            theirs, = registry.get(name)([group], parameters={
+                "weight": {1: 1.0, 2: 0.6}, "density": {1: 0.5, 2: 0.45}, "normalize": True,
+                "rescale": rescale, "lambda": 1.0,
+                **({"gamma": dict(enumerate(gammas, 1))} if gammas else {})})
+            for workers in (1, 2):
+                ours = task_vectors(base, xs, [1.0, 0.6], densities=[0.5, 0.45],
+                                    sparsify_method=method, consensus=True, normalize=True,
+                                    rescale=rescale, gammas=gammas, workers=workers)
+                assert ours.dtype == torch.float32
+                torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-7 if rescale else 0,
+                                           msg=f"{name} rescale={rescale} workers={workers}")
+
+
+def test_work_ahead_keeps_the_order_and_the_byte_budget():
+    """Items come back in order; they run at once only while their bytes fit the budget (the
+    largest alone), and an error reaches the caller."""
+    import threading
+    import time
+
+    from megatron_jai.checkpoint.merge import _Ahead
+
+    costs = {"big": 10, "a": 3, "b": 3, "c": 3, "d": 4, "big2": 10, "e": 1}
+    lock, running, seen = threading.Lock(), [], []
+
+    def compute(item):
+        with lock:
+            running.append(item)
+            seen.append(sum(costs.get(i, 1) for i in running))
+        time.sleep(0.02)
+        with lock:
+            running.remove(item)
+        if item == "boom":
+            raise ValueError("boom")
+        return item.upper()
+
+    ahead = _Ahead(list(costs), compute, costs.get, 10, workers=3)
+    try:
+        assert [ahead.take(item) for item in costs] == [i.upper() for i in costs]
+    finally:
+        ahead.close()
+    assert max(seen) <= 10 and len(seen) == len(costs)
+    ahead = _Ahead(["a", "boom", "b"], compute, lambda i: 1, 10, workers=2)
+    try:
+        assert ahead.take("a") == "A"
+        with pytest.raises(ValueError, match="boom"):
+            ahead.take("boom")
+    finally:
+        ahead.close()
+
+
 def test_dare_keeps_a_density_share_and_rescales_the_l1_norm():
     from megatron_jai.checkpoint.merge import sparsify
 
@@ -439,6 +517,20 @@ def test_dare_on_checkpoints_keeps_its_share_and_seed(families, tmp_path, capsys
     other = CheckpointReader(str(runs["dare_linear", 2]))
     assert not torch.equal(other.read("decoder.layers.mlp.experts.weight_gate_up"),
                            first.read("decoder.layers.mlp.experts.weight_gate_up"))
+
+
+def test_threads_do_not_change_the_result(ckpts, tmp_path, capsys):
+    """One tensor at a time or read, merged and written by 3 threads: the same checkpoint."""
+    for method, extra in (("dare_ties", ["--density", 0.4, "--seed", 3]),
+                          ("breadcrumbs_ties", ["--density", 0.6]), ("model_stock", [])):
+        outs = []
+        for workers in (1, 3):
+            path = tmp_path / f"{method}{workers}"
+            merge(capsys, "--method", method, "--base", ckpts["base"], "--inputs", ckpts["a"],
+                  ckpts["b"], *extra, "--workers", workers, "--out", path)
+            outs.append(CheckpointReader(str(path)))
+        for key in outs[0].keys():
+            assert torch.equal(outs[0].read(key), outs[1].read(key)), (method, key)
 
 
 def test_streaming_holds_a_few_tensors(tmp_path):

@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "first input's)")
     p.add_argument("--force", action="store_true",
                    help="replace --out (the old one is removed only once the new one is complete)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="threads that read and merge the next tensors while one is written, and "
+                        "make the inputs' task vectors at once (default: the CPU count, at most 8; "
+                        "1: one tensor at a time)")
     p.add_argument("--measure-memory", action="store_true",
                    help="count the bytes of tensors held at once (in the summary line; slower)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -101,10 +105,13 @@ def main(argv=None) -> int:
                 "parameters": {SHARED_FLAGS[d]: v for d, v in flags.items()},
                 "model_parameters": [{} if weights is None else {"weight": w} for w in weights or
                                      args.inputs]}
+    if args.workers is not None and args.workers < 1:
+        raise cli.UserError(f"--workers must be at least 1, got {args.workers}")
     if args.dtype:
         spec["dtype"] = DTYPES[args.dtype]
     summary = merge_checkpoints(**spec, out=args.out, seed=args.seed, hf_format=args.hf_format,
                                 name=args.name, force=args.force, measure=args.measure_memory,
+                                workers=args.workers,
                                 progress=not args.no_progress and sys.stderr.isatty())
     print(summary_line(summary), flush=True)
     return 0

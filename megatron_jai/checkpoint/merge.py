@@ -3,9 +3,10 @@
 
 Works on our checkpoints directly, whatever TP/PP/EP saved them (tensors are stored in their global
 shape), and streams: one layer of one tensor from each input at a time, computed in fp32 (fp64
-inputs in fp64), cast to the inputs' dtype (or ``dtype``), written at once. Every model tensor is
-merged, experts and router included; optimizer states and RNG are not read, so the output is a
-model-only iteration-0 checkpoint that ``pretrain_jai.py --init-from`` loads and
+inputs in fp64), cast to the inputs' dtype (or ``dtype``), written at once; worker threads read
+and merge the next tensors while one is written, within the bytes of the largest tensor. Every
+model tensor is merged, experts and router included; optimizer states and RNG are not read, so
+the output is a model-only iteration-0 checkpoint that ``pretrain_jai.py --init-from`` loads and
 ``convert_checkpoint.py mcore-to-hf`` exports.
 
 The methods, their parameters and defaults are mergekit's (0.1.5), per tensor (``x_i`` the inputs,
@@ -35,6 +36,7 @@ name, a list of numbers is a gradient interpolated over the layers.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -43,6 +45,7 @@ import math
 import os
 import time
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -57,6 +60,7 @@ from megatron_jai.checkpoint.stream import HF_SUBDIR, CheckpointReader, Surgery,
 from megatron_jai.cli import UserError, read_yaml
 from megatron_jai.config import ModelConfig
 
+MAX_WORKERS = 8  # merge threads by default (more rarely help: memory bandwidth)
 COLINEAR_COS = 0.9995  # slerp falls back to linear interpolation above this |cos|
 # Training settings, not architecture: inputs may differ in them (the first input's are kept).
 TRAINING_FIELDS = ("name", "init_method_std", "moe_aux_loss_coeff", "moe_z_loss_coeff",
@@ -116,16 +120,42 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def _work_dtype(*xs: torch.Tensor) -> torch.dtype:
+    """The dtype the methods compute in: fp32, or wider where an input is."""
+    dtype = torch.float32
+    for x in xs:
+        dtype = torch.promote_types(dtype, x.dtype)
+    return dtype
+
+
+def _difference(x: torch.Tensor, base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x - base`` in ``dtype``: one new tensor, and no wide copy of ``base`` (the in-place
+    subtraction widens each element as it goes; the values are those of wide(x) - wide(base))."""
+    return x.to(dtype, copy=True).sub_(base)
+
+
+def _map(fn, items: Sequence, workers: int) -> list:
+    """``[fn(item) for item in items]``, in up to ``workers`` threads (torch releases the GIL)."""
+    if workers <= 1 or len(items) <= 1:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(min(workers, len(items))) as pool:
+        return list(pool.map(fn, items))
+
+
 def linear(xs: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool = True) -> torch.Tensor:
-    out = torch.zeros(xs[0].shape, dtype=torch.promote_types(xs[0].dtype, torch.float32))
-    for x, w in zip(xs, weights):
-        out.add_(x, alpha=w)  # casts x element by element: no fp32 copy of it
+    # the first term is w_0 x_0 as 0 + w_0 x_0 gives it; the others add in place, each cast element
+    # by element: no fp32 copy of them
+    out = xs[0].to(_work_dtype(*xs), copy=True)
+    if weights[0] != 1:
+        out.mul_(weights[0])
+    for x, w in zip(xs[1:], weights[1:]):
+        out.add_(x, alpha=w)
     # sum, then divide: 1:1 is bit for bit torch.stack([a, b]).mean(0)
     return out.div_(sum(weights)) if normalize else out
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-8) -> torch.Tensor:
-    a, b = _wide(a), _wide(b)
+    a, b = a.to(_work_dtype(a, b), copy=True), _wide(b)  # a becomes the result
     na, nb = a.norm().item(), b.norm().item()
     cos = torch.dot(a.flatten(), b.flatten()).item() / ((na if na > eps else 1.0) *
                                                          (nb if nb > eps else 1.0))
@@ -134,33 +164,66 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-8) -> torc
     else:
         theta = math.acos(max(-1.0, min(1.0, cos)))
         s0, s1 = math.sin(theta - theta * t) / math.sin(theta), math.sin(theta * t) / math.sin(theta)
-    return (a * s0).add_(b, alpha=s1)  # t=0: s0 = 1, s1 = 0 exactly (and t=1 the other way)
+    return a.mul_(s0).add_(b, alpha=s1)  # t=0: s0 = 1, s1 = 0 exactly (and t=1 the other way)
 
 
 def _ranked(magnitude: torch.Tensor, lo: int, hi: int, descending: bool,
             ties_likely: bool = False) -> torch.Tensor:
     """The entries at positions ``[lo, hi)`` of ``magnitude`` (flat) sorted as mergekit sorts it
     (``torch.argsort`` / ``torch.sort``, ties in torch's order): found with ``kthvalue``, and only
-    when equal values straddle a boundary (at once when ``ties_likely``) with the sort itself."""
+    when equal values straddle a boundary (at once when ``ties_likely``) with the sort itself.
+    ``magnitude`` is overwritten (sorted in place: no second copy of it)."""
     n = magnitude.numel()
     first, last = (n - hi, n - lo) if descending else (lo, hi)  # the window in ascending order
-    keep = torch.ones(n, dtype=torch.bool)
     if last <= first:
-        return keep.zero_()
+        return torch.zeros(n, dtype=torch.bool)
     exact = not ties_likely  # no equal values straddle a boundary (or they are 0: values agree)
+    keep = None
     if first > 0 and exact:
         low = magnitude.kthvalue(first + 1).values
-        keep &= magnitude >= low
+        keep = magnitude >= low
         exact &= bool(low == 0) or int((magnitude < low).sum()) == first
     if last < n and exact:
         high = magnitude.kthvalue(last).values
-        keep &= magnitude <= high
-        exact &= bool(high == 0) or int((magnitude <= high).sum()) == last
+        below = magnitude <= high
+        keep = below if keep is None else keep.logical_and_(below)
+        exact &= bool(high == 0) or int(below.sum()) == last
     if not exact:
-        order = (torch.argsort(magnitude, descending=True) if descending
-                 else torch.sort(magnitude, descending=False).indices)
-        keep.zero_()[order[lo:hi]] = True
-    return keep
+        # the sort mergekit runs (argsort is this sort's indices), sorting the values in place;
+        # an unstable sort orders equal values by the whole tensor, so nothing cheaper gives its
+        # choice among the values tied at a boundary
+        order = torch.empty(n, dtype=torch.long)
+        torch.sort(magnitude, descending=descending, out=(magnitude, order))
+        keep = torch.zeros(n, dtype=torch.bool)
+        keep[order[lo:hi]] = True
+    return keep if keep is not None else torch.ones(n, dtype=torch.bool)
+
+
+def _kept(magnitude: torch.Tensor, method: str, density: float, gamma: float = 0.0,
+          ties_likely: bool = False) -> torch.Tensor:
+    """The entries of a task vector that ``magnitude`` / ``magnitude_outliers`` keep, from its
+    magnitudes (flat; overwritten), as a flat bool mask; ``0 < density < 1``."""
+    n = magnitude.numel()
+    if method == "magnitude":
+        return _ranked(magnitude, 0, max(1, int(density * n)), True, ties_likely)
+    kept = int(density * n)
+    low = max(0, n - kept - int(gamma * n))
+    return _ranked(magnitude, low, low + kept, False, ties_likely)
+
+
+def _masked(delta: torch.Tensor, keep: torch.Tensor, rescale: bool, exact: bool = True) -> torch.Tensor:
+    """``delta * keep`` in place, with ``rescale`` its L1 norm restored as mergekit restores it
+    (``exact``: its arithmetic; else the same norms without copies of |delta|)."""
+    keep = keep.view(delta.shape)
+    if not rescale:
+        return delta.mul_(keep)
+    l1 = (lambda t: t.abs().sum()) if exact else (lambda t: torch.linalg.vector_norm(t, 1))
+    before = l1(delta)
+    delta.mul_(keep)
+    after = l1(delta)
+    if before >= 1e-7 and after >= 1e-7:  # mergekit's eps
+        delta.mul_(before / after)
+    return delta
 
 
 def sparsify(delta: torch.Tensor, method: str, density: float, rescale: bool = False,
@@ -173,57 +236,63 @@ def sparsify(delta: torch.Tensor, method: str, density: float, rescale: bool = F
     (16-bit inputs: few distinct values) sorts at once rather than first trying ``kthvalue``."""
     if density >= 1:
         return delta
-    n = delta.numel()
-    if method == "random":
-        keep = torch.rand(delta.shape, generator=generator) < density
-    elif density <= 0 or n == 0:
-        keep = torch.zeros(delta.shape, dtype=torch.bool)
-    else:
-        magnitude = delta.abs().reshape(-1)
-        if method == "magnitude":
-            keep = _ranked(magnitude, 0, max(1, int(density * n)), True, ties_likely)
-        else:
-            kept = int(density * n)
-            low = max(0, n - kept - int(gamma * n))
-            keep = _ranked(magnitude, low, low + kept, False, ties_likely)
-        del magnitude
-    before = delta.abs().sum() if rescale else None
-    delta.mul_(keep.view(delta.shape))
-    if rescale:
-        after = delta.abs().sum()
-        if before >= 1e-7 and after >= 1e-7:  # mergekit's eps
-            delta.mul_(before / after)
-    return delta
+    if method == "random":  # DARE: no value-by-value parity with mergekit to keep
+        return _masked(delta, torch.rand(delta.shape, generator=generator) < density, rescale,
+                       exact=False)
+    if density <= 0 or delta.numel() == 0:
+        return _masked(delta, torch.zeros(delta.shape, dtype=torch.bool), rescale)
+    keep = _kept(delta.abs().reshape(-1), method, density, gamma, ties_likely)
+    return _masked(delta, keep, rescale)
 
 
 def task_vectors(base: torch.Tensor, xs: Sequence[torch.Tensor], weights: Sequence[float], *,
                  densities: Optional[Sequence[float]] = None, sparsify_method: Optional[str] = None,
                  consensus: bool = False, normalize: bool = False, rescale: bool = False,
                  lam: float = 1.0, gammas: Optional[Sequence[float]] = None,
-                 generators: Optional[Sequence[torch.Generator]] = None) -> torch.Tensor:
-    """mergekit's generalized task arithmetic (task_arithmetic, ties, dare_*, breadcrumbs*)."""
+                 generators: Optional[Sequence[torch.Generator]] = None,
+                 workers: int = 1) -> torch.Tensor:
+    """mergekit's generalized task arithmetic (task_arithmetic, ties, dare_*, breadcrumbs*).
+    ``workers`` threads make the inputs' task vectors (their sorts, their random masks) at once."""
     ties_likely = base.element_size() < 4
-    base = _wide(base)
-    deltas = []
-    for i, (x, w) in enumerate(zip(xs, weights)):
-        d = x - base
-        if sparsify_method:
-            d = sparsify(d, sparsify_method, densities[i], rescale, gammas[i] if gammas else 0.0,
-                         generators[i] if generators else None, ties_likely)
-        deltas.append(d.mul_(w))
-    mixed = deltas[0].clone()
-    for d in deltas[1:]:
-        mixed.add_(d)
+    dtype = _work_dtype(base, *xs)
+
+    def task_vector(i: int) -> torch.Tensor:
+        if sparsify_method in ("magnitude", "magnitude_outliers") and 0 < densities[i] < 1 \
+                and base.numel() > 0:
+            # the magnitudes are sorted in place, and the task vector made again after: during
+            # the sort only the magnitudes, the order and the mask are held (not the vector too)
+            keep = _kept(_difference(xs[i], base, dtype).abs_().reshape(-1), sparsify_method,
+                         densities[i], gammas[i] if gammas else 0.0, ties_likely)
+            d = _masked(_difference(xs[i], base, dtype), keep, rescale)
+            del keep
+        else:
+            d = _difference(xs[i], base, dtype)
+            if sparsify_method:
+                d = sparsify(d, sparsify_method, densities[i], rescale,
+                             gammas[i] if gammas else 0.0, generators[i] if generators else None,
+                             ties_likely)
+        return d.mul_(weights[i]) if weights[i] != 1 else d  # x * 1 is x: one pass saved
+
+    deltas = _map(task_vector, range(len(xs)), workers if sparsify_method else 1)
     if consensus:
+        mixed = deltas[0].clone()
+        for d in deltas[1:]:
+            mixed.add_(d)
         positive = mixed >= 0  # the elected sign of each entry
         mixed.zero_()
-        divisor = torch.zeros_like(base)
+        divisor = torch.zeros(base.shape, dtype=dtype) if normalize else None
         for d, w in zip(deltas, weights):
             agree = torch.where(positive, d > 0, d < 0)
             mixed.add_(d.mul_(agree))
-            divisor.add_(agree, alpha=w)
-        divisor.masked_fill_(divisor == 0, 1)
+            if divisor is not None:
+                divisor.add_(agree, alpha=w)
+        del positive, agree
+        if divisor is not None:
+            divisor.masked_fill_(divisor == 0, 1)
     else:
+        mixed = deltas[0]  # summed in place: the first task vector is not needed apart
+        for d in deltas[1:]:
+            mixed.add_(d)
         total = sum(weights)
         divisor = total if abs(total) >= 1e-8 else 1.0
     del deltas
@@ -234,24 +303,36 @@ def task_vectors(base: torch.Tensor, xs: Sequence[torch.Tensor], weights: Sequen
     return mixed.add_(base)
 
 
-def model_stock(base: torch.Tensor, xs: Sequence[torch.Tensor], filter_wise: bool = False) -> torch.Tensor:
-    """Model Stock: the base moved towards the inputs' mean by the share their angle implies."""
-    base = _wide(base)
-    rows = base.reshape(-1, base.shape[-1]) if filter_wise and base.dim() > 1 else base.reshape(1, -1)
-    xs = [_wide(x).reshape(rows.shape) for x in xs]
-    offsets = [x - rows for x in xs]
+def model_stock(base: torch.Tensor, xs: Sequence[torch.Tensor], filter_wise: bool = False,
+                workers: int = 1) -> torch.Tensor:
+    """Model Stock: the base moved towards the inputs' mean by the share their angle implies.
+    ``workers`` threads make the inputs' offsets and norms at once."""
+    dtype = _work_dtype(base, *xs)
+    shape = (-1, base.shape[-1]) if filter_wise and base.dim() > 1 else (1, -1)
+    rows = base.reshape(shape)
+
+    def offset(x: torch.Tensor) -> tuple:  # each norm once, not once per pair
+        o = _difference(x.reshape(shape), rows, dtype)
+        return o, o.norm(dim=-1)
+
+    offsets, norms = zip(*_map(offset, xs, workers))
     cosines = []
     for i, a in enumerate(offsets):
-        for b in offsets[i + 1:]:
-            norms = (a.norm(dim=-1) * b.norm(dim=-1)).clamp(min=1e-6)
-            cosines.append(((a * b).sum(dim=-1) / norms).clamp(-1, 1))
+        for j in range(i + 1, len(offsets)):
+            product = (norms[i] * norms[j]).clamp(min=1e-6)
+            cosines.append(((a * offsets[j]).sum(dim=-1) / product).clamp(-1, 1))
+    del offsets, norms
     cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
     n = len(xs)
     denominator = 1 + (n - 1) * cos
     singular = denominator.abs() < 1e-6  # no finite estimate: keep the base
     t = torch.where(singular, 0.0, n * cos / torch.where(singular, 1.0, denominator))
-    del offsets
-    return (t * (sum(xs) / n) + (1 - t) * rows).reshape(base.shape)
+    # t * mean + (1 - t) * base, with the mean summed, scaled and shifted in place
+    out = xs[0].reshape(shape).to(dtype, copy=True)
+    for x in xs[1:]:
+        out.add_(x.reshape(shape))
+    out.div_(n).mul_(t).add_((1 - t) * rows)
+    return out.reshape(base.shape)
 
 
 # ---- parameters: mergekit's settings (scalars, gradients over layers, filters by tensor name) ---
@@ -475,12 +556,32 @@ class _Merge:
     parameters: dict
     model_parameters: list
     seed: int
+    workers: int = 1  # threads for the inputs' task vectors of one tensor
 
-    def __call__(self, tensor_name: str, t: float, xs: list) -> torch.Tensor:
+    def settings(self, tensor_name: str, t: float) -> tuple:
+        """(shared, per-model) parameters of one HF tensor at gradient position ``t``."""
         m = self.method
         shared = {p: _resolve(p, [self.parameters], d, tensor_name, t) for p, d in m.shared.items()}
         per_model = {p: [_resolve(p, [scope, self.parameters], d, tensor_name, t)
                          for scope in self.model_parameters] for p, d in m.per_model.items()}
+        return shared, per_model
+
+    def elementwise(self, tensor_names: Sequence[str], t: float) -> bool:
+        """Whether these HF tensors merge entry by entry with the same settings (no statistic
+        over a tensor, no random stream per tensor name): then the Megatron tensor that holds
+        them merges whole, with the same result, without splitting it and joining it back."""
+        m = self.method
+        if m.name not in ("linear", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties",
+                          "dare_linear", "dare_ties"):
+            return False
+        settings = [self.settings(name, t) for name in tensor_names]
+        if any(s != settings[0] for s in settings[1:]):
+            return False
+        return m.sparsify is None or all(d >= 1 for d in settings[0][1]["density"])
+
+    def __call__(self, tensor_name: str, t: float, xs: list) -> torch.Tensor:
+        m = self.method
+        shared, per_model = self.settings(tensor_name, t)
         if m.name == "slerp":
             return slerp(xs[0], xs[1], shared["t"])
         if m.name == "linear":
@@ -491,13 +592,14 @@ class _Merge:
             return linear(xs, weights, shared["normalize"])
         *xs, base = xs
         if m.name == "model_stock":
-            return model_stock(base, xs, shared["filter_wise"])
+            return model_stock(base, xs, shared["filter_wise"], self.workers)
         generators = ([_generator(self.seed, tensor_name, i) for i in range(len(xs))]
                       if m.sparsify == "random" else None)
         return task_vectors(base, xs, per_model["weight"], densities=per_model["density"],
                             sparsify_method=m.sparsify, consensus=m.consensus,
                             normalize=shared["normalize"], rescale=shared["rescale"],
-                            lam=shared["lambda"], gammas=per_model.get("gamma"), generators=generators)
+                            lam=shared["lambda"], gammas=per_model.get("gamma"), generators=generators,
+                            workers=self.workers)
 
 
 def _merge_layer(key: str, layer: Optional[int], tensors: list, row, cfg: ModelConfig,
@@ -512,16 +614,20 @@ def _merge_layer(key: str, layer: Optional[int], tensors: list, row, cfg: ModelC
         return first
     dtype = dtype or first.dtype
     padding = first[cfg.vocab_size:].clone() if key in VOCAB_TABLES else None
-    if row is None:  # not a tensor of the HF model: merged whole
-        names, parts = [key if layer is None else f"{key}.{layer}"], [(x,) for x in tensors]
+    # mergekit's position of a layer in a gradient: 0 first layer .. 1 last; 0 off the layers
+    t = 0.0 if layer is None else layer / (cfg.num_layers - 1) if cfg.num_layers > 1 else 1.0
+    whole = row is not None and merge.elementwise(row.hf_names(layer), t)
+    if row is None or whole:  # not a tensor of the HF model, or one merged entry by entry
+        names = [key if row is None and layer is None else
+                 f"{key}.{layer}" if row is None else row.hf_names(layer)[0]]
+        parts = [(x,) for x in tensors]
+        row = None if whole else row
     else:
         names = row.hf_names(layer)
         parts = [row.to_hf(cfg, x) for x in tensors]
         parts = [p if isinstance(p, tuple) else (p,) for p in parts]
     del first
     tensors.clear()  # the split copies (or views) hold what is still needed
-    # mergekit's position of a layer in a gradient: 0 first layer .. 1 last; 0 off the layers
-    t = 0.0 if layer is None else layer / (cfg.num_layers - 1) if cfg.num_layers > 1 else 1.0
     merged = []
     for i, name in enumerate(names):
         merged.append(merge(name, t, [p[i] for p in parts]).to(dtype))
@@ -530,6 +636,46 @@ def _merge_layer(key: str, layer: Optional[int], tensors: list, row, cfg: ModelC
     if padding is not None:  # no statistic saw them (the split drops them): the first input's
         out[cfg.vocab_size:] = padding
     return out
+
+
+class _Ahead:
+    """Work items computed in order by ``workers`` threads ahead of the caller, who takes each
+    result in turn (and writes it while the next ones are read and merged). Items start while
+    the bytes of those in flight stay within ``budget`` (each item alone always may): the
+    largest tensor is still merged alone, so the peak memory stays that of one such merge."""
+
+    def __init__(self, items: Sequence, compute, cost, budget: int, workers: int):
+        self._items, self._compute, self._cost, self._budget = list(items), compute, cost, budget
+        self._workers, self._next = workers, 0
+        self._pending = collections.deque()  # (item, future, cost), in order
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="merge") if workers > 1 else None
+
+    def _start(self) -> None:
+        held = sum(c for _, _, c in self._pending)
+        while self._next < len(self._items) and len(self._pending) < self._workers:
+            item = self._items[self._next]
+            cost = self._cost(item)
+            if self._pending and held + cost > self._budget:
+                return
+            self._pending.append((item, self._pool.submit(self._compute, item), cost))
+            held += cost
+            self._next += 1
+
+    def take(self, item):
+        """The result for ``item``, the next one in order."""
+        if self._pool is None:
+            return self._compute(item)
+        self._start()
+        expected, future, _ = self._pending.popleft()
+        if expected != item:
+            raise RuntimeError(f"merge items out of order: {item} asked, {expected} next")
+        result = future.result()
+        self._start()  # the next items run while the caller writes this one
+        return result
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _check_inputs(method: str, n: int, has_base: bool) -> Method:
@@ -556,14 +702,17 @@ def merge_checkpoints(method: str, inputs: Sequence[str], out: str, *, base: Opt
                       model_parameters: Optional[Sequence[dict]] = None, seed: int = 0,
                       dtype: Optional[torch.dtype] = None, hf_format: str = "auto",
                       name: Optional[str] = None, force: bool = False,
-                      progress: bool = True, measure: bool = False) -> dict:
+                      progress: bool = True, measure: bool = False,
+                      workers: Optional[int] = None) -> dict:
     """Write the merge of ``inputs`` (checkpoint roots, or ``ROOT/iter_N`` directories) to ``out``.
 
     ``parameters`` are the method's settings for the whole merge, ``model_parameters`` one dict
     per input (``weight``, ``density``, ``gamma``), both in mergekit's form (a value, a gradient
     over layers, or filters on the HF tensor name); what is not given takes mergekit's default.
     ``seed`` seeds DARE; ``measure`` counts the bytes of tensors held at once (:class:`HeldBytes`,
-    slower). Returns a summary dict."""
+    slower; one tensor at a time). ``workers`` threads (default: the CPU count, at most
+    ``MAX_WORKERS``) read and merge the next tensors while one is written, and make the inputs'
+    task vectors of one tensor at once. Returns a summary dict."""
     start = time.time()
     inputs = list(inputs)
     parameters = dict(parameters or {})
@@ -581,7 +730,11 @@ def merge_checkpoints(method: str, inputs: Sequence[str], out: str, *, base: Opt
     first = readers[0]
     cfg = first.config if name is None else first.config.replace(name=name)
     units = merge_units(first.config, hf_format)
-    merge = _Merge(m, parameters, model_parameters, seed)
+    if workers is None:
+        workers = min(MAX_WORKERS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                      else os.cpu_count() or 1)
+    workers = 1 if measure else max(1, workers)  # HeldBytes sees the ops of this thread only
+    merge = _Merge(m, parameters, model_parameters, seed, workers)
     stacked, others, num_layers = surgery.stacked, surgery.others, surgery.layers
     largest = max([first.num_bytes(k) for k in others] +
                   [first.num_bytes(k) // first.shape(k)[0] for k in stacked])
@@ -592,15 +745,27 @@ def merge_checkpoints(method: str, inputs: Sequence[str], out: str, *, base: Opt
               **({"seed": seed} if m.sparsify == "random" else {}),
               "format": formats.hf_layout(first.config, hf_format)}
 
-    def tensor(key: str) -> torch.Tensor:
-        return _merge_layer(key, None, [r.read(key) for r in readers], units.get(key),
-                            first.config, merge, dtype)
+    def compute(item: tuple) -> torch.Tensor:
+        key, i = item
+        tensors = [r.read(key) if i is None else r.read_layer(key, i) for r in readers]
+        return _merge_layer(key, i, tensors, units.get(key), first.config, merge, dtype)
 
-    def layer(i: int):  # one merged tensor at a time, each input's chunks read in order
+    def cost(item: tuple) -> int:  # the bytes of one input's tensor (the working set scales)
+        key, i = item
+        return first.num_bytes(key) // (1 if i is None else first.shape(key)[0])
+
+    # Surgery.write asks for the other tensors, then layer by layer for the stacked ones
+    items = [(key, None) for key in others] + [(key, i) for i in range(num_layers)
+                                               for key in stacked if i < first.shape(key)[0]]
+    ahead = _Ahead(items, compute, cost, max(map(cost, items), default=0), workers)
+
+    def tensor(key: str) -> torch.Tensor:
+        return ahead.take((key, None))
+
+    def layer(i: int):  # one merged tensor at a time
         for key in stacked:
             if i < first.shape(key)[0]:
-                yield key, _merge_layer(key, i, [r.read_layer(key, i) for r in readers],
-                                        units.get(key), first.config, merge, dtype)
+                yield key, ahead.take((key, i))
 
     def files(writer) -> None:
         with open(writer.path(MERGE_RECORD), "w") as f:
@@ -608,10 +773,13 @@ def merge_checkpoints(method: str, inputs: Sequence[str], out: str, *, base: Opt
             f.write("\n")
 
     meter = HeldBytes() if measure else contextlib.nullcontext()
-    with meter:  # the inputs' tokenizer and HF files travel along (the architecture is the same)
-        bytes_written = surgery.write(out, cfg, tensor=tensor, layer=layer, files=files,
-                                      same_model=True, force=force, progress=progress,
-                                      desc=f"merge {method}")
+    try:
+        with meter:  # the inputs' tokenizer and HF files travel along (the architecture is the same)
+            bytes_written = surgery.write(out, cfg, tensor=tensor, layer=layer, files=files,
+                                          same_model=True, force=force, progress=progress,
+                                          desc=f"merge {method}")
+    finally:
+        ahead.close()
     return {"out": os.path.abspath(out), "method": method, "inputs": len(inputs),
             "base": base is not None, "tensors": len(stacked) + len(others), "layers": num_layers,
             "bytes": bytes_written, "seconds": time.time() - start,
