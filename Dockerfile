@@ -25,7 +25,7 @@ WORKDIR /workspace/megatron-jai
 # Python dependencies first (cached layer). torch, triton, numpy, transformer-engine and apex are
 # the image's own CUDA builds and are NOT reinstalled; the rest uses the versions pinned for CI.
 COPY requirements-cpu.txt ./
-RUN grep -E '^(megatron-core|sentencepiece|transformers|tokenizers|safetensors|tiktoken|tqdm|psutil|PyYAML|protobuf|pybind11|tensorboard|matplotlib|sacrebleu|lm-eval|accelerate|datasets|trl|mergekit|peft|immutables|pytest|pytest-timeout)==' \
+RUN grep -E '^(megatron-core|sentencepiece|transformers|tokenizers|safetensors|tiktoken|tqdm|psutil|PyYAML|protobuf|pybind11|tensorboard|matplotlib|sacrebleu|lm-eval|accelerate|datasets|trl|mergekit|peft|immutables|pytest|pytest-timeout|pytest-xdist|execnet)==' \
         requirements-cpu.txt > /tmp/requirements-gpu.txt \
  && pip install --no-cache-dir -r /tmp/requirements-gpu.txt \
  && rm /tmp/requirements-gpu.txt

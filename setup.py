@@ -46,7 +46,7 @@ setup(
         "gpu": ["transformer-engine[pytorch]", "apex"],
         "eval": ["tiktoken", "tensorboard", "matplotlib", "sacrebleu>=2.4", "lm-eval>=0.4.13,<0.5",
                  "accelerate>=0.26", "datasets"],
-        "test": ["pytest", "pytest-timeout", "trl==1.16.0", "mergekit==0.1.5"],
+        "test": ["pytest", "pytest-timeout", "pytest-xdist", "trl==1.16.0", "mergekit==0.1.5"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import shutil
 import time
 from typing import Callable, Optional, Sequence
@@ -42,7 +41,6 @@ from megatron_jai.config import ModelConfig
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 CONFIG_FILE = "model_config.json"
 TOKENIZER_SUBDIR = "tokenizer"  # the tokenizer the model was trained with / a vocab surgery gave it
-_ITER_DIR = re.compile(r"^iter_(\d{7})$")
 _OLD_SUFFIX = ".old"  # an iteration directory moved aside while its replacement is renamed in
 _TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                     "special_tokens_map.json", "added_tokens.json", "vocab_map.json",
@@ -53,15 +51,8 @@ class CheckpointError(UserError):
     """A checkpoint root that cannot be used as it is (one line, names what to do)."""
 
 
-def iteration_dir(root: str, iteration: int) -> str:
-    return os.path.join(root, f"iter_{iteration:07d}")
-
-
-def complete_iterations(root: str) -> list:
-    """Iterations with a complete directory under ``root`` (found by scanning), ascending."""
-    if not root or not os.path.isdir(root):
-        return []
-    return sorted(int(m.group(1)) for m in map(_ITER_DIR.match, os.listdir(root)) if m)
+iteration_dir = manifest.iteration_dir
+complete_iterations = manifest.iterations  # complete iteration directories, found by scanning
 
 
 def latest_iteration(root: str) -> Optional[int]:
