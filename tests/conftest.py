@@ -40,6 +40,13 @@ def run_python(script, *args, **kw) -> subprocess.CompletedProcess:
     return run_cmd([sys.executable, str(script), *map(str, args)], **kw)
 
 
+def last_error(proc) -> str:
+    """The last stderr line of a command that must have failed with one line, not a traceback."""
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
 def torchrun(nproc: int, script, *args, **kw) -> subprocess.CompletedProcess:
     """``torchrun --nproc_per_node nproc script args`` on a free port (CPU, gloo)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",

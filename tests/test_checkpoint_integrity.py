@@ -24,20 +24,13 @@ import time
 
 import pytest
 
-from conftest import REPO_ROOT, run_python, run_tool
+from conftest import REPO_ROOT, last_error, run_python, run_tool
+
+from megatron_jai.checkpoint.manifest import iteration_dir
 from train_helpers import small_corpus
 
 PRETRAIN = os.path.join(REPO_ROOT, "pretrain_jai.py")
 TRACKER = "latest_checkpointed_iteration.txt"
-
-
-def last_line(proc):
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    return proc.stderr.strip().splitlines()[-1]
-
-
-def iter_dir(root, it):
-    return os.path.join(root, f"iter_{it:07d}")
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +88,7 @@ def test_every_iteration_has_a_manifest_written_last(trained, capsys):
     assert sorted(n for n in os.listdir(trained) if n.startswith("iter_")) == [
         "iter_0000002", "iter_0000004", "iter_0000006"]
     for it in (2, 4, 6):
-        directory = iter_dir(trained, it)
+        directory = iteration_dir(trained, it)
         with open(os.path.join(directory, manifest.MANIFEST_FILE)) as f:
             files = json.load(f)["files"]
         assert sorted(files) == manifest.list_files(directory)
@@ -129,10 +122,10 @@ def test_each_corruption_is_one_line_naming_the_file_and_the_way_out(trained, tm
     caught = []
     for i, (case, (damage, what)) in enumerate(CORRUPTIONS.items()):
         root = copy_of(trained, tmp_path, f"case{i}")
-        damage(iter_dir(root, 6))
+        damage(iteration_dir(root, 6))
         _, err = run_tool(capsys, "verify_checkpoint", root, expect_rc=2)
         line = err.strip().splitlines()[-1]
-        assert line.startswith(f"verify_checkpoint.py: error: {iter_dir(root, 6)}/"), (case, line)
+        assert line.startswith(f"verify_checkpoint.py: error: {iteration_dir(root, 6)}/"), (case, line)
         assert what in line, (case, line)
         assert line.endswith(f"; the newest iteration under {root} that verifies is 4 (resume it "
                              f"with --load-iteration 4)"), (case, line)
@@ -144,20 +137,20 @@ def test_training_refuses_a_damaged_checkpoint_and_resumes_from_the_good_one(tra
                                                                              common):
     """Before the manifest, 64 random bytes in a shard resumed with exit 0 on damaged weights."""
     root = copy_of(trained, tmp_path)
-    shard = biggest_shard(iter_dir(root, 6))
+    shard = biggest_shard(iteration_dir(root, 6))
     scribble(shard)
     proc = run_python(PRETRAIN, *common, "--train-iters", 8, "--load", root, "--save", root,
                       check=False)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     from megatron_jai.checkpoint import manifest
 
-    with open(os.path.join(iter_dir(root, 6), manifest.MANIFEST_FILE)) as f:
+    with open(os.path.join(iteration_dir(root, 6), manifest.MANIFEST_FILE)) as f:
         recorded = json.load(f)["files"][os.path.basename(shard)]["crc32"]
-    assert last_line(proc) == (
+    assert last_error(proc) == (
         f"pretrain_jai.py: error: {shard}: contents changed (CRC32 "
         f"{manifest.file_entry(shard)['crc32']}, the manifest says {recorded}); the newest "
         f"iteration under {root} that verifies is 4 (resume it with --load-iteration 4)")
-    assert not os.path.exists(iter_dir(root, 8)) and not os.path.exists(
+    assert not os.path.exists(iteration_dir(root, 8)) and not os.path.exists(
         os.path.join(root, "jai_run.lock"))
     proc = run_python(PRETRAIN, *common, "--train-iters", 6, "--load", root, "--save", root,
                       "--load-iteration", 4)
@@ -168,11 +161,11 @@ def test_a_deleted_tracker_names_the_newest_verifying_iteration(trained, tmp_pat
     """Before: '--save X already holds checkpoints of another run; resume with --load X'."""
     root = copy_of(trained, tmp_path)
     os.remove(os.path.join(root, TRACKER))
-    scribble(biggest_shard(iter_dir(root, 6)))  # the newest does not verify: 4 is the way out
+    scribble(biggest_shard(iteration_dir(root, 6)))  # the newest does not verify: 4 is the way out
     proc = run_python(PRETRAIN, *common, "--train-iters", 8, "--load", root, "--save", root,
                       check=False)
     assert proc.returncode == 2
-    assert last_line(proc) == (
+    assert last_error(proc) == (
         f"pretrain_jai.py: error: {root}/{TRACKER} is missing but {root} holds iterations "
         f"[2, 4, 6]; the newest complete iteration under {root} that verifies is 4 (resume it "
         f"with --load-iteration 4, or write 4 into the tracker)")
@@ -186,20 +179,20 @@ def test_tools_verify_their_inputs_and_older_checkpoints_load_with_a_note(traine
     from megatron_jai.checkpoint.stream import CheckpointReader
 
     root = copy_of(trained, tmp_path)
-    cut(os.path.join(iter_dir(root, 6), "common.pt"), 100)
+    cut(os.path.join(iteration_dir(root, 6), "common.pt"), 100)
     # The export (mcore-to-hf) reads through CheckpointReader, as merge, upscale, generate and
     # evaluate do: one line, naming the iteration to read instead.
     _, err = run_tool(capsys, "convert_checkpoint", "mcore-to-hf", "--mcore-dir", root, "--out",
                       tmp_path / "hf", expect_rc=2)
     assert err.strip().splitlines()[-1] == (
-        f"convert_checkpoint.py: error: {iter_dir(root, 6)}/common.pt: truncated (100 bytes, "
+        f"convert_checkpoint.py: error: {iteration_dir(root, 6)}/common.pt: truncated (100 bytes, "
         f"the manifest says {os.path.getsize(os.path.join(trained, 'iter_0000006', 'common.pt'))}"
         f"); the newest iteration under {root} that verifies is 4 (read it as "
-        f"{iter_dir(root, 4)})")
+        f"{iteration_dir(root, 4)})")
     assert not (tmp_path / "hf").exists()
 
     # A checkpoint from before manifests: no manifest, no mark in common.pt. Read, with a note.
-    old = iter_dir(root, 4)
+    old = iteration_dir(root, 4)
     os.remove(os.path.join(old, manifest.MANIFEST_FILE))
     common_pt = os.path.join(old, "common.pt")
     state = torch.load(common_pt, weights_only=False)
@@ -309,16 +302,16 @@ def test_a_real_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmpfs, c
     proc = run_python(PRETRAIN, *common, "--train-iters", 8, "--save", root, "--save-interval", 1,
                       "--keep-last", 8, check=False)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
-    line = last_line(proc)
+    line = last_error(proc)
     tracked = int(open(root / TRACKER).read())
     assert line == (f"pretrain_jai.py: error: disk full while saving iteration {tracked + 1} to "
                     f"{root} (partial iter_{tracked + 1:07d}.tmp removed); the previous "
-                    f"checkpoint {iter_dir(root, tracked)} is intact; free space and resume")
+                    f"checkpoint {iteration_dir(root, tracked)} is intact; free space and resume")
     assert sorted(os.listdir(root)) == sorted([TRACKER, "model_config.json", "tokenizer",
                                                *[f"iter_{i:07d}" for i in range(1, tracked + 1)]])
     from megatron_jai.checkpoint import manifest
 
-    assert manifest.check(iter_dir(root, tracked)).ok
+    assert manifest.check(iteration_dir(root, tracked)).ok
 
 
 @pytest.mark.dist
@@ -334,7 +327,7 @@ def test_a_real_full_disk_on_two_ranks_ends_both_with_one_line(tmpfs, common):
     tracked = int(open(root / TRACKER).read())
     assert errors == [f"pretrain_jai.py: error: disk full while saving iteration {tracked + 1} "
                       f"to {root} (partial iter_{tracked + 1:07d}.tmp removed); the previous "
-                      f"checkpoint {iter_dir(root, tracked)} is intact; free space and resume"]
+                      f"checkpoint {iteration_dir(root, tracked)} is intact; free space and resume"]
     assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
     assert "exitcode  : 2" in proc.stderr  # the workers' own exit code (torchrun then says 1)
     assert not [n for n in os.listdir(root) if n.endswith(".tmp")]
@@ -421,7 +414,7 @@ def test_two_runs_cannot_share_a_save_directory(tmp_path, common):
         b = run_python(PRETRAIN, *common, "--train-iters", 2, "--load", root, "--save", root,
                        check=False)
         assert b.returncode == 2
-        assert last_line(b).startswith(f"pretrain_jai.py: error: --save {root} is in use by "
+        assert last_error(b).startswith(f"pretrain_jai.py: error: --save {root} is in use by "
                                        f"another run (pid {a.pid} on host {socket.gethostname()}")
         a.kill()  # SIGKILL: the lock stays behind ...
         a.wait()

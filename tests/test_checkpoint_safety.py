@@ -18,7 +18,7 @@ import os
 import pytest
 import yaml
 
-from conftest import REPO_ROOT, run_python
+from conftest import REPO_ROOT, last_error, run_python
 from train_helpers import small_corpus
 
 PRETRAIN = os.path.join(REPO_ROOT, "pretrain_jai.py")
@@ -36,12 +36,6 @@ def tracked(root):
 
 def iterations(root):
     return sorted(n for n in os.listdir(root) if n.startswith("iter_"))
-
-
-def last_error(proc):
-    lines = proc.stderr.strip().splitlines()
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    return lines[-1] if lines else ""
 
 
 @pytest.fixture(scope="module")
