@@ -214,11 +214,11 @@ def _rank_of(p) -> str:
 
 
 def _tracked(root: str):
-    try:
-        with open(os.path.join(root, "latest_checkpointed_iteration.txt")) as f:
-            return int(f.read().strip())
-    except (OSError, ValueError):
-        return None
+    """The iteration the tracker names (None before the first save); imported here so that
+    ``--help`` stays free of torch."""
+    from megatron_jai.checkpoint.dist import latest_iteration
+
+    return latest_iteration(root)
 
 
 # ---- the run -----------------------------------------------------------------------------------
